@@ -1,0 +1,3 @@
+//! Llama-family models: configuration, weight loading (safetensors, GGUF), tokenizers, chat templates.
+
+pub mod weights;
