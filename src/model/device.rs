@@ -1,0 +1,190 @@
+//! `--device` selection and the float dtype that goes with each device.
+//!
+//! GPU discovery goes through `Device::wgpu_options().init()`, which returns an error when no
+//! adapter matches instead of panicking on first use as `Device::wgpu(..)` would. A wgpu runtime
+//! can be initialized once per (adapter kind, API), so results are cached for the process.
+
+use std::str::FromStr;
+
+use anyhow::{Result, bail};
+use burn::tensor::{DType, Device};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum DeviceChoice {
+    /// Best GPU available, else CPU.
+    #[default]
+    Auto,
+    Cpu,
+    Wgpu,
+    Vulkan,
+    Metal,
+}
+
+impl FromStr for DeviceChoice {
+    type Err = anyhow::Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        Ok(match s.to_ascii_lowercase().as_str() {
+            "auto" => Self::Auto,
+            "cpu" | "flex" => Self::Cpu,
+            "wgpu" | "gpu" => Self::Wgpu,
+            "vulkan" => Self::Vulkan,
+            "metal" => Self::Metal,
+            other => {
+                bail!("unknown device `{other}`; expected one of auto, cpu, wgpu, vulkan, metal")
+            }
+        })
+    }
+}
+
+impl std::fmt::Display for DeviceChoice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Auto => "auto",
+            Self::Cpu => "cpu",
+            Self::Wgpu => "wgpu",
+            Self::Vulkan => "vulkan",
+            Self::Metal => "metal",
+        })
+    }
+}
+
+/// A ready device, the float dtype to run the model in, and a human-readable name.
+#[derive(Debug, Clone)]
+pub struct SelectedDevice {
+    pub device: Device,
+    pub dtype: DType,
+    /// `cpu`, `wgpu`, `vulkan` or `metal`.
+    pub kind: DeviceChoice,
+}
+
+/// The CPU device (burn's pure-Rust flex backend).
+pub fn cpu_device() -> Device {
+    Device::flex()
+}
+
+/// Float dtype for a device kind: f32 on CPU; f16 on wgpu/vulkan; bf16 (else f16) on metal,
+/// each only where the device reports support, falling back to f32.
+pub fn dtype_for(device: &Device, kind: DeviceChoice) -> DType {
+    let wanted: &[DType] = match kind {
+        DeviceChoice::Cpu | DeviceChoice::Auto => &[],
+        DeviceChoice::Wgpu | DeviceChoice::Vulkan => &[DType::F16],
+        DeviceChoice::Metal => &[DType::BF16, DType::F16],
+    };
+    wanted
+        .iter()
+        .copied()
+        .find(|d| device.supports_dtype(*d))
+        .unwrap_or(DType::F32)
+}
+
+#[cfg(any(feature = "wgpu", feature = "vulkan", feature = "metal"))]
+mod gpu {
+    use std::collections::HashMap;
+    use std::sync::{Mutex, OnceLock};
+
+    use burn::tensor::wgpu::WgpuBackend;
+    use burn::tensor::{Device, DeviceKind};
+
+    use super::DeviceChoice;
+
+    type Key = (DeviceChoice, u8);
+    static CACHE: OnceLock<Mutex<HashMap<Key, Result<Device, String>>>> = OnceLock::new();
+
+    fn api(choice: DeviceChoice) -> WgpuBackend {
+        match choice {
+            DeviceChoice::Vulkan => WgpuBackend::Vulkan,
+            DeviceChoice::Metal => WgpuBackend::Metal,
+            _ => WgpuBackend::Auto,
+        }
+    }
+
+    /// `kind`: 0 = wgpu's default pick (may be a software adapter), 1 = discrete, 2 = integrated.
+    pub fn try_init(choice: DeviceChoice, kind: u8) -> Result<Device, String> {
+        let cache = CACHE.get_or_init(|| Mutex::new(HashMap::new()));
+        let mut cache = cache.lock().unwrap_or_else(|e| e.into_inner());
+        cache
+            .entry((choice, kind))
+            .or_insert_with(|| {
+                let device_kind = match kind {
+                    1 => DeviceKind::DiscreteGpu(0),
+                    2 => DeviceKind::IntegratedGpu(0),
+                    _ => DeviceKind::DefaultDevice,
+                };
+                Device::wgpu_options()
+                    .device_kind(device_kind)
+                    .graphics_api(api(choice))
+                    .init()
+                    .map_err(|e| e.to_string())
+            })
+            .clone()
+    }
+}
+
+#[cfg(any(feature = "wgpu", feature = "vulkan", feature = "metal"))]
+fn try_gpu(choice: DeviceChoice, kind: u8) -> Result<Device, String> {
+    gpu::try_init(choice, kind)
+}
+
+#[cfg(not(any(feature = "wgpu", feature = "vulkan", feature = "metal")))]
+fn try_gpu(_choice: DeviceChoice, _kind: u8) -> Result<Device, String> {
+    Err("tuna was built without a GPU feature (wgpu, vulkan or metal)".to_string())
+}
+
+/// Resolves `--device`. `auto` tries a real (discrete, then integrated) GPU on Metal, Vulkan or
+/// whatever wgpu picks, and otherwise falls back to the CPU with a one-line notice on stderr.
+pub fn select_device(choice: DeviceChoice) -> Result<SelectedDevice> {
+    let done = |device: Device, kind: DeviceChoice| SelectedDevice {
+        dtype: dtype_for(&device, kind),
+        device,
+        kind,
+    };
+    match choice {
+        DeviceChoice::Cpu => Ok(done(cpu_device(), DeviceChoice::Cpu)),
+        DeviceChoice::Wgpu | DeviceChoice::Vulkan | DeviceChoice::Metal => {
+            match try_gpu(choice, 0) {
+                Ok(d) => Ok(done(d, choice)),
+                Err(e) => bail!("--device {choice}: no usable GPU adapter: {e}"),
+            }
+        }
+        DeviceChoice::Auto => {
+            let mut apis = Vec::new();
+            if cfg!(feature = "metal") {
+                apis.push(DeviceChoice::Metal);
+            }
+            if cfg!(feature = "vulkan") {
+                apis.push(DeviceChoice::Vulkan);
+            }
+            apis.push(DeviceChoice::Wgpu);
+            let mut last_err = String::new();
+            for api in apis {
+                for kind in [1u8, 2u8] {
+                    match try_gpu(api, kind) {
+                        Ok(d) => return Ok(done(d, api)),
+                        Err(e) => last_err = e,
+                    }
+                }
+            }
+            eprintln!("tuna: no GPU found ({last_err}); running on CPU");
+            Ok(done(cpu_device(), DeviceChoice::Cpu))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_choices() {
+        assert_eq!("AUTO".parse::<DeviceChoice>().unwrap(), DeviceChoice::Auto);
+        assert_eq!("cpu".parse::<DeviceChoice>().unwrap(), DeviceChoice::Cpu);
+        assert!("tpu".parse::<DeviceChoice>().is_err());
+    }
+
+    #[test]
+    fn cpu_runs_in_f32() {
+        let d = select_device(DeviceChoice::Cpu).unwrap();
+        assert_eq!(d.dtype, DType::F32);
+    }
+}

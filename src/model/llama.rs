@@ -1,0 +1,473 @@
+//! The llama-family decoder (llama, mistral, qwen2) on burn, numerically matching transformers.
+//!
+//! One implementation, switched by [`ModelConfig`]: biases, tied embeddings and RoPE scaling are
+//! data, not code paths. Base weights are plain (non-autodiff) tensors in HF layout `[out, in]`;
+//! burn treats them as constants when they meet autodiff tensors, so a LoRA-trained model records
+//! a graph only from the first adapter on and the frozen base costs no autodiff bookkeeping.
+
+use burn::tensor::{DType, Device, Distribution, Int, Tensor, TensorData, activation};
+
+use crate::model::config::ModelConfig;
+
+/// Additive mask value: large enough that `exp` underflows to exactly 0, finite so that a
+/// fully masked row (left padding) softmaxes to a uniform row instead of NaN.
+const MASK_VALUE: f32 = -1e30;
+
+/// A LoRA side branch `scale * B(A(dropout(x)))`, in PEFT's layout.
+#[derive(Debug, Clone)]
+pub struct LoraBranch {
+    /// `[r, in]`.
+    pub a: Tensor<2>,
+    /// `[out, r]`.
+    pub b: Tensor<2>,
+    pub scale: f64,
+    pub dropout: f64,
+}
+
+impl LoraBranch {
+    pub fn rank(&self) -> usize {
+        self.a.dims()[0]
+    }
+}
+
+/// A dense projection `x W^T + b` with an optional LoRA branch.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    /// `[out, in]` (HF layout).
+    pub weight: Tensor<2>,
+    pub bias: Option<Tensor<1>>,
+    pub lora: Option<LoraBranch>,
+}
+
+impl Linear {
+    pub fn new(weight: Tensor<2>, bias: Option<Tensor<1>>) -> Self {
+        Self {
+            weight,
+            bias,
+            lora: None,
+        }
+    }
+
+    pub fn in_features(&self) -> usize {
+        self.weight.dims()[1]
+    }
+
+    pub fn out_features(&self) -> usize {
+        self.weight.dims()[0]
+    }
+
+    /// `x`: `[B, T, in]` -> `[B, T, out]`. Dropout on the LoRA input only when `training`.
+    pub fn forward(&self, x: Tensor<3>, training: bool) -> Tensor<3> {
+        let [b, t, d_in] = x.dims();
+        let x2 = x.reshape([b * t, d_in]);
+        let mut y = x2.clone().matmul(self.weight.clone().transpose());
+        if let Some(bias) = &self.bias {
+            y = y + bias.clone().unsqueeze_dim::<2>(0);
+        }
+        if let Some(lora) = &self.lora {
+            let dtype = x2.dtype();
+            let mut xin = x2;
+            if training && lora.dropout > 0.0 {
+                let keep = xin.random_like(Distribution::Bernoulli(1.0 - lora.dropout));
+                xin = xin * keep / (1.0 - lora.dropout);
+            }
+            let (a, lb) = (lora.a.clone(), lora.b.clone());
+            // Factors stay f32 (optimizer state); meet half-precision activations in their dtype.
+            let (a, lb) = if a.dtype() != dtype {
+                (a.cast(dtype), lb.cast(dtype))
+            } else {
+                (a, lb)
+            };
+            let delta = xin.matmul(a.transpose()).matmul(lb.transpose());
+            y = y + delta.mul_scalar(lora.scale);
+        }
+        let out = y.dims()[1];
+        y.reshape([b, t, out])
+    }
+}
+
+/// RMSNorm computed in f32 whatever the model dtype, as transformers does.
+#[derive(Debug, Clone)]
+pub struct RmsNorm {
+    pub weight: Tensor<1>,
+    pub eps: f64,
+}
+
+impl RmsNorm {
+    pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        let dtype = x.dtype();
+        let xf = if dtype != DType::F32 {
+            x.cast(DType::F32)
+        } else {
+            x
+        };
+        let var = xf.clone().square().mean_dim(2);
+        let normed = xf * (var + self.eps).sqrt().recip();
+        let normed = if dtype != DType::F32 {
+            normed.cast(dtype)
+        } else {
+            normed
+        };
+        normed * self.weight.clone().unsqueeze_dims::<3>(&[0, 1])
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Attention {
+    pub q_proj: Linear,
+    pub k_proj: Linear,
+    pub v_proj: Linear,
+    pub o_proj: Linear,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct Mlp {
+    pub gate_proj: Linear,
+    pub up_proj: Linear,
+    pub down_proj: Linear,
+}
+
+impl Mlp {
+    pub fn forward(&self, x: Tensor<3>, training: bool) -> Tensor<3> {
+        let gate = activation::silu(self.gate_proj.forward(x.clone(), training));
+        let up = self.up_proj.forward(x, training);
+        self.down_proj.forward(gate * up, training)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct DecoderLayer {
+    pub input_layernorm: RmsNorm,
+    pub self_attn: Attention,
+    pub post_attention_layernorm: RmsNorm,
+    pub mlp: Mlp,
+}
+
+/// Per-layer keys and values (after RoPE), `[B, kv_heads, S, head_dim]`.
+#[derive(Debug, Clone, Default)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor<4>, Tensor<4>)>>,
+    len: usize,
+}
+
+impl KvCache {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Number of positions already cached.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn clear(&mut self) {
+        self.layers.clear();
+        self.len = 0;
+    }
+}
+
+/// Position-dependent inputs shared by every layer of one forward call.
+struct Context {
+    /// `[1, 1, T, head_dim]`, model dtype.
+    cos: Tensor<4>,
+    sin: Tensor<4>,
+    /// Additive f32 mask broadcastable to `[B, H, T, S]`.
+    mask: Tensor<4>,
+    training: bool,
+}
+
+fn rotate_half(x: Tensor<4>) -> Tensor<4> {
+    let [b, h, t, d] = x.dims();
+    let x1 = x.clone().slice([0..b, 0..h, 0..t, 0..d / 2]);
+    let x2 = x.slice([0..b, 0..h, 0..t, d / 2..d]);
+    Tensor::cat(vec![x2.neg(), x1], 3)
+}
+
+fn apply_rope(x: Tensor<4>, cos: &Tensor<4>, sin: &Tensor<4>) -> Tensor<4> {
+    x.clone() * cos.clone() + rotate_half(x) * sin.clone()
+}
+
+impl Attention {
+    fn forward(
+        &self,
+        x: Tensor<3>,
+        ctx: &Context,
+        cache: Option<&mut Option<(Tensor<4>, Tensor<4>)>>,
+    ) -> Tensor<3> {
+        let [b, t, _] = x.dims();
+        let (h, kvh, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let q = self
+            .q_proj
+            .forward(x.clone(), ctx.training)
+            .reshape([b, t, h, hd])
+            .swap_dims(1, 2);
+        let k = self
+            .k_proj
+            .forward(x.clone(), ctx.training)
+            .reshape([b, t, kvh, hd])
+            .swap_dims(1, 2);
+        let v = self
+            .v_proj
+            .forward(x, ctx.training)
+            .reshape([b, t, kvh, hd])
+            .swap_dims(1, 2);
+        let q = apply_rope(q, &ctx.cos, &ctx.sin);
+        let mut k = apply_rope(k, &ctx.cos, &ctx.sin);
+        let mut v = v;
+        if let Some(slot) = cache {
+            if let Some((pk, pv)) = slot.take() {
+                k = Tensor::cat(vec![pk, k], 2);
+                v = Tensor::cat(vec![pv, v], 2);
+            }
+            *slot = Some((k.clone(), v.clone()));
+        }
+        let s = k.dims()[2];
+        let n_rep = h / kvh;
+        // GQA without copying K/V: fold the query heads sharing a KV head into the row axis.
+        let qg = q.reshape([b, kvh, n_rep * t, hd]);
+        let scores = qg
+            .matmul(k.swap_dims(2, 3))
+            .mul_scalar(1.0 / (hd as f64).sqrt())
+            .reshape([b, h, t, s]);
+        let dtype = scores.dtype();
+        let scores = if dtype != DType::F32 {
+            scores.cast(DType::F32)
+        } else {
+            scores
+        };
+        let probs = activation::softmax(scores + ctx.mask.clone(), 3);
+        let probs = if dtype != DType::F32 {
+            probs.cast(dtype)
+        } else {
+            probs
+        };
+        let out = probs
+            .reshape([b, kvh, n_rep * t, s])
+            .matmul(v)
+            .reshape([b, h, t, hd])
+            .swap_dims(1, 2)
+            .reshape([b, t, h * hd]);
+        self.o_proj.forward(out, ctx.training)
+    }
+}
+
+impl DecoderLayer {
+    fn forward(
+        &self,
+        x: Tensor<3>,
+        ctx: &Context,
+        cache: Option<&mut Option<(Tensor<4>, Tensor<4>)>>,
+    ) -> Tensor<3> {
+        let h = x.clone()
+            + self
+                .self_attn
+                .forward(self.input_layernorm.forward(x), ctx, cache);
+        h.clone()
+            + self
+                .mlp
+                .forward(self.post_attention_layernorm.forward(h), ctx.training)
+    }
+}
+
+/// A llama-family causal LM.
+#[derive(Debug, Clone)]
+pub struct Llama {
+    pub config: ModelConfig,
+    /// `[vocab, hidden]`.
+    pub embed_tokens: Tensor<2>,
+    pub layers: Vec<DecoderLayer>,
+    pub norm: RmsNorm,
+    /// `None` when the embeddings are tied.
+    pub lm_head: Option<Linear>,
+    /// Float dtype of activations and base weights.
+    pub dtype: DType,
+    /// The (non-autodiff) device holding the base weights.
+    pub device: Device,
+    /// Enables LoRA dropout.
+    pub training: bool,
+    inv_freq: Vec<f64>,
+}
+
+impl Llama {
+    /// Assembles a model from already-built parts (see `model::load::build_model`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn from_parts(
+        config: ModelConfig,
+        embed_tokens: Tensor<2>,
+        layers: Vec<DecoderLayer>,
+        norm: RmsNorm,
+        lm_head: Option<Linear>,
+        dtype: DType,
+        device: Device,
+    ) -> Self {
+        let inv_freq = config.rope_inv_freq();
+        Self {
+            config,
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            dtype,
+            device,
+            training: false,
+            inv_freq,
+        }
+    }
+
+    fn rope_tables(&self, start: usize, t: usize) -> (Tensor<4>, Tensor<4>) {
+        let hd = self.config.head_dim;
+        let half = hd / 2;
+        let mut cos = Vec::with_capacity(t * hd);
+        let mut sin = Vec::with_capacity(t * hd);
+        for p in start..start + t {
+            for _ in 0..2 {
+                for f in &self.inv_freq[..half] {
+                    let angle = p as f64 * f;
+                    cos.push(angle.cos() as f32);
+                    sin.push(angle.sin() as f32);
+                }
+            }
+        }
+        let mk = |v: Vec<f32>| {
+            Tensor::<4>::from_data(
+                TensorData::new(v, [1, 1, t, hd]),
+                (&self.device, self.dtype),
+            )
+        };
+        (mk(cos), mk(sin))
+    }
+
+    /// Causal (and sliding-window) mask `[1, 1, T, S]` plus padding mask `[B, 1, 1, S]`.
+    fn mask(&self, start: usize, t: usize, attention_mask: Option<Tensor<2>>) -> Tensor<4> {
+        let s = start + t;
+        let window = self.config.sliding_window;
+        let mut m = Vec::with_capacity(t * s);
+        for i in 0..t {
+            let qpos = start + i;
+            for j in 0..s {
+                let masked = j > qpos || window.is_some_and(|w| qpos - j.min(qpos) >= w);
+                m.push(if masked { MASK_VALUE } else { 0.0 });
+            }
+        }
+        let causal =
+            Tensor::<4>::from_data(TensorData::new(m, [1, 1, t, s]), (&self.device, DType::F32));
+        match attention_mask {
+            None => causal,
+            Some(am) => {
+                let [b, sm] = am.dims();
+                assert_eq!(sm, s, "attention_mask covers {sm} positions, expected {s}");
+                let pad = am
+                    .cast(DType::F32)
+                    .sub_scalar(1.0)
+                    .mul_scalar(-MASK_VALUE)
+                    .reshape([b, 1, 1, s]);
+                causal + pad
+            }
+        }
+    }
+
+    fn embed(&self, ids: Tensor<2, Int>) -> Tensor<3> {
+        let [b, t] = ids.dims();
+        self.embed_tokens
+            .clone()
+            .select(0, ids.reshape([b * t]))
+            .reshape([b, t, self.config.hidden_size])
+    }
+
+    fn run_layers(
+        &self,
+        ids: Tensor<2, Int>,
+        attention_mask: Option<Tensor<2>>,
+        mut cache: Option<&mut KvCache>,
+    ) -> Tensor<3> {
+        let [_, t] = ids.dims();
+        let start = cache.as_ref().map_or(0, |c| c.len);
+        let (cos, sin) = self.rope_tables(start, t);
+        let ctx = Context {
+            cos,
+            sin,
+            mask: self.mask(start, t, attention_mask),
+            training: self.training,
+        };
+        let mut h = self.embed(ids);
+        if let Some(c) = cache.as_deref_mut() {
+            c.layers.resize(self.layers.len(), None);
+        }
+        for (i, layer) in self.layers.iter().enumerate() {
+            let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
+            h = layer.forward(h, &ctx, slot);
+        }
+        if let Some(c) = cache {
+            c.len += t;
+        }
+        self.norm.forward(h)
+    }
+
+    fn head(&self, h: Tensor<3>) -> Tensor<3> {
+        match &self.lm_head {
+            Some(head) => head.forward(h, self.training),
+            None => {
+                let [b, t, d] = h.dims();
+                h.reshape([b * t, d])
+                    .matmul(self.embed_tokens.clone().transpose())
+                    .reshape([b, t, self.config.vocab_size])
+            }
+        }
+    }
+
+    /// Full-sequence forward. `ids`: `[B, T]`; `attention_mask`: `[B, T]` of 0/1 (1 = real
+    /// token), combined with the causal mask. Returns logits `[B, T, vocab]` in the model dtype.
+    pub fn forward(&self, ids: Tensor<2, Int>, attention_mask: Option<Tensor<2>>) -> Tensor<3> {
+        let h = self.run_layers(ids, attention_mask, None);
+        self.head(h)
+    }
+
+    /// Incremental forward for generation: appends `ids` (`[B, T]`) to `cache` and returns the
+    /// logits of the last position only, `[B, vocab]`. `attention_mask`, when given, covers
+    /// every cached position plus the new ones (`[B, cache.len() + T]`).
+    pub fn forward_cached(
+        &self,
+        ids: Tensor<2, Int>,
+        cache: &mut KvCache,
+        attention_mask: Option<Tensor<2>>,
+    ) -> Tensor<2> {
+        let h = self.run_layers(ids, attention_mask, Some(cache));
+        let [b, t, d] = h.dims();
+        let last = h.slice([0..b, t - 1..t, 0..d]);
+        self.head(last).reshape([b, self.config.vocab_size])
+    }
+
+    /// Builds an id tensor on the model's device.
+    pub fn ids_tensor(&self, ids: &[u32], batch: usize) -> Tensor<2, Int> {
+        let t = ids.len() / batch.max(1);
+        let data: Vec<i64> = ids.iter().map(|&x| x as i64).collect();
+        Tensor::<2, Int>::from_data(TensorData::new(data, [batch, t]), &self.device)
+    }
+}
+
+/// Mean next-token NLL over unmasked targets, shifted as transformers does: `logits[:, t]`
+/// predicts `ids[:, t + 1]`, counted when `loss_mask[:, t + 1]` is 1. `logits`: `[B, T, V]`,
+/// `ids`: `[B, T]`, `loss_mask`: `[B, T]` of 0/1. Returns a `[1]` tensor (f32).
+pub fn causal_lm_loss(logits: Tensor<3>, ids: Tensor<2, Int>, loss_mask: Tensor<2>) -> Tensor<1> {
+    let [b, t, v] = logits.dims();
+    let logits = logits.slice([0..b, 0..t - 1, 0..v]);
+    let logits = if logits.dtype() != DType::F32 {
+        logits.cast(DType::F32)
+    } else {
+        logits
+    };
+    let targets = ids.slice([0..b, 1..t]).reshape([b, t - 1, 1]);
+    let mask = loss_mask.slice([0..b, 1..t]).cast(DType::F32);
+    let logp = activation::log_softmax(logits, 2)
+        .gather(2, targets)
+        .reshape([b, t - 1]);
+    let total = mask.clone().sum();
+    (logp * mask).sum().neg() / total.clamp_min(1.0)
+}

@@ -1,0 +1,175 @@
+//! Forward-pass parity with Hugging Face transformers on the tiny reference models.
+//!
+//! Reference data: `../shared/reference` next to the crate, or `$TUNA_REFERENCE`. Missing data
+//! is a failure, never a skip.
+
+use std::path::PathBuf;
+
+use burn::tensor::{DType, Device, Tensor, TensorData};
+use safetensors::SafeTensors;
+use tuna::generate::{GenerateConfig, generate};
+use tuna::model::config::ModelConfig;
+use tuna::model::llama::Llama;
+use tuna::model::load::{build_model, load_model, load_safetensors_dir};
+
+fn reference_dir() -> PathBuf {
+    let dir = match std::env::var_os("TUNA_REFERENCE") {
+        Some(d) => PathBuf::from(d),
+        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/reference"),
+    };
+    assert!(
+        dir.join("expected.safetensors").exists(),
+        "reference data not found: looked for {} (set TUNA_REFERENCE to the folder holding expected.safetensors)",
+        dir.join("expected.safetensors").display()
+    );
+    dir
+}
+
+struct Expected {
+    bytes: Vec<u8>,
+}
+
+impl Expected {
+    fn load() -> Self {
+        let path = reference_dir().join("expected.safetensors");
+        Self {
+            bytes: std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display())),
+        }
+    }
+
+    fn f32(&self, name: &str) -> Vec<f32> {
+        let st = SafeTensors::deserialize(&self.bytes).unwrap();
+        let t = st
+            .tensor(name)
+            .unwrap_or_else(|_| panic!("expected tensor {name} missing"));
+        assert_eq!(t.dtype(), safetensors::Dtype::F32, "{name}");
+        t.data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect()
+    }
+
+    fn i64(&self, name: &str) -> Vec<i64> {
+        let st = SafeTensors::deserialize(&self.bytes).unwrap();
+        let t = st
+            .tensor(name)
+            .unwrap_or_else(|_| panic!("expected tensor {name} missing"));
+        assert_eq!(t.dtype(), safetensors::Dtype::I64, "{name}");
+        t.data()
+            .chunks_exact(8)
+            .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
+            .collect()
+    }
+}
+
+fn max_abs(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+/// NLL of `ids[t+1]` under `logits[t]` (rows of `vocab`), log-softmax in f64.
+fn token_nll(logits: &[f32], vocab: usize, ids: &[i64]) -> Vec<f32> {
+    (0..ids.len() - 1)
+        .map(|t| {
+            let row = &logits[t * vocab..(t + 1) * vocab];
+            let m = row.iter().fold(f32::MIN, |a, &b| a.max(b)) as f64;
+            let lse = m + row.iter().map(|&x| (x as f64 - m).exp()).sum::<f64>().ln();
+            (lse - row[ids[t + 1] as usize] as f64) as f32
+        })
+        .collect()
+}
+
+fn load(name: &str) -> Llama {
+    load_model(&reference_dir().join(name), &Device::flex(), DType::F32)
+        .unwrap_or_else(|e| panic!("loading {name}: {e:#}"))
+}
+
+fn check_model(prefix: &str, folder: &str) {
+    let exp = Expected::load();
+    let model = load(folder);
+    let vocab = model.config.vocab_size;
+
+    for i in 0..2 {
+        let p = format!("{prefix}.prompt{i}");
+        let ids = exp.i64(&format!("{p}.ids"));
+        let ids_u32: Vec<u32> = ids.iter().map(|&x| x as u32).collect();
+        let logits = model.forward(model.ids_tensor(&ids_u32, 1), None);
+        let logits = logits.try_into_vec_as::<f32>().unwrap();
+        let t = ids.len();
+        let last = &logits[(t - 1) * vocab..t * vocab];
+        let d = max_abs(last, &exp.f32(&format!("{p}.logits_last")));
+        println!("{p}: logits_last max abs diff {d:.3e}");
+        assert!(d < 1e-3, "{p}.logits_last differs by {d}");
+
+        let nll = token_nll(&logits, vocab, &ids);
+        let d = max_abs(&nll, &exp.f32(&format!("{p}.token_nll")));
+        println!("{p}: token_nll max abs diff {d:.3e}");
+        assert!(d < 1e-3, "{p}.token_nll differs by {d}");
+
+        let config = GenerateConfig {
+            max_new_tokens: 16,
+            ..Default::default()
+        };
+        let out = generate(&model, &ids_u32, &config, None, &mut |_| true).unwrap();
+        let want: Vec<u32> = exp
+            .i64(&format!("{p}.greedy16"))
+            .iter()
+            .map(|&x| x as u32)
+            .collect();
+        assert_eq!(out.tokens, want, "{p}.greedy16");
+    }
+
+    let ids = exp.i64(&format!("{prefix}.batch.ids"));
+    let lengths = exp.i64(&format!("{prefix}.batch.lengths"));
+    let want = exp.f32(&format!("{prefix}.batch.token_nll"));
+    let (b, t) = (lengths.len(), ids.len() / lengths.len());
+    let mask: Vec<f32> = (0..b)
+        .flat_map(|r| (0..t).map(move |c| if (c as i64) < lengths[r] { 1.0 } else { 0.0 }))
+        .collect();
+    let mask = Tensor::<2>::from_data(TensorData::new(mask, [b, t]), &model.device);
+    let ids_u32: Vec<u32> = ids.iter().map(|&x| x as u32).collect();
+    let logits = model
+        .forward(model.ids_tensor(&ids_u32, b), Some(mask))
+        .try_into_vec_as::<f32>()
+        .unwrap();
+    let mut worst = 0.0f32;
+    for r in 0..b {
+        let nll = token_nll(
+            &logits[r * t * vocab..(r + 1) * t * vocab],
+            vocab,
+            &ids[r * t..(r + 1) * t],
+        );
+        let n = (lengths[r] - 1) as usize;
+        worst = worst.max(max_abs(&nll[..n], &want[r * (t - 1)..r * (t - 1) + n]));
+    }
+    println!("{prefix}.batch: token_nll max abs diff {worst:.3e}");
+    assert!(worst < 1e-3, "{prefix}.batch.token_nll differs by {worst}");
+}
+
+#[test]
+fn tiny_llama_matches_transformers() {
+    check_model("tiny-llama", "tiny-llama");
+}
+
+#[test]
+fn tiny_qwen2_matches_transformers() {
+    check_model("tiny-qwen2", "tiny-qwen2");
+}
+
+#[test]
+fn missing_tensor_is_named() {
+    let dir = reference_dir().join("tiny-llama");
+    let config = ModelConfig::from_file(dir.join("config.json")).unwrap();
+    let mut weights = load_safetensors_dir(&dir).unwrap();
+    weights.remove("model.layers.1.mlp.up_proj.weight");
+    let err = build_model(&config, &weights, &Device::flex(), DType::F32)
+        .err()
+        .expect("build must fail without up_proj");
+    assert!(
+        format!("{err:#}").contains("model.layers.1.mlp.up_proj.weight"),
+        "{err:#}"
+    );
+}
