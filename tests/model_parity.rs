@@ -126,9 +126,10 @@ fn check_model(prefix: &str, folder: &str) {
     let lengths = exp.i64(&format!("{prefix}.batch.lengths"));
     let want = exp.f32(&format!("{prefix}.batch.token_nll"));
     let (b, t) = (lengths.len(), ids.len() / lengths.len());
-    let mask: Vec<f32> = (0..b)
-        .flat_map(|r| (0..t).map(move |c| if (c as i64) < lengths[r] { 1.0 } else { 0.0 }))
-        .collect();
+    let mut mask = Vec::with_capacity(b * t);
+    for &len in &lengths {
+        mask.extend((0..t as i64).map(|c| if c < len { 1.0f32 } else { 0.0 }));
+    }
     let mask = Tensor::<2>::from_data(TensorData::new(mask, [b, t]), &model.device);
     let ids_u32: Vec<u32> = ids.iter().map(|&x| x as u32).collect();
     let logits = model
