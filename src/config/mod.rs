@@ -1,1 +1,13 @@
-//! Experiment specs.
+//! Experiment specs: files (YAML/TOML) → validated layers → recipe chains → grids of runs.
+
+pub mod doc;
+pub mod error;
+pub mod grid;
+pub mod keys;
+pub mod recipe;
+pub mod schedule;
+pub mod spec;
+
+pub use error::ConfigError;
+pub use grid::{RunPlan, expand, run_id};
+pub use spec::{Experiment, load_experiment};

@@ -1,1 +1,9 @@
-//! (filled by its issue)
+//! Sweeps: run folders, the executor that walks a grid, and the shared leaderboard.
+
+pub mod executor;
+pub mod leaderboard;
+pub mod run_dir;
+
+pub use executor::{RunContext, SweepOutcome, Trainer, run_sweep};
+pub use leaderboard::Leaderboard;
+pub use run_dir::{RunDir, RunMetrics, State};
