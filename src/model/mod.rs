@@ -6,3 +6,7 @@ pub mod llama;
 pub mod load;
 pub mod lora;
 pub mod weights;
+pub mod convert;
+pub mod gguf;
+pub mod source;
+pub mod tokenizer;
