@@ -1,0 +1,284 @@
+//! LoRA parity with PEFT: loss, gradients, AdamW trajectory, merge, and adapter round trip.
+//!
+//! Reference data: `../shared/reference` next to the crate, or `$TUNA_REFERENCE`. Missing data
+//! is a failure, never a skip.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use burn::module::{Lora, Module};
+use burn::nn::LinearConfig;
+use burn::tensor::{DType, Device, Distribution, Tensor, TensorData};
+use safetensors::SafeTensors;
+use tuna::model::llama::{Linear, Llama, LoraBranch, causal_lm_loss};
+use tuna::model::load::load_model;
+use tuna::model::lora::{
+    AdamW, load_peft_adapter, lora_gradients, lora_parameters, merge_lora, save_peft_adapter,
+    set_trainable,
+};
+
+fn reference_dir() -> PathBuf {
+    let dir = match std::env::var_os("TUNA_REFERENCE") {
+        Some(d) => PathBuf::from(d),
+        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/reference"),
+    };
+    assert!(
+        dir.join("expected.safetensors").exists(),
+        "reference data not found: looked for {} (set TUNA_REFERENCE to the folder holding expected.safetensors)",
+        dir.join("expected.safetensors").display()
+    );
+    dir
+}
+
+fn read_tensors(path: &std::path::Path) -> Vec<(String, Vec<usize>, Vec<u8>, safetensors::Dtype)> {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    st.iter()
+        .map(|(n, v)| {
+            (
+                n.to_string(),
+                v.shape().to_vec(),
+                v.data().to_vec(),
+                v.dtype(),
+            )
+        })
+        .collect()
+}
+
+struct Expected(Vec<(String, Vec<usize>, Vec<u8>, safetensors::Dtype)>);
+
+impl Expected {
+    fn load() -> Self {
+        Self(read_tensors(&reference_dir().join("expected.safetensors")))
+    }
+    fn raw(&self, name: &str) -> &(String, Vec<usize>, Vec<u8>, safetensors::Dtype) {
+        self.0
+            .iter()
+            .find(|t| t.0 == name)
+            .unwrap_or_else(|| panic!("expected tensor {name} missing"))
+    }
+    fn f32(&self, name: &str) -> Vec<f32> {
+        let t = self.raw(name);
+        assert_eq!(t.3, safetensors::Dtype::F32);
+        t.2.chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect()
+    }
+    fn i64(&self, name: &str) -> Vec<i64> {
+        let t = self.raw(name);
+        assert_eq!(t.3, safetensors::Dtype::I64);
+        t.2.chunks_exact(8)
+            .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
+            .collect()
+    }
+}
+
+fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    let num: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
+    let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
+    (num / den.max(1e-30)).sqrt()
+}
+
+struct Example {
+    ids: Vec<u32>,
+    mask: Vec<f32>,
+}
+
+fn example(exp: &Expected, prefix: &str) -> Example {
+    let ids: Vec<u32> = exp
+        .i64(&format!("{prefix}.lora.ids"))
+        .iter()
+        .map(|&x| x as u32)
+        .collect();
+    let prompt_len = exp.i64(&format!("{prefix}.lora.prompt_len"))[0] as usize;
+    let mask = (0..ids.len())
+        .map(|t| if t >= prompt_len { 1.0 } else { 0.0 })
+        .collect();
+    Example { ids, mask }
+}
+
+fn loss(model: &Llama, ex: &Example) -> Tensor<1> {
+    let ids = model.ids_tensor(&ex.ids, 1);
+    let mask = Tensor::<2>::from_data(
+        TensorData::new(ex.mask.clone(), [1, ex.ids.len()]),
+        &model.device,
+    );
+    causal_lm_loss(model.forward(ids.clone(), None), ids, mask)
+}
+
+fn scalar(t: Tensor<1>) -> f32 {
+    t.inner().try_into_vec_as::<f32>().unwrap()[0]
+}
+
+fn check(prefix: &str) {
+    let dir = reference_dir();
+    let exp = Expected::load();
+    let ex = example(&exp, prefix);
+    let mut model = load_model(&dir.join(prefix), &Device::flex(), DType::F32)
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    let cfg = load_peft_adapter(&mut model, &dir.join(format!("{prefix}-lora")))
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    assert_eq!(cfg.rank, 4);
+    assert_eq!(cfg.scale, 2.0);
+    assert_eq!(cfg.keys, vec!["q_proj", "v_proj"]);
+
+    // Loss and gradients.
+    set_trainable(&mut model, true);
+    let l = loss(&model, &ex);
+    let got = scalar(l.clone());
+    let want = exp.f32(&format!("{prefix}.lora.loss"))[0];
+    let rel = ((got - want) / want).abs();
+    println!("{prefix}: loss {got} vs {want} (rel {rel:.2e})");
+    assert!(rel < 1e-4, "{prefix}.lora.loss: {got} vs {want}");
+
+    let grads = l.backward();
+    let named = lora_gradients(&model, &grads);
+    assert_eq!(named.len(), 8, "one gradient per lora_A/lora_B tensor");
+    for (name, g) in &named {
+        let peft = name.replace(".weight", ".default.weight");
+        let want = exp.f32(&format!("{prefix}.lora.grad.{peft}"));
+        let got = g.clone().try_into_vec_as::<f32>().unwrap();
+        let e = rel_l2(&got, &want);
+        println!("{prefix}: grad {name} rel L2 {e:.2e}");
+        assert!(e < 1e-3, "{prefix} grad {name}: rel L2 {e}");
+    }
+
+    // Save / reload round trip in PEFT format, before training changes anything.
+    let out = std::env::temp_dir().join(format!(
+        "tuna-lora-roundtrip-{prefix}-{}",
+        std::process::id()
+    ));
+    save_peft_adapter(&model, &out, Some("tiny")).unwrap();
+    let original = read_tensors(&dir.join(format!("{prefix}-lora/adapter_model.safetensors")));
+    let saved = read_tensors(&out.join("adapter_model.safetensors"));
+    let mut on: Vec<&String> = original.iter().map(|t| &t.0).collect();
+    let mut sn: Vec<&String> = saved.iter().map(|t| &t.0).collect();
+    on.sort();
+    sn.sort();
+    assert_eq!(on, sn, "saved adapter keys must be PEFT's");
+    for t in &saved {
+        let o = original.iter().find(|x| x.0 == t.0).unwrap();
+        assert_eq!((&o.1, &o.2), (&t.1, &t.2), "{} differs after save", t.0);
+    }
+    let mut reloaded = load_model(&dir.join(prefix), &Device::flex(), DType::F32).unwrap();
+    let cfg2 = load_peft_adapter(&mut reloaded, &out).unwrap();
+    assert_eq!(
+        (cfg2.rank, cfg2.scale, &cfg2.keys),
+        (cfg.rank, cfg.scale, &cfg.keys)
+    );
+    std::fs::remove_dir_all(&out).ok();
+
+    // AdamW trajectory.
+    let want = exp.f32(&format!("{prefix}.lora.adamw_losses"));
+    let mut opt = AdamW::new(1e-2, 0.0);
+    let mut traj = Vec::new();
+    for _ in 0..want.len() {
+        let l = loss(&model, &ex);
+        traj.push(scalar(l.clone()));
+        let grads = l.backward();
+        let named = lora_gradients(&model, &grads);
+        opt.step(&mut model, &named);
+    }
+    println!("{prefix}: adamw losses {traj:?} vs {want:?}");
+    for (g, w) in traj.iter().zip(&want) {
+        assert!(
+            (g - w).abs() < 1e-3,
+            "{prefix}.lora.adamw_losses: {traj:?} vs {want:?}"
+        );
+    }
+
+    // Merge (from the saved adapter, as the reference does).
+    let mut merged = load_model(&dir.join(prefix), &Device::flex(), DType::F32).unwrap();
+    load_peft_adapter(&mut merged, &dir.join(format!("{prefix}-lora"))).unwrap();
+    merge_lora(&mut merged);
+    assert!(lora_parameters(&merged).is_empty());
+    let got = scalar(loss(&merged, &ex));
+    let want = exp.f32(&format!("{prefix}.lora.merged_loss"))[0];
+    println!("{prefix}: merged loss {got} vs {want}");
+    assert!(
+        ((got - want) / want).abs() < 1e-4,
+        "{prefix}.lora.merged_loss: {got} vs {want}"
+    );
+}
+
+#[test]
+fn tiny_llama_lora_matches_peft() {
+    check("tiny-llama");
+}
+
+#[test]
+fn tiny_qwen2_lora_matches_peft() {
+    check("tiny-qwen2");
+}
+
+/// The side branch computes what burn's `apply_lora` computes (same output, same factor
+/// gradients); prints the forward+backward time of both on CPU (best of 3).
+#[test]
+fn side_branch_matches_burn_apply_lora() {
+    let (d, t, r, alpha) = (576, 512, 8, 16.0);
+    let lin = LinearConfig::new(d, d)
+        .with_bias(false)
+        .init(&Device::flex().autodiff())
+        .apply_lora(Lora::new(r, alpha));
+    let adapter = lin.weight.adapter().expect("adapter attached");
+    // burn stores weight [in, out], a [in, r], b [r, out]; tuna/PEFT use the transposes.
+    let mine = Linear {
+        weight: lin.weight.base().inner().transpose(),
+        bias: None,
+        lora: Some(LoraBranch {
+            a: adapter
+                .a
+                .val()
+                .inner()
+                .transpose()
+                .autodiff()
+                .require_grad(),
+            b: adapter
+                .b
+                .val()
+                .inner()
+                .transpose()
+                .autodiff()
+                .require_grad(),
+            scale: alpha / r as f64,
+            dropout: 0.0,
+        }),
+    };
+    let x = Tensor::<3>::random([1, t, d], Distribution::Normal(0.0, 1.0), &Device::flex());
+
+    let mut best = [f64::MAX; 2];
+    let mut last = None;
+    for _ in 0..3 {
+        let start = Instant::now();
+        let y_ref = lin.forward(x.clone());
+        let g_ref = y_ref.clone().sum().backward();
+        let gb_ref = adapter.b.val().grad(&g_ref).expect("burn b grad");
+        best[0] = best[0].min(start.elapsed().as_secs_f64());
+
+        let start = Instant::now();
+        let y = mine.forward(x.clone(), false);
+        let g = y.clone().sum().backward();
+        let gb = mine.lora.as_ref().unwrap().b.grad(&g).expect("b grad");
+        best[1] = best[1].min(start.elapsed().as_secs_f64());
+        last = Some((y, y_ref, gb, gb_ref));
+    }
+    let (y, y_ref, gb, gb_ref) = last.unwrap();
+    let ydiff = rel_l2(
+        &y.inner().try_into_vec_as::<f32>().unwrap(),
+        &y_ref.inner().try_into_vec_as::<f32>().unwrap(),
+    );
+    let gbdiff = rel_l2(
+        &gb.transpose().try_into_vec_as::<f32>().unwrap(),
+        &gb_ref.try_into_vec_as::<f32>().unwrap(),
+    );
+    println!(
+        "LoRA {d}x{d}, {t} tokens, r {r}, fwd+bwd: burn apply_lora {:.1} ms, side branch {:.1} ms",
+        best[0] * 1e3,
+        best[1] * 1e3
+    );
+    assert!(
+        ydiff < 1e-5 && gbdiff < 1e-4,
+        "output {ydiff}, grad B {gbdiff}"
+    );
+}
