@@ -14,7 +14,7 @@ use tuna::model::llama::{Linear, Llama, LoraBranch, causal_lm_loss};
 use tuna::model::load::load_model;
 use tuna::model::lora::{
     AdamW, load_peft_adapter, lora_gradients, lora_parameters, merge_lora, save_peft_adapter,
-    set_trainable,
+    set_gradient_checkpointing, set_trainable,
 };
 
 fn reference_dir() -> PathBuf {
@@ -281,4 +281,52 @@ fn side_branch_matches_burn_apply_lora() {
         ydiff < 1e-5 && gbdiff < 1e-4,
         "output {ydiff}, grad B {gbdiff}"
     );
+}
+
+/// Gradient checkpointing changes memory, not gradients; optimizer state survives a save/load.
+#[test]
+fn checkpointing_and_optimizer_state_round_trip() {
+    let dir = reference_dir();
+    let exp = Expected::load();
+    let ex = example(&exp, "tiny-llama");
+    let mk = || {
+        let mut m = load_model(&dir.join("tiny-llama"), &Device::flex(), DType::F32).unwrap();
+        load_peft_adapter(&mut m, &dir.join("tiny-llama-lora")).unwrap();
+        m
+    };
+    let mut a = mk();
+    set_trainable(&mut a, true);
+    let mut b = mk();
+    set_trainable(&mut b, true);
+    set_gradient_checkpointing(&mut b, true);
+    let ga = lora_gradients(&a, &loss(&a, &ex).backward());
+    let gb = lora_gradients(&b, &loss(&b, &ex).backward());
+    assert_eq!(ga.len(), gb.len());
+    for ((n, x), (_, y)) in ga.iter().zip(&gb) {
+        let e = rel_l2(
+            &x.clone().try_into_vec_as::<f32>().unwrap(),
+            &y.clone().try_into_vec_as::<f32>().unwrap(),
+        );
+        assert!(e < 1e-6, "{n}: checkpointed grad differs ({e})");
+    }
+
+    let mut opt = AdamW::new(1e-2, 0.1);
+    opt.step(&mut a, &ga);
+    let path = std::env::temp_dir().join(format!("tuna-adamw-{}.safetensors", std::process::id()));
+    opt.save_state(&path).unwrap();
+    let mut opt2 = AdamW::new(1e-2, 0.1);
+    opt2.load_state(&path, &Device::flex()).unwrap();
+    std::fs::remove_file(&path).ok();
+    assert_eq!(opt2.steps_taken(), 1);
+    let mut a2 = a.clone();
+    let g = lora_gradients(&a, &loss(&a, &ex).backward());
+    opt.step(&mut a, &g);
+    opt2.step(&mut a2, &g);
+    for ((n, x), (_, y)) in lora_parameters(&a).iter().zip(&lora_parameters(&a2)) {
+        assert_eq!(
+            x.clone().inner().try_into_vec_as::<f32>().unwrap(),
+            y.clone().inner().try_into_vec_as::<f32>().unwrap(),
+            "{n} after restored optimizer step"
+        );
+    }
 }

@@ -292,6 +292,8 @@ pub struct Llama {
     pub device: Device,
     /// Enables LoRA dropout.
     pub training: bool,
+    /// Trainable adapters use burn's gradient checkpointing (see `lora::set_gradient_checkpointing`).
+    pub grad_checkpointing: bool,
     inv_freq: Vec<f64>,
 }
 
@@ -317,6 +319,7 @@ impl Llama {
             dtype,
             device,
             training: false,
+            grad_checkpointing: false,
             inv_freq,
         }
     }

@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 use anyhow::{Context, Result, bail};
-use burn::tensor::{DType, Gradients, Tensor, TensorData};
+use burn::tensor::{DType, GradientCheckpointingStrategy, Gradients, Tensor, TensorData};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use safetensors::SafeTensors;
@@ -168,20 +168,44 @@ fn for_each_branch(model: &mut Llama, mut f: impl FnMut(&str, &mut LoraBranch)) 
     }
 }
 
+fn strategy(on: bool) -> GradientCheckpointingStrategy {
+    if on {
+        GradientCheckpointingStrategy::Balanced
+    } else {
+        GradientCheckpointingStrategy::Disabled
+    }
+}
+
+/// A trainable leaf holding `t`'s values, with the given checkpointing strategy.
+fn leaf(t: Tensor<2>, s: GradientCheckpointingStrategy) -> Tensor<2> {
+    t.inner()
+        .autodiff()
+        .with_gradient_checkpointing_strategy(s)
+        .require_grad()
+}
+
 /// Makes the adapter factors trainable autodiff leaves (or plain tensors again). Base weights
 /// stay plain tensors, i.e. frozen constants in the autodiff graph.
 pub fn set_trainable(model: &mut Llama, trainable: bool) {
+    let s = strategy(model.grad_checkpointing);
     for_each_branch(model, |_, br| {
-        let conv = |t: Tensor<2>| {
-            if trainable {
-                t.inner().autodiff().require_grad()
-            } else {
-                t.inner()
-            }
-        };
+        let conv = |t: Tensor<2>| if trainable { leaf(t, s) } else { t.inner() };
         br.a = conv(br.a.clone());
         br.b = conv(br.b.clone());
     });
+}
+
+/// Turns burn's gradient checkpointing on or off for training: the autodiff graph (which
+/// starts at the adapters) recomputes memory-bound activations in backward instead of keeping
+/// them. Takes effect now if the adapters are trainable, else at the next `set_trainable(true)`.
+pub fn set_gradient_checkpointing(model: &mut Llama, on: bool) {
+    model.grad_checkpointing = on;
+    let trainable = lora_parameters(model)
+        .first()
+        .is_some_and(|(_, t)| t.is_autodiff());
+    if trainable {
+        set_trainable(model, true);
+    }
 }
 
 /// Adapter tensors keyed by their PEFT file name (`...q_proj.lora_A.weight`), in PEFT layout.
@@ -257,7 +281,7 @@ impl AdamW {
                 return;
             };
             let g = (*g).clone().inner().cast(DType::F32);
-            let trainable = p.is_autodiff();
+            let strategy = p.gradient_checkpointing_strategy();
             let mut w = p.clone().inner();
             if wd != 0.0 {
                 w = w.mul_scalar(1.0 - lr * wd);
@@ -270,16 +294,86 @@ impl AdamW {
             let denom = v.clone().div_scalar(bc2).sqrt().add_scalar(eps);
             w = w - m.clone().div_scalar(bc1).div(denom).mul_scalar(lr);
             moments.insert(name, (m, v));
-            *p = if trainable {
-                w.autodiff().require_grad()
-            } else {
-                w
+            *p = match strategy {
+                Some(s) => leaf(w, s),
+                None => w,
             };
         };
         for_each_branch(model, |name, br| {
             update(format!("{name}.lora_A.weight"), &mut br.a);
             update(format!("{name}.lora_B.weight"), &mut br.b);
         });
+    }
+}
+
+impl AdamW {
+    /// Saves the step count and moments (f32 safetensors: `<param>.exp_avg`, `.exp_avg_sq`).
+    pub fn save_state(&self, path: &Path) -> Result<()> {
+        let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+        for (name, (m, v)) in &self.moments {
+            for (suffix, t) in [("exp_avg", m), ("exp_avg_sq", v)] {
+                let data = t.clone().try_into_vec_as::<f32>()?;
+                let bytes = data.iter().flat_map(|x| x.to_le_bytes()).collect();
+                tensors.push((format!("{name}.{suffix}"), t.dims().to_vec(), bytes));
+            }
+        }
+        let views = tensors
+            .iter()
+            .map(|(n, s, b)| {
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)
+                    .map(|v| (n.clone(), v))
+            })
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        let meta = HashMap::from([("step".to_string(), self.step.to_string())]);
+        safetensors::serialize_to_file(views, Some(meta), path)
+            .with_context(|| format!("writing {}", path.display()))
+    }
+
+    /// Restores what [`AdamW::save_state`] wrote; moments go to `device`.
+    pub fn load_state(&mut self, path: &Path, device: &burn::tensor::Device) -> Result<()> {
+        let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+        let (_, meta) = SafeTensors::read_metadata(&bytes)
+            .with_context(|| format!("parsing {}", path.display()))?;
+        let step = meta
+            .metadata()
+            .as_ref()
+            .and_then(|m| m.get("step"))
+            .and_then(|s| s.parse().ok())
+            .with_context(|| format!("{}: no step count", path.display()))?;
+        let st = SafeTensors::deserialize(&bytes)?;
+        let device = device.clone().without_autodiff();
+        let mut halves: HashMap<String, [Option<Tensor<2>>; 2]> = HashMap::new();
+        for (name, view) in st.iter() {
+            let (param, which) = if let Some(p) = name.strip_suffix(".exp_avg_sq") {
+                (p, 1)
+            } else if let Some(p) = name.strip_suffix(".exp_avg") {
+                (p, 0)
+            } else {
+                bail!("{}: unexpected tensor `{name}`", path.display());
+            };
+            let shape = view.shape();
+            if shape.len() != 2 {
+                bail!("{}: `{name}` is not 2-D", path.display());
+            }
+            let data = tensor_to_f32(name, view.dtype(), view.data())?;
+            let t = Tensor::from_data(
+                TensorData::new(data, [shape[0], shape[1]]),
+                (&device, DType::F32),
+            );
+            halves.entry(param.to_string()).or_default()[which] = Some(t);
+        }
+        let mut moments = HashMap::new();
+        for (name, [m, v]) in halves {
+            match (m, v) {
+                (Some(m), Some(v)) => {
+                    moments.insert(name, (m, v));
+                }
+                _ => bail!("{}: incomplete moments for `{name}`", path.display()),
+            }
+        }
+        self.step = step;
+        self.moments = moments;
+        Ok(())
     }
 }
 
@@ -522,6 +616,26 @@ pub fn save_peft_adapter(model: &Llama, dir: &Path, base_model: Option<&str>) ->
     std::fs::write(&path, serde_json::to_string_pretty(&config)?)
         .with_context(|| format!("writing {}", path.display()))?;
     Ok(())
+}
+
+/// Checkpoint support: the optimizer's step count and moments, by parameter name.
+impl AdamW {
+    /// (steps taken, [(name, first moment, second moment)]).
+    pub fn export_state(&self) -> (i32, Vec<(String, Tensor<2>, Tensor<2>)>) {
+        let mut m: Vec<_> = self
+            .moments
+            .iter()
+            .map(|(n, (a, b))| (n.clone(), a.clone(), b.clone()))
+            .collect();
+        m.sort_by(|a, b| a.0.cmp(&b.0));
+        (self.step, m)
+    }
+
+    /// Restores what [`AdamW::export_state`] returned.
+    pub fn import_state(&mut self, step: i32, moments: Vec<(String, Tensor<2>, Tensor<2>)>) {
+        self.step = step;
+        self.moments = moments.into_iter().map(|(n, a, b)| (n, (a, b))).collect();
+    }
 }
 
 #[cfg(test)]
