@@ -1149,3 +1149,160 @@ fn read_safetensors_f32(path: &Path) -> RawWeights {
     }
     out
 }
+
+// ---------------------------------------------------------------------------------------------
+// end-to-end: a plain f32 llama forward pass over the loaded weights reproduces transformers'
+// logits (this catches dequantization, naming, shape and Q/K permutation mistakes together)
+// ---------------------------------------------------------------------------------------------
+
+fn reference_tensor_f32(name: &str) -> Vec<f32> {
+    let bytes = std::fs::read(reference_dir().join("expected.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let t = st.tensor(name).unwrap();
+    assert_eq!(t.dtype(), safetensors::Dtype::F32, "{name}");
+    t.data()
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect()
+}
+
+/// `x [t, n_in] · wᵀ` for `w [n_out, n_in]`.
+fn linear(x: &[f32], w: &RawTensor) -> Vec<f32> {
+    use rayon::prelude::*;
+    let (n_out, n_in) = (w.shape[0], w.shape[1]);
+    let t = x.len() / n_in;
+    let mut y = vec![0f32; t * n_out];
+    for (row, yrow) in x.chunks_exact(n_in).zip(y.chunks_exact_mut(n_out)) {
+        yrow.par_iter_mut().enumerate().for_each(|(o, v)| {
+            let wr = &w.data[o * n_in..(o + 1) * n_in];
+            *v = row.iter().zip(wr).map(|(a, b)| a * b).sum();
+        });
+    }
+    y
+}
+
+fn rms_norm(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
+    let n = w.len();
+    x.chunks_exact(n)
+        .flat_map(|r| {
+            let ms = r.iter().map(|v| v * v).sum::<f32>() / n as f32;
+            let inv = 1.0 / (ms + eps).sqrt();
+            r.iter().zip(w).map(move |(v, g)| v * inv * g)
+        })
+        .collect()
+}
+
+fn rope(x: &mut [f32], n_heads: usize, hd: usize, theta: f64) {
+    let t = x.len() / (n_heads * hd);
+    let half = hd / 2;
+    for pos in 0..t {
+        for h in 0..n_heads {
+            let base = (pos * n_heads + h) * hd;
+            for i in 0..half {
+                let inv = theta.powf(-((2 * i) as f64) / hd as f64) as f32;
+                let ang = pos as f32 * inv;
+                let (s, c) = ang.sin_cos();
+                let (a, b) = (x[base + i], x[base + i + half]);
+                x[base + i] = a * c - b * s;
+                x[base + i + half] = b * c + a * s;
+            }
+        }
+    }
+}
+
+fn llama_last_logits(m: &GgufModel, ids: &[u32]) -> Vec<f32> {
+    let c = &m.config;
+    let get = |k: &str| c[k].as_u64().unwrap() as usize;
+    let (hidden, n_layers, nh, nkv, hd) = (
+        get("hidden_size"),
+        get("num_hidden_layers"),
+        get("num_attention_heads"),
+        get("num_key_value_heads"),
+        get("head_dim"),
+    );
+    let eps = c["rms_norm_eps"].as_f64().unwrap() as f32;
+    let theta = c["rope_theta"].as_f64().unwrap();
+    let w = |n: &str| &m.weights[n];
+    let emb = w("model.embed_tokens.weight");
+    let t = ids.len();
+    let mut x: Vec<f32> = ids
+        .iter()
+        .flat_map(|&i| emb.data[i as usize * hidden..(i as usize + 1) * hidden].to_vec())
+        .collect();
+    for l in 0..n_layers {
+        let p = |s: &str| format!("model.layers.{l}.{s}.weight");
+        let h = rms_norm(&x, &w(&p("input_layernorm")).data, eps);
+        let mut q = linear(&h, w(&p("self_attn.q_proj")));
+        let mut k = linear(&h, w(&p("self_attn.k_proj")));
+        let v = linear(&h, w(&p("self_attn.v_proj")));
+        rope(&mut q, nh, hd, theta);
+        rope(&mut k, nkv, hd, theta);
+        let mut attn = vec![0f32; t * nh * hd];
+        let scale = 1.0 / (hd as f32).sqrt();
+        for head in 0..nh {
+            let kvh = head / (nh / nkv);
+            for i in 0..t {
+                let qi = &q[(i * nh + head) * hd..][..hd];
+                let scores: Vec<f32> = (0..=i)
+                    .map(|j| {
+                        let kj = &k[(j * nkv + kvh) * hd..][..hd];
+                        qi.iter().zip(kj).map(|(a, b)| a * b).sum::<f32>() * scale
+                    })
+                    .collect();
+                let mx = scores.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+                let e: Vec<f32> = scores.iter().map(|s| (s - mx).exp()).collect();
+                let z: f32 = e.iter().sum();
+                let out = &mut attn[(i * nh + head) * hd..][..hd];
+                for (j, ej) in e.iter().enumerate() {
+                    let vj = &v[(j * nkv + kvh) * hd..][..hd];
+                    for d in 0..hd {
+                        out[d] += ej / z * vj[d];
+                    }
+                }
+            }
+        }
+        let o = linear(&attn, w(&p("self_attn.o_proj")));
+        x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
+        let h = rms_norm(&x, &w(&p("post_attention_layernorm")).data, eps);
+        let g = linear(&h, w(&p("mlp.gate_proj")));
+        let u = linear(&h, w(&p("mlp.up_proj")));
+        let act: Vec<f32> = g
+            .iter()
+            .zip(&u)
+            .map(|(g, u)| g / (1.0 + (-g).exp()) * u)
+            .collect();
+        let d = linear(&act, w(&p("mlp.down_proj")));
+        x.iter_mut().zip(&d).for_each(|(a, b)| *a += b);
+    }
+    let x = rms_norm(&x, &w("model.norm.weight").data, eps);
+    let last = &x[(t - 1) * hidden..];
+    let head = m
+        .weights
+        .get("lm_head.weight")
+        .unwrap_or(&m.weights["model.embed_tokens.weight"]);
+    linear(last, head)
+}
+
+#[test]
+fn smollm2_forward_matches_transformers_logits() {
+    let (m, _) = smollm2();
+    for (i, prompt) in ["The capital of France is", "def fibonacci(n):"]
+        .iter()
+        .enumerate()
+    {
+        let ids = m.tokenizer.encode(prompt, true);
+        let got = llama_last_logits(m, &ids);
+        let want = reference_tensor_f32(&format!("smollm2.prompt{i}.logits_last"));
+        assert_eq!(got.len(), want.len());
+        let max_diff = got
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        eprintln!("prompt {i}: max |logit - transformers| = {max_diff:e}");
+        assert!(
+            max_diff < 2e-3,
+            "prompt {i}: max abs logit difference {max_diff}"
+        );
+    }
+}
