@@ -494,6 +494,85 @@ fn dequant_q6_k() {
 }
 
 #[test]
+fn dequant_q5_0_and_q5_1() {
+    // qh: bit j is the fifth bit of element j (elements 16..32 use bits 16..32).
+    let qh: u32 = 0b1010_0000_1111_0000_0000_0001_1000_0001;
+    let bit = |e: usize| ((qh >> e) & 1) as u8;
+    let qs = nibbles();
+    let q = |e: usize| {
+        let nib = if e < 16 {
+            qs[e] & 0x0f
+        } else {
+            qs[e - 16] >> 4
+        };
+        nib | (bit(e) << 4)
+    };
+    // Q5_0: d = 0.5; value = (q - 16) * d.
+    let mut b = f16(0.5).to_vec();
+    b.extend(qh.to_le_bytes());
+    b.extend(&qs);
+    let out = dequantize(GgmlType::Q5_0, &b, 32).unwrap();
+    for e in 0..32 {
+        assert_eq!(out[e], (q(e) as f32 - 16.0) * 0.5, "element {e}");
+    }
+    assert_eq!(out[0], (16.0 - 16.0) * 0.5); // nibble 0, fifth bit 1
+    assert_eq!(out[1], (1.0 - 16.0) * 0.5);
+    // Q5_1: d = 0.25, m = 3; value = q * d + m.
+    let mut b = f16(0.25).to_vec();
+    b.extend(f16(3.0));
+    b.extend(qh.to_le_bytes());
+    b.extend(&qs);
+    let out = dequantize(GgmlType::Q5_1, &b, 32).unwrap();
+    for e in 0..32 {
+        assert_eq!(out[e], q(e) as f32 * 0.25 + 3.0, "element {e}");
+    }
+    assert_eq!(out[31], ((15 + 5) % 16 + 16) as f32 * 0.25 + 3.0);
+}
+
+#[test]
+fn dequant_q5_k() {
+    // As Q4_K plus qh[32] before the nibbles: for chunk c, bit 2c of qh[l] is the fifth bit of
+    // element 64c + l, bit 2c + 1 that of element 64c + 32 + l.
+    let sc: [u8; 8] = [4, 9, 63, 1, 20, 47, 33, 16];
+    let mn: [u8; 8] = [3, 0, 63, 8, 31, 2, 48, 17];
+    let mut s = [0u8; 12];
+    for j in 0..4 {
+        s[j] = sc[j];
+        s[j + 4] = mn[j];
+    }
+    for j in 4..8 {
+        s[j + 4] = (sc[j] & 0x0f) | ((mn[j] & 0x0f) << 4);
+        s[j - 4] |= (sc[j] >> 4) << 6;
+        s[j] |= (mn[j] >> 4) << 6;
+    }
+    let qh: Vec<u8> = (0..32u32).map(|i| (i * 53 % 256) as u8).collect();
+    let qs: Vec<u8> = (0..128u32)
+        .map(|i| ((i * 5 % 16) | ((i * 11 % 16) << 4)) as u8)
+        .collect();
+    let (d, dmin) = (0.5f32, 0.25f32);
+    let mut b = f16(d).to_vec();
+    b.extend(f16(dmin));
+    b.extend(s);
+    b.extend(&qh);
+    b.extend(&qs);
+    assert_eq!(b.len(), 176);
+    let out = dequantize(GgmlType::Q5_K, &b, 256).unwrap();
+    for c in 0..4 {
+        for l in 0..32 {
+            let byte = qs[32 * c + l];
+            let lo = (byte & 0x0f) | (((qh[l] >> (2 * c)) & 1) << 4);
+            let hi = (byte >> 4) | (((qh[l] >> (2 * c + 1)) & 1) << 4);
+            let want_lo = d * sc[2 * c] as f32 * lo as f32 - dmin * mn[2 * c] as f32;
+            let want_hi = d * sc[2 * c + 1] as f32 * hi as f32 - dmin * mn[2 * c + 1] as f32;
+            assert_eq!(out[64 * c + l], want_lo, "element {}", 64 * c + l);
+            assert_eq!(out[64 * c + 32 + l], want_hi, "element {}", 64 * c + 32 + l);
+        }
+    }
+    // Element 1: byte 5 -> low nibble 5, qh[1] = 53 has bit 0 set -> q = 21; 0.5*4*21 - 0.25*3.
+    assert_eq!(out[1], 0.5 * 4.0 * 21.0 - 0.25 * 3.0);
+}
+
+#[test]
 fn dequant_rejects_bad_sizes_and_unsupported_types() {
     assert!(matches!(
         dequantize(GgmlType::Q4_0, &[0u8; 17], 32),
@@ -503,8 +582,8 @@ fn dequant_rejects_bad_sizes_and_unsupported_types() {
         dequantize(GgmlType::Q4_0, &[0u8; 18], 31),
         Err(GgufErrorKind::Malformed(_))
     ));
-    match dequantize(GgmlType::Q5_K, &[0u8; 176], 256) {
-        Err(GgufErrorKind::UnsupportedType { type_name, .. }) => assert_eq!(type_name, "Q5_K"),
+    match dequantize(GgmlType::Q3_K, &[0u8; 110], 256) {
+        Err(GgufErrorKind::UnsupportedType { type_name, .. }) => assert_eq!(type_name, "Q3_K"),
         other => panic!("{other:?}"),
     }
 }
@@ -942,22 +1021,22 @@ fn malformed_files_give_clear_errors() {
 
     // Unsupported quantization: the message names the tensor and the type.
     let mut b = synthetic("llama");
-    b.tensor_raw("blk.0.extra.weight", &[256], 13, vec![0; 176]);
-    let path = write_temp("q5k.gguf", &b.build());
+    b.tensor_raw("blk.0.extra.weight", &[256], 11, vec![0; 110]);
+    let path = write_temp("q3k.gguf", &b.build());
     let f = GgufFile::open(&path).unwrap();
     let info = f.tensor("blk.0.extra.weight").unwrap().clone();
     let msg = f.dequantize_tensor(&info).unwrap_err().to_string();
     assert!(
-        msg.contains("q5k.gguf") && msg.contains("blk.0.extra.weight") && msg.contains("Q5_K"),
+        msg.contains("q3k.gguf") && msg.contains("blk.0.extra.weight") && msg.contains("Q3_K"),
         "{msg}"
     );
     let mut b = synthetic("llama");
-    b.tensors[2].2 = 13; // attn_q as Q5_K: the layout no longer matches its size
-    b.tensors[2].3 = vec![0; 176];
+    b.tensors[2].2 = 11; // attn_q as Q3_K
+    b.tensors[2].3 = vec![0; 110];
     b.tensors[2].1 = vec![256];
-    let msg = err_of(&b.build(), "q5k-model.gguf");
+    let msg = err_of(&b.build(), "q3k-model.gguf");
     assert!(
-        msg.contains("blk.0.attn_q.weight") && msg.contains("Q5_K"),
+        msg.contains("blk.0.attn_q.weight") && msg.contains("Q3_K"),
         "{msg}"
     );
 
@@ -1305,4 +1384,90 @@ fn smollm2_forward_matches_transformers_logits() {
             "prompt {i}: max abs logit difference {max_diff}"
         );
     }
+}
+
+/// GPT-2's byte -> printable character table (printable Latin-1 bytes map to themselves, the
+/// others to U+0100 onwards in byte order).
+fn byte_level_alphabet() -> Vec<String> {
+    let printable = |b: u32| {
+        (0x21..=0x7e).contains(&b) || (0xa1..=0xac).contains(&b) || (0xae..=0xff).contains(&b)
+    };
+    let mut n = 0;
+    (0..256u32)
+        .map(|b| {
+            if printable(b) {
+                char::from_u32(b).unwrap().to_string()
+            } else {
+                n += 1;
+                char::from_u32(255 + n).unwrap().to_string()
+            }
+        })
+        .collect()
+}
+
+fn byte_level_model(pre: &str) -> Builder {
+    let alphabet = byte_level_alphabet();
+    let mut tokens: Vec<String> = vec!["<|endoftext|>".into()];
+    tokens.extend(alphabet.iter().cloned());
+    // "12", "123", "Ġa", "Ġab"
+    tokens.extend(["12", "123", "\u{120}a", "\u{120}ab"].map(String::from));
+    let refs: Vec<&str> = tokens.iter().map(|s| s.as_str()).collect();
+    let mut types = vec![1i32; tokens.len()];
+    types[0] = 3;
+    let mut b = synthetic("llama");
+    b.kv.clear();
+    b.n_kv = 0;
+    b.str("general.architecture", "llama")
+        .u32("llama.block_count", 1)
+        .u32("llama.embedding_length", 8)
+        .u32("llama.feed_forward_length", 32)
+        .u32("llama.attention.head_count", 2)
+        .u32("llama.attention.head_count_kv", 1)
+        .str("tokenizer.ggml.model", "gpt2")
+        .str("tokenizer.ggml.pre", pre)
+        .strs("tokenizer.ggml.tokens", &refs)
+        .i32s("tokenizer.ggml.token_type", &types)
+        .strs(
+            "tokenizer.ggml.merges",
+            &["1 2", "12 3", "\u{120} a", "\u{120}a b"],
+        )
+        .u32("tokenizer.ggml.eos_token_id", 0);
+    b
+}
+
+#[test]
+fn gpt2_pre_tokenizers_follow_tokenizer_ggml_pre() {
+    let id = |s: &str| -> u32 {
+        let alphabet = byte_level_alphabet();
+        match s {
+            "12" => 257,
+            "123" => 258,
+            "Ġa" => 259,
+            "Ġab" => 260,
+            c => 1 + alphabet.iter().position(|a| a == c).unwrap() as u32,
+        }
+    };
+    // llama3 regex keeps up to 3 digits together; qwen2 and smollm split every digit.
+    let cases = [
+        ("llama-bpe", vec![id("123"), id("Ġab")]),
+        ("default", vec![id("123"), id("Ġab")]),
+        ("qwen2", vec![id("1"), id("2"), id("3"), id("Ġab")]),
+        ("smollm", vec![id("1"), id("2"), id("3"), id("Ġab")]),
+    ];
+    for (pre, want) in cases {
+        let path = write_temp(&format!("bpe-{pre}.gguf"), &byte_level_model(pre).build());
+        let f = GgufFile::open(&path).unwrap();
+        let tok = gguf::gguf_tokenizer(&f).unwrap_or_else(|e| panic!("{pre}: {e:#}"));
+        assert_eq!(tok.encode("123 ab", true), want, "pre-tokenizer {pre}");
+        assert_eq!(tok.decode(&want, false), "123 ab", "{pre}");
+        assert_eq!(tok.encode("<|endoftext|>", false), vec![0], "{pre}");
+        assert_eq!(tok.eos_token_ids(), vec![0]);
+    }
+    let path = write_temp("bpe-unknown.gguf", &byte_level_model("mystery").build());
+    let f = GgufFile::open(&path).unwrap();
+    let msg = format!("{:#}", gguf::gguf_tokenizer(&f).unwrap_err());
+    assert!(
+        msg.contains("mystery") && msg.contains("bpe-unknown.gguf"),
+        "{msg}"
+    );
 }

@@ -25,7 +25,7 @@ pub const GGUF_MAGIC: [u8; 4] = *b"GGUF";
 /// Data-section alignment used when `general.alignment` is absent.
 pub const DEFAULT_ALIGNMENT: u64 = 32;
 /// Dequantization formats implemented by [`dequantize`].
-pub const SUPPORTED_TYPES: &str = "F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q6_K";
+pub const SUPPORTED_TYPES: &str = "F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K";
 const MAX_DIMS: u32 = 4;
 const MAX_ARRAY_NESTING: usize = 8;
 
@@ -184,7 +184,7 @@ impl GgmlType {
 
     /// Whether [`dequantize`] handles this type.
     pub fn is_supported(self) -> bool {
-        matches!(self.0, 0 | 1 | 2 | 3 | 8 | 12 | 14 | 30)
+        matches!(self.0, 0 | 1 | 2 | 3 | 6 | 7 | 8 | 12 | 13 | 14 | 30)
     }
 }
 
@@ -790,6 +790,34 @@ pub fn dequant_block_q4_1(b: &[u8], out: &mut [f32]) {
     }
 }
 
+/// Q5_0: `d: f16`, `qh: u32` (the fifth bit of each element, bit j for element j), 16 bytes
+/// of nibbles laid out as in Q4_0; value = (q - 16) * d.
+pub fn dequant_block_q5_0(b: &[u8], out: &mut [f32]) {
+    let d = f16_at(b, 0);
+    let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
+    let qs = &b[6..22];
+    for j in 0..16 {
+        let h0 = ((qh >> j) & 1) as u8;
+        let h1 = ((qh >> (j + 16)) & 1) as u8;
+        out[j] = (((qs[j] & 0x0f) | (h0 << 4)) as i32 - 16) as f32 * d;
+        out[j + 16] = (((qs[j] >> 4) | (h1 << 4)) as i32 - 16) as f32 * d;
+    }
+}
+
+/// Q5_1: `d: f16`, `m: f16`, `qh: u32`, 16 bytes of nibbles (as Q5_0); value = q * d + m.
+pub fn dequant_block_q5_1(b: &[u8], out: &mut [f32]) {
+    let d = f16_at(b, 0);
+    let m = f16_at(b, 2);
+    let qh = u32::from_le_bytes([b[4], b[5], b[6], b[7]]);
+    let qs = &b[8..24];
+    for j in 0..16 {
+        let h0 = ((qh >> j) & 1) as u8;
+        let h1 = ((qh >> (j + 16)) & 1) as u8;
+        out[j] = ((qs[j] & 0x0f) | (h0 << 4)) as f32 * d + m;
+        out[j + 16] = ((qs[j] >> 4) | (h1 << 4)) as f32 * d + m;
+    }
+}
+
 /// Q8_0: `d: f16`, 32 signed bytes; value = q * d.
 pub fn dequant_block_q8_0(b: &[u8], out: &mut [f32]) {
     let d = f16_at(b, 0);
@@ -830,6 +858,31 @@ pub fn dequant_block_q4_k(b: &[u8], out: &mut [f32]) {
         for l in 0..32 {
             o[l] = d1 * (q[l] & 0x0f) as f32 - m1;
             o[l + 32] = d2 * (q[l] >> 4) as f32 - m2;
+        }
+    }
+}
+
+/// Q5_K: as Q4_K (d, dmin, 12 scale bytes, 128 nibble bytes after 32 `qh` bytes), plus a
+/// fifth bit per element: for chunk c (64 elements), bit 2c of `qh[l]` for the low-nibble
+/// element l and bit 2c+1 for the high-nibble element l + 32.
+pub fn dequant_block_q5_k(b: &[u8], out: &mut [f32]) {
+    let d = f16_at(b, 0);
+    let dmin = f16_at(b, 2);
+    let scales = &b[4..16];
+    let qh = &b[16..48];
+    let qs = &b[48..176];
+    for c in 0..4 {
+        let (sc1, m1) = k4_scale_min(2 * c, scales);
+        let (sc2, m2) = k4_scale_min(2 * c + 1, scales);
+        let (d1, m1) = (d * sc1 as f32, dmin * m1 as f32);
+        let (d2, m2) = (d * sc2 as f32, dmin * m2 as f32);
+        let q = &qs[32 * c..32 * c + 32];
+        let o = &mut out[64 * c..64 * c + 64];
+        for l in 0..32 {
+            let h1 = (qh[l] >> (2 * c)) & 1;
+            let h2 = (qh[l] >> (2 * c + 1)) & 1;
+            o[l] = d1 * ((q[l] & 0x0f) | (h1 << 4)) as f32 - m1;
+            o[l + 32] = d2 * ((q[l] >> 4) | (h2 << 4)) as f32 - m2;
         }
     }
 }
@@ -915,7 +968,10 @@ pub fn dequantize(ty: GgmlType, data: &[u8], n_elements: usize) -> Result<Vec<f3
         GgmlType::Q4_0 => dequant_block_q4_0,
         GgmlType::Q4_1 => dequant_block_q4_1,
         GgmlType::Q8_0 => dequant_block_q8_0,
+        GgmlType::Q5_0 => dequant_block_q5_0,
+        GgmlType::Q5_1 => dequant_block_q5_1,
         GgmlType::Q4_K => dequant_block_q4_k,
+        GgmlType::Q5_K => dequant_block_q5_k,
         GgmlType::Q6_K => dequant_block_q6_k,
         _ => return Err(unsupported()),
     };
