@@ -195,3 +195,118 @@ fn smollm2_gguf_matches_transformers() {
     let model = build_model(&config, &g.weights, &Device::flex(), DType::F32).unwrap();
     check_model("smollm2", &model, 2e-3);
 }
+
+/// Half precision (the GPU dtypes) runs through the same code and tracks f32 closely.
+#[test]
+fn half_precision_tracks_f32() {
+    let exp = Expected::load();
+    let ids: Vec<u32> = exp
+        .i64("tiny-llama.prompt1.ids")
+        .iter()
+        .map(|&x| x as u32)
+        .collect();
+    let dir = reference_dir().join("tiny-llama");
+    let run = |dt| {
+        let m = load_model(&dir, &Device::flex(), dt).unwrap();
+        let l = m.forward(m.ids_tensor(&ids, 1), None);
+        assert_eq!(l.dtype(), dt);
+        l.try_into_vec_as::<f32>().unwrap()
+    };
+    let full = run(DType::F32);
+    for (dt, tol) in [(DType::F16, 0.05), (DType::BF16, 0.3)] {
+        let d = max_abs(&run(dt), &full);
+        println!("{dt:?} vs f32: logits max abs diff {d:.3e}");
+        assert!(d < tol, "{dt:?} logits differ from f32 by {d}");
+    }
+}
+
+/// On a GPU (`--ignored`, needs a wgpu adapter): forward, KV-cache generation and a LoRA
+/// training step, in f32 and in the device's own dtype.
+#[test]
+#[ignore = "needs a GPU: cargo test --test model_parity -- --ignored"]
+fn gpu_matches_reference() {
+    use tuna::model::device::{DeviceChoice, select_device};
+    use tuna::model::lora;
+    let sel = select_device(DeviceChoice::Wgpu).unwrap_or_else(|e| panic!("{e:#}"));
+    println!("device {:?}, dtype {:?}", sel.device, sel.dtype);
+    let exp = Expected::load();
+    let dir = reference_dir();
+    let mut dtypes = vec![DType::F32];
+    if sel.dtype != DType::F32 {
+        dtypes.push(sel.dtype);
+    }
+    for dt in dtypes {
+        let tol = if dt == DType::F32 { 1e-3 } else { 0.05 };
+        let mut model = load_model(&dir.join("tiny-llama"), &sel.device, dt).unwrap();
+        let ids: Vec<u32> = exp
+            .i64("tiny-llama.prompt0.ids")
+            .iter()
+            .map(|&x| x as u32)
+            .collect();
+        let logits = model
+            .forward(model.ids_tensor(&ids, 1), None)
+            .try_into_vec_as::<f32>()
+            .unwrap();
+        let v = model.config.vocab_size;
+        let d = max_abs(
+            &logits[(ids.len() - 1) * v..],
+            &exp.f32("tiny-llama.prompt0.logits_last"),
+        );
+        println!("{dt:?}: logits_last max abs diff {d:.3e}");
+        assert!(d < tol, "{dt:?}: logits_last differs by {d}");
+        let out = generate(
+            &model,
+            &ids,
+            &GenerateConfig {
+                max_new_tokens: 16,
+                ..Default::default()
+            },
+            None,
+            &mut |_| true,
+        )
+        .unwrap();
+        let want: Vec<u32> = exp
+            .i64("tiny-llama.prompt0.greedy16")
+            .iter()
+            .map(|&x| x as u32)
+            .collect();
+        let same = out.tokens.iter().zip(&want).filter(|(a, b)| a == b).count();
+        println!("{dt:?}: greedy16 {same}/16 equal");
+        if dt == DType::F32 {
+            assert_eq!(out.tokens, want);
+        }
+
+        lora::load_peft_adapter(&mut model, &dir.join("tiny-llama-lora")).unwrap();
+        lora::set_trainable(&mut model, true);
+        let lids: Vec<u32> = exp
+            .i64("tiny-llama.lora.ids")
+            .iter()
+            .map(|&x| x as u32)
+            .collect();
+        let p = exp.i64("tiny-llama.lora.prompt_len")[0] as usize;
+        let mask: Vec<f32> = (0..lids.len())
+            .map(|t| if t >= p { 1.0 } else { 0.0 })
+            .collect();
+        let mask = Tensor::<2>::from_data(TensorData::new(mask, [1, lids.len()]), &model.device);
+        let idt = model.ids_tensor(&lids, 1);
+        let mut opt = lora::AdamW::new(1e-2, 0.0);
+        let want = exp.f32("tiny-llama.lora.adamw_losses");
+        let mut got = Vec::new();
+        for _ in 0..want.len() {
+            let l = tuna::model::llama::causal_lm_loss(
+                model.forward(idt.clone(), None),
+                idt.clone(),
+                mask.clone(),
+            );
+            got.push(l.clone().inner().try_into_vec_as::<f32>().unwrap()[0]);
+            let g = lora::lora_gradients(&model, &l.backward());
+            assert_eq!(g.len(), 8);
+            opt.step(&mut model, &g);
+        }
+        println!("{dt:?}: adamw losses {got:?} vs {want:?}");
+        let tol = if dt == DType::F32 { 1e-3 } else { 0.05 };
+        for (g, w) in got.iter().zip(&want) {
+            assert!((g - w).abs() < tol, "{dt:?}: {got:?} vs {want:?}");
+        }
+    }
+}
