@@ -1,12 +1,13 @@
 //! Llama-family models: configuration, weight loading (safetensors, GGUF), tokenizers, chat templates.
 
+pub mod base;
 pub mod config;
+pub mod convert;
 pub mod device;
+pub mod gguf;
 pub mod llama;
 pub mod load;
 pub mod lora;
-pub mod weights;
-pub mod convert;
-pub mod gguf;
 pub mod source;
 pub mod tokenizer;
+pub mod weights;

@@ -1,8 +1,13 @@
 //! Training: the LoRA trainer behind `tuna train` and `tuna sweep`.
 
+pub mod checkpoint;
+pub mod metrics;
+pub mod settings;
+pub mod trainer;
+
 use crate::sweep::Trainer;
 
-/// The trainer this build offers, or `None` while none is implemented.
+/// The trainer this build offers.
 pub fn default_trainer() -> Option<Box<dyn Trainer>> {
-    None
+    Some(Box::new(trainer::LoraTrainer::default()))
 }

