@@ -2,6 +2,9 @@
 //! first use), hand-built dequantization blocks, synthetic models, malformed files, model
 //! sources and GGUF -> HF conversion.
 
+// Index loops mirror the format definitions element by element.
+#![allow(clippy::needless_range_loop, clippy::manual_memcpy)]
+
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
@@ -764,7 +767,7 @@ impl Builder {
             offsets.push(offset);
             offset = (offset + data.len() as u64).div_ceil(32) * 32;
         }
-        while b.len() % 32 != 0 {
+        while !b.len().is_multiple_of(32) {
             b.push(0);
         }
         let start = b.len();

@@ -12,29 +12,32 @@ use serde_json::json;
 use crate::model::gguf::load_gguf;
 use crate::model::weights::RawWeights;
 
-/// The bytes of an f32 slice in little-endian order, borrowed when the host is little-endian.
-fn f32_le_bytes(data: &[f32]) -> std::borrow::Cow<'_, [u8]> {
-    if cfg!(target_endian = "little") {
-        // SAFETY: f32 has no padding and any byte pattern is a valid u8; the length covers
-        // exactly the slice's memory, and u8 has alignment 1.
-        let bytes =
-            unsafe { std::slice::from_raw_parts(data.as_ptr() as *const u8, size_of_val(data)) };
-        std::borrow::Cow::Borrowed(bytes)
-    } else {
-        std::borrow::Cow::Owned(data.iter().flat_map(|x| x.to_le_bytes()).collect())
-    }
+/// The in-memory bytes of an f32 slice (little-endian on little-endian hosts).
+fn f32_native_bytes(data: &[f32]) -> &[u8] {
+    // SAFETY: f32 has no padding and every byte pattern is a valid u8; the length covers exactly
+    // the slice's memory, and u8 has alignment 1.
+    unsafe { std::slice::from_raw_parts(data.as_ptr() as *const u8, size_of_val(data)) }
 }
 
 /// Writes `weights` as an f32 safetensors file (with `{"format": "pt"}` metadata, as
 /// transformers expects).
 pub fn write_safetensors_f32(weights: &RawWeights, path: &Path) -> Result<()> {
-    let bytes: Vec<(&String, std::borrow::Cow<'_, [u8]>, &Vec<usize>)> = weights
-        .iter()
-        .map(|(name, t)| (name, f32_le_bytes(&t.data), &t.shape))
-        .collect();
-    let mut views = Vec::with_capacity(bytes.len());
-    for (name, b, shape) in &bytes {
-        let view = TensorView::new(Dtype::F32, (*shape).clone(), b)
+    // Safetensors is little-endian: big-endian hosts need byte-swapped copies.
+    let swapped: Vec<Vec<u8>> = if cfg!(target_endian = "big") {
+        weights
+            .values()
+            .map(|t| t.data.iter().flat_map(|x| x.to_le_bytes()).collect())
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let mut views = Vec::with_capacity(weights.len());
+    for (i, (name, t)) in weights.iter().enumerate() {
+        let bytes: &[u8] = match swapped.get(i) {
+            Some(b) => b,
+            None => f32_native_bytes(&t.data),
+        };
+        let view = TensorView::new(Dtype::F32, t.shape.clone(), bytes)
             .map_err(|e| anyhow!("{}: tensor `{name}`: {e}", path.display()))?;
         views.push((name.as_str(), view));
     }

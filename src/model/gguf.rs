@@ -715,13 +715,13 @@ fn parse(buf: &[u8]) -> KResult<Parsed> {
         if n.is_none_or(|n| n > isize::MAX as u64 / 8) {
             return malformed(format!("tensor `{name}` has absurd dimensions {dims:?}"));
         }
-        if offset % alignment != 0 {
+        if !offset.is_multiple_of(alignment) {
             return malformed(format!(
                 "tensor `{name}` data offset {offset} is not a multiple of the alignment {alignment}"
             ));
         }
         if let Some((be, _)) = ggml_type.block_layout()
-            && dims[0] % be as u64 != 0
+            && !dims[0].is_multiple_of(be as u64)
         {
             return malformed(format!(
                 "tensor `{name}` of type {ggml_type} has rows of {} elements, not a multiple of the block size {be}",
@@ -976,7 +976,7 @@ pub fn dequantize(ty: GgmlType, data: &[u8], n_elements: usize) -> Result<Vec<f3
         _ => return Err(unsupported()),
     };
     let (be, bb) = ty.block_layout().ok_or_else(unsupported)?;
-    if n_elements % be != 0 {
+    if !n_elements.is_multiple_of(be) {
         return malformed(format!(
             "{n_elements} elements of type {ty} are not a whole number of {be}-element blocks"
         ));
@@ -1039,11 +1039,11 @@ pub fn unpermute_qk_rows(
     cols: usize,
     n_heads: usize,
 ) -> Option<Vec<f32>> {
-    if n_heads == 0 || rows % n_heads != 0 || data.len() != rows * cols {
+    if n_heads == 0 || !rows.is_multiple_of(n_heads) || data.len() != rows * cols {
         return None;
     }
     let hd = rows / n_heads;
-    if hd % 2 != 0 {
+    if !hd.is_multiple_of(2) {
         return None;
     }
     let half = hd / 2;

@@ -722,7 +722,11 @@ pub fn strftime(fmt: &str, t: CivilTime) -> String {
                 v.to_string()
             }
         };
-        let hour12 = if t.hour % 12 == 0 { 12 } else { t.hour % 12 };
+        let hour12 = if t.hour.is_multiple_of(12) {
+            12
+        } else {
+            t.hour % 12
+        };
         match spec {
             Some('Y') => out.push_str(&t.year.to_string()),
             Some('y') => out.push_str(&num(t.year.rem_euclid(100) as u32, 2)),
