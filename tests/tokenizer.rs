@@ -218,3 +218,277 @@ fn strftime_formats_utc_dates() {
     );
     assert_eq!(strftime("%F", civil_from_unix(0)), "1970-01-01");
 }
+
+/// A Qwen-style tool-calling template (namespace, reversed slices, `is string`, `tojson`,
+/// Python string methods, loop look-around, filters) and its output from Python's jinja2 with
+/// transformers' settings (trim_blocks, lstrip_blocks, tojson = json.dumps(ensure_ascii=False)).
+/// Object keys are in sorted order: see the report about serde_json's `preserve_order`.
+const QWEN_LIKE_TEMPLATE: &str = r####"{%- if tools %}
+    {{- '<|im_start|>system\n' }}
+    {%- if messages[0]['role'] == 'system' %}
+        {{- messages[0]['content'] }}
+    {%- else %}
+        {{- 'You are a helpful assistant.' }}
+    {%- endif %}
+    {{- "\n\n# Tools\n\n<tools>" }}
+    {%- for tool in tools %}
+        {{- "\n" }}
+        {{- tool | tojson }}
+    {%- endfor %}
+    {{- "\n</tools><|im_end|>\n" }}
+{%- else %}
+    {%- if messages[0]['role'] == 'system' %}
+        {{- '<|im_start|>system\n' + messages[0]['content'] + '<|im_end|>\n' }}
+    {%- endif %}
+{%- endif %}
+{%- set ns = namespace(multi_step_tool=true, last_query_index=messages|length - 1) %}
+{%- for message in messages[::-1] %}
+    {%- set index = (messages|length - 1) - loop.index0 %}
+    {%- if ns.multi_step_tool and message.role == "user" and message.content is string and not(message.content.startswith('<tool_response>') and message.content.endswith('</tool_response>')) %}
+        {%- set ns.multi_step_tool = false %}
+        {%- set ns.last_query_index = index %}
+    {%- endif %}
+{%- endfor %}
+{%- for message in messages %}
+    {%- if message.content is string %}
+        {%- set content = message.content %}
+    {%- else %}
+        {%- set content = '' %}
+    {%- endif %}
+    {%- if (message.role == "user") or (message.role == "system" and not loop.first) %}
+        {{- '<|im_start|>' + message.role + '\n' + content + '<|im_end|>' + '\n' }}
+    {%- elif message.role == "assistant" %}
+        {%- set reasoning_content = '' %}
+        {%- if '</think>' in content %}
+            {%- set reasoning_content = content.split('</think>')[0].rstrip('\n').split('<think>')[-1].lstrip('\n') %}
+            {%- set content = content.split('</think>')[-1].lstrip('\n') %}
+        {%- endif %}
+        {%- if loop.index0 > ns.last_query_index and reasoning_content %}
+            {{- '<|im_start|>' + message.role + '\n<think>\n' + reasoning_content.strip('\n') + '\n</think>\n\n' + content.lstrip('\n') }}
+        {%- else %}
+            {{- '<|im_start|>' + message.role + '\n' + content }}
+        {%- endif %}
+        {%- if message.tool_calls %}
+            {%- for tool_call in message.tool_calls %}
+                {%- if (loop.first and content) or (not loop.first) %}
+                    {{- '\n' }}
+                {%- endif %}
+                {%- if tool_call.function %}
+                    {%- set tool_call = tool_call.function %}
+                {%- endif %}
+                {{- '<tool_call>\n{"name": "' }}
+                {{- tool_call.name }}
+                {{- '", "arguments": ' }}
+                {%- if tool_call.arguments is string %}
+                    {{- tool_call.arguments }}
+                {%- else %}
+                    {{- tool_call.arguments | tojson }}
+                {%- endif %}
+                {{- '}\n</tool_call>' }}
+            {%- endfor %}
+        {%- endif %}
+        {{- '<|im_end|>\n' }}
+    {%- elif message.role == "tool" %}
+        {%- if loop.first or (messages[loop.index0 - 1].role != "tool") %}
+            {{- '<|im_start|>user' }}
+        {%- endif %}
+        {{- '\n<tool_response>\n' }}
+        {{- content }}
+        {{- '\n</tool_response>' }}
+        {%- if loop.last or (messages[loop.index0 + 1].role != "tool") %}
+            {{- '<|im_end|>\n' }}
+        {%- endif %}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant\n' }}
+    {%- if enable_thinking is defined and enable_thinking is false %}
+        {{- '<think>\n\n</think>\n\n' }}
+    {%- endif %}
+{%- endif %}
+{% for k, v in {"a": [1, 2], "b": 1}.items() %}{{ k }}={{ v | tojson(indent=2) }};{% endfor %}
+{{ messages | selectattr("role", "equalto", "user") | map(attribute="content") | join("|") }}
+{{ "%s-%d" | format("x", 3) }} {{ messages|length }} {{ "Hello World".lower().title() }} {{ bos_token }}{{ eos_token }}
+{% if messages[-1].role != "tool" %}  indented block
+{% endif %}
+end
+"####;
+const QWEN_LIKE_MESSAGES: &str = r####"[{"content": "You are a bot.", "role": "system"}, {"content": "What's the weather in Paris?", "role": "user"}, {"content": "<think>\nneed tool\n</think>\n\nLet me check.", "role": "assistant", "tool_calls": [{"function": {"arguments": {"city": "Paris", "unit": "C"}, "name": "get_weather"}, "type": "function"}]}, {"content": "{\"temp\": 21}", "role": "tool"}, {"content": "sunny", "role": "tool"}, {"content": "<think>ok</think>It is 21°C and sunny.", "role": "assistant"}]"####;
+const QWEN_LIKE_TOOLS: &str = r####"[{"function": {"description": "Get the weather <now>", "name": "get_weather", "parameters": {"properties": {"city": {"type": "string"}, "unit": {"enum": ["C", "F"], "type": "string"}}, "required": ["city"], "type": "object"}}, "type": "function"}]"####;
+const QWEN_LIKE_GEN_TOOLS: &str = r####"<|im_start|>system
+You are a bot.
+
+# Tools
+
+<tools>
+{"function": {"description": "Get the weather <now>", "name": "get_weather", "parameters": {"properties": {"city": {"type": "string"}, "unit": {"enum": ["C", "F"], "type": "string"}}, "required": ["city"], "type": "object"}}, "type": "function"}
+</tools><|im_end|>
+<|im_start|>user
+What's the weather in Paris?<|im_end|>
+<|im_start|>assistant
+<think>
+need tool
+</think>
+
+Let me check.
+<tool_call>
+{"name": "get_weather", "arguments": {"city": "Paris", "unit": "C"}}
+</tool_call><|im_end|>
+<|im_start|>user
+<tool_response>
+{"temp": 21}
+</tool_response>
+<tool_response>
+sunny
+</tool_response><|im_end|>
+<|im_start|>assistant
+<think>
+ok
+</think>
+
+It is 21°C and sunny.<|im_end|>
+<|im_start|>assistant
+a=[
+  1,
+  2
+];b=1;What's the weather in Paris?
+x-3 6 Hello World <|im_start|><|im_end|>
+  indented block
+end"####;
+const QWEN_LIKE_GEN_NO_TOOLS: &str = r####"<|im_start|>system
+You are a bot.<|im_end|>
+<|im_start|>user
+What's the weather in Paris?<|im_end|>
+<|im_start|>assistant
+<think>
+need tool
+</think>
+
+Let me check.
+<tool_call>
+{"name": "get_weather", "arguments": {"city": "Paris", "unit": "C"}}
+</tool_call><|im_end|>
+<|im_start|>user
+<tool_response>
+{"temp": 21}
+</tool_response>
+<tool_response>
+sunny
+</tool_response><|im_end|>
+<|im_start|>assistant
+<think>
+ok
+</think>
+
+It is 21°C and sunny.<|im_end|>
+<|im_start|>assistant
+a=[
+  1,
+  2
+];b=1;What's the weather in Paris?
+x-3 6 Hello World <|im_start|><|im_end|>
+  indented block
+end"####;
+const QWEN_LIKE_NO_GEN_TOOLS: &str = r####"<|im_start|>system
+You are a bot.
+
+# Tools
+
+<tools>
+{"function": {"description": "Get the weather <now>", "name": "get_weather", "parameters": {"properties": {"city": {"type": "string"}, "unit": {"enum": ["C", "F"], "type": "string"}}, "required": ["city"], "type": "object"}}, "type": "function"}
+</tools><|im_end|>
+<|im_start|>user
+What's the weather in Paris?<|im_end|>
+<|im_start|>assistant
+<think>
+need tool
+</think>
+
+Let me check.
+<tool_call>
+{"name": "get_weather", "arguments": {"city": "Paris", "unit": "C"}}
+</tool_call><|im_end|>
+<|im_start|>user
+<tool_response>
+{"temp": 21}
+</tool_response>
+<tool_response>
+sunny
+</tool_response><|im_end|>
+<|im_start|>assistant
+<think>
+ok
+</think>
+
+It is 21°C and sunny.<|im_end|>
+a=[
+  1,
+  2
+];b=1;What's the weather in Paris?
+x-3 6 Hello World <|im_start|><|im_end|>
+  indented block
+end"####;
+const QWEN_LIKE_NO_GEN_NO_TOOLS: &str = r####"<|im_start|>system
+You are a bot.<|im_end|>
+<|im_start|>user
+What's the weather in Paris?<|im_end|>
+<|im_start|>assistant
+<think>
+need tool
+</think>
+
+Let me check.
+<tool_call>
+{"name": "get_weather", "arguments": {"city": "Paris", "unit": "C"}}
+</tool_call><|im_end|>
+<|im_start|>user
+<tool_response>
+{"temp": 21}
+</tool_response>
+<tool_response>
+sunny
+</tool_response><|im_end|>
+<|im_start|>assistant
+<think>
+ok
+</think>
+
+It is 21°C and sunny.<|im_end|>
+a=[
+  1,
+  2
+];b=1;What's the weather in Paris?
+x-3 6 Hello World <|im_start|><|im_end|>
+  indented block
+end"####;
+
+#[test]
+fn complex_template_matches_python_jinja2() {
+    let dir = folder_with(&[
+        ("chat_template.jinja", QWEN_LIKE_TEMPLATE),
+        (
+            "tokenizer_config.json",
+            r#"{"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "pad_token": "<|im_end|>", "unk_token": "<|endoftext|>"}"#,
+        ),
+    ]);
+    let tok = Tokenizer::from_folder(&dir).unwrap();
+    let msgs: Vec<Value> = serde_json::from_str(QWEN_LIKE_MESSAGES).unwrap();
+    let tools: Value = serde_json::from_str(QWEN_LIKE_TOOLS).unwrap();
+    let cases = [
+        (true, Some(&tools), QWEN_LIKE_GEN_TOOLS),
+        (true, None, QWEN_LIKE_GEN_NO_TOOLS),
+        (false, Some(&tools), QWEN_LIKE_NO_GEN_TOOLS),
+        (false, None, QWEN_LIKE_NO_GEN_NO_TOOLS),
+    ];
+    for (agp, tools, want) in cases {
+        let got = tok
+            .apply_chat_template(&msgs, agp, tools)
+            .unwrap_or_else(|e| panic!("{e:#}"));
+        assert_eq!(
+            got,
+            want,
+            "add_generation_prompt={agp} tools={}",
+            tools.is_some()
+        );
+    }
+}
