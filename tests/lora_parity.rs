@@ -330,3 +330,41 @@ fn checkpointing_and_optimizer_state_round_trip() {
         );
     }
 }
+
+/// LoRA dropout acts only in training mode, on the adapter input.
+#[test]
+fn lora_dropout_only_in_training() {
+    use tuna::model::lora::{LoraConfig, apply_lora};
+    let dir = reference_dir();
+    let exp = Expected::load();
+    let ex = example(&exp, "tiny-llama");
+    let mut m = load_model(&dir.join("tiny-llama"), &Device::flex(), DType::F32).unwrap();
+    apply_lora(
+        &mut m,
+        &LoraConfig {
+            rank: 4,
+            scale: 2.0,
+            dropout: 0.5,
+            keys: vec!["q_proj".into(), "down_proj".into()],
+            num_layers: 1,
+        },
+        1,
+    )
+    .unwrap();
+    assert_eq!(lora_parameters(&m).len(), 4, "last layer only, two modules");
+    // B = 0 at init; give it values so the branch matters.
+    set_trainable(&mut m, false);
+    for layer in m.layers.iter_mut() {
+        for lin in [&mut layer.self_attn.q_proj, &mut layer.mlp.down_proj] {
+            if let Some(br) = lin.lora.as_mut() {
+                br.b = br.b.random_like(Distribution::Normal(0.0, 0.5));
+            }
+        }
+    }
+    let eval1 = scalar(loss(&m, &ex));
+    let eval2 = scalar(loss(&m, &ex));
+    assert_eq!(eval1, eval2);
+    m.training = true;
+    let train = scalar(loss(&m, &ex));
+    assert_ne!(train, eval1, "dropout must change the training forward");
+}

@@ -310,3 +310,70 @@ fn gpu_matches_reference() {
         }
     }
 }
+
+/// EOS ids and stop strings end generation; streamed text adds up to the returned text;
+/// seeded sampling is reproducible.
+#[test]
+fn generation_stops_and_streams() {
+    use tuna::generate::{SamplingConfig, StopReason};
+    let exp = Expected::load();
+    let model = load("tiny-llama");
+    let ids: Vec<u32> = exp
+        .i64("tiny-llama.prompt1.ids")
+        .iter()
+        .map(|&x| x as u32)
+        .collect();
+    let greedy: Vec<u32> = exp
+        .i64("tiny-llama.prompt1.greedy16")
+        .iter()
+        .map(|&x| x as u32)
+        .collect();
+    let decode = |t: &[u32]| t.iter().map(|x| format!("<{x}>")).collect::<String>();
+
+    let mut cfg = GenerateConfig {
+        max_new_tokens: 16,
+        eos_token_ids: vec![greedy[3]],
+        ..Default::default()
+    };
+    let pos = greedy.iter().position(|&t| t == greedy[3]).unwrap();
+    let out = generate(&model, &ids, &cfg, None, &mut |_| true).unwrap();
+    assert_eq!(out.stop_reason, StopReason::Eos);
+    assert_eq!(out.tokens, greedy[..pos]);
+
+    cfg.eos_token_ids.clear();
+    let stop = format!("<{}><{}>", greedy[5], greedy[6]);
+    cfg.stop_strings = vec![stop.clone()];
+    let mut streamed = String::new();
+    let mut n = 0;
+    let out = generate(&model, &ids, &cfg, Some(&decode), &mut |e| {
+        streamed.push_str(e.text);
+        n += 1;
+        true
+    })
+    .unwrap();
+    let full = decode(&greedy);
+    let cut = full.find(&stop).unwrap();
+    assert_eq!(out.stop_reason, StopReason::StopString);
+    assert_eq!(out.text.as_deref(), Some(&full[..cut]));
+    assert_eq!(streamed, full[..cut]);
+    assert_eq!(n, out.tokens.len());
+
+    let sampled = |seed| {
+        let cfg = GenerateConfig {
+            max_new_tokens: 8,
+            sampling: SamplingConfig {
+                temperature: 1.0,
+                top_p: 0.9,
+                top_k: 50,
+                seed,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        generate(&model, &ids, &cfg, None, &mut |_| true)
+            .unwrap()
+            .tokens
+    };
+    assert_eq!(sampled(3), sampled(3));
+    assert_eq!(sampled(3).len(), 8);
+}
