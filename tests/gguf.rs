@@ -1474,3 +1474,64 @@ fn gpt2_pre_tokenizers_follow_tokenizer_ggml_pre() {
         "{msg}"
     );
 }
+
+/// llama.cpp's converter: per-frequency divisors for Llama 3.1 rope scaling.
+fn llama3_rope_freqs(theta: f64, dim: usize, factor: f64) -> Vec<f32> {
+    let (low, high, orig) = (1.0, 4.0, 8192.0);
+    (0..dim / 2)
+        .map(|i| {
+            let freq = 1.0 / theta.powf((2 * i) as f64 / dim as f64);
+            let wavelen = 2.0 * std::f64::consts::PI / freq;
+            if wavelen < orig / high {
+                1.0
+            } else if wavelen > orig / low {
+                factor as f32
+            } else {
+                let smooth = (orig / wavelen - low) / (high - low);
+                (1.0 / ((1.0 - smooth) / factor + smooth)) as f32
+            }
+        })
+        .collect()
+}
+
+#[test]
+fn rope_freqs_become_llama3_rope_scaling() {
+    // head_dim 64 so that the wavelengths span all three regimes.
+    let mut b = synthetic("llama");
+    b.kv.clear();
+    b.n_kv = 0;
+    b.str("general.architecture", "llama")
+        .u32("llama.block_count", 1)
+        .u32("llama.embedding_length", 8)
+        .u32("llama.feed_forward_length", 32)
+        .u32("llama.attention.head_count", 2)
+        .u32("llama.attention.head_count_kv", 1)
+        .u32("llama.attention.key_length", 64)
+        .f32("llama.rope.freq_base", 500000.0);
+    let freqs = llama3_rope_freqs(500000.0, 64, 32.0);
+    assert!(freqs.iter().any(|&f| f > 1.0 && f < 32.0));
+    b.tensor_f32("rope_freqs.weight", &[32], &freqs);
+    let f = GgufFile::from_bytes(b.build(), "rope.gguf").unwrap();
+    let c = gguf::gguf_config(&f).unwrap();
+    let want = json!({"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0, "original_max_position_embeddings": 8192});
+    assert_eq!(c["rope_scaling"], want);
+    assert_eq!(c["rope_parameters"]["rope_type"], "llama3");
+    assert_eq!(c["rope_parameters"]["rope_theta"].as_f64(), Some(500000.0));
+    // rope_freqs is folded into the config, not returned as a weight.
+    assert!(
+        !gguf::gguf_weights(&f)
+            .unwrap()
+            .contains_key("rope_freqs.weight")
+    );
+
+    let mut bad = freqs.clone();
+    bad[20] *= 1.5;
+    b.tensors.last_mut().unwrap().3 = bad.iter().flat_map(|x| x.to_le_bytes()).collect();
+    let f = GgufFile::from_bytes(b.build(), "rope-bad.gguf").unwrap();
+    let msg = gguf::gguf_config(&f).unwrap_err().to_string();
+    assert!(
+        msg.contains("rope-bad.gguf") && msg.contains("rope_freqs"),
+        "{msg}"
+    );
+}

@@ -1176,6 +1176,13 @@ pub fn gguf_config(file: &GgufFile) -> Result<Value, GgufError> {
         rope_parameters["factor"] = json!(f);
         rope_scaling = json!({ "rope_type": "linear", "type": "linear", "factor": f });
     }
+    if let Some(info) = file.tensor("rope_freqs.weight") {
+        let scaling = llama3_scaling_from_rope_freqs(file, info, theta, head_dim)?;
+        for (k, v) in scaling.as_object().into_iter().flatten() {
+            rope_parameters[k] = v.clone();
+        }
+        rope_scaling = scaling;
+    }
     let (model_type, class) = match arch.as_str() {
         "qwen2" => ("qwen2", "Qwen2ForCausalLM"),
         _ => ("llama", "LlamaForCausalLM"),
@@ -1210,6 +1217,53 @@ pub fn gguf_config(file: &GgufFile) -> Result<Value, GgufError> {
         cfg["use_sliding_window"] = json!(false);
     }
     Ok(cfg)
+}
+
+/// Llama 3.1-style rope scaling from llama.cpp's `rope_freqs.weight` (the per-frequency
+/// divisors the converter precomputed). The factor is the largest divisor; the other parameters
+/// are Llama 3.1/3.2's (low 1, high 4, original context 8192), checked against the tensor.
+fn llama3_scaling_from_rope_freqs(
+    file: &GgufFile,
+    info: &GgufTensorInfo,
+    theta: f64,
+    head_dim: u64,
+) -> Result<Value, GgufError> {
+    let divisors = file.dequantize_tensor(info)?;
+    let n = divisors.len();
+    if n == 0 || n as u64 * 2 != head_dim {
+        return Err(file.err(GgufErrorKind::Other(format!(
+            "rope_freqs.weight has {n} entries, expected head_dim / 2 = {}",
+            head_dim / 2
+        ))));
+    }
+    let factor = divisors.iter().cloned().fold(f32::MIN, f32::max) as f64;
+    let (low, high, orig) = (1.0f64, 4.0f64, 8192.0f64);
+    let (low_wavelen, high_wavelen) = (orig / low, orig / high);
+    for (i, &got) in divisors.iter().enumerate() {
+        let freq = 1.0 / theta.powf((2 * i) as f64 / head_dim as f64);
+        let wavelen = 2.0 * std::f64::consts::PI / freq;
+        let want = if wavelen < high_wavelen {
+            1.0
+        } else if wavelen > low_wavelen {
+            factor
+        } else {
+            let smooth = (orig / wavelen - low) / (high - low);
+            1.0 / ((1.0 - smooth) / factor + smooth)
+        };
+        if ((got as f64) - want).abs() > 1e-3 * want.abs().max(1.0) {
+            return Err(file.err(GgufErrorKind::Other(format!(
+                "rope_freqs.weight[{i}] = {got} does not match llama3 rope scaling \
+                 (factor {factor}, low_freq_factor 1, high_freq_factor 4, original context 8192: expected {want})"
+            ))));
+        }
+    }
+    Ok(json!({
+        "rope_type": "llama3",
+        "factor": factor,
+        "low_freq_factor": low,
+        "high_freq_factor": high,
+        "original_max_position_embeddings": orig as u64,
+    }))
 }
 
 // ---------------------------------------------------------------------------------------------
