@@ -167,9 +167,9 @@ fn missing_tensor_is_named() {
     let config = ModelConfig::from_file(dir.join("config.json")).unwrap();
     let mut weights = load_safetensors_dir(&dir).unwrap();
     weights.remove("model.layers.1.mlp.up_proj.weight");
-    let err = build_model(&config, &weights, &Device::flex(), DType::F32)
-        .err()
-        .expect("build must fail without up_proj");
+    let Err(err) = build_model(&config, &weights, &Device::flex(), DType::F32) else {
+        panic!("build must fail without up_proj");
+    };
     assert!(
         format!("{err:#}").contains("model.layers.1.mlp.up_proj.weight"),
         "{err:#}"

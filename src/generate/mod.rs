@@ -61,6 +61,9 @@ pub struct TokenEvent<'a> {
     pub text: &'a str,
 }
 
+/// Turns generated ids into text (the tokenizer's decode).
+pub type Decode<'a> = &'a dyn Fn(&[u32]) -> String;
+
 /// Length of the longest suffix of `text` that is a proper prefix of some stop string.
 fn held_back(text: &str, stops: &[String]) -> usize {
     let mut hold = 0;
@@ -80,7 +83,7 @@ pub fn generate(
     model: &Llama,
     prompt: &[u32],
     config: &GenerateConfig,
-    decode: Option<&dyn Fn(&[u32]) -> String>,
+    decode: Option<Decode>,
     on_token: &mut dyn FnMut(&TokenEvent) -> bool,
 ) -> Result<Generation> {
     if prompt.is_empty() {

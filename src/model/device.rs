@@ -183,6 +183,15 @@ mod tests {
     }
 
     #[test]
+    fn auto_never_panics() {
+        // Without a GPU this falls back to the CPU (with a notice); with one it picks it.
+        let d = select_device(DeviceChoice::Auto).unwrap();
+        if d.kind == DeviceChoice::Cpu {
+            assert_eq!(d.dtype, DType::F32);
+        }
+    }
+
+    #[test]
     fn cpu_runs_in_f32() {
         let d = select_device(DeviceChoice::Cpu).unwrap();
         assert_eq!(d.dtype, DType::F32);

@@ -460,9 +460,9 @@ pub fn load_peft_adapter(model: &mut Llama, dir: &Path) -> Result<LoraConfig> {
     let st = SafeTensors::deserialize(&bytes)
         .with_context(|| format!("parsing safetensors {}", file.display()))?;
     let src = file.display();
-    // (layer, path) -> (A, B)
-    let mut found: BTreeMap<(usize, &'static str), [Option<(Vec<f32>, Vec<usize>)>; 2]> =
-        BTreeMap::new();
+    // (layer, path) -> [A, B] as (values, shape)
+    type Factors = [Option<(Vec<f32>, Vec<usize>)>; 2];
+    let mut found: BTreeMap<(usize, &'static str), Factors> = BTreeMap::new();
     for (name, view) in st.iter() {
         let rest = name
             .strip_prefix(PEFT_PREFIX)
