@@ -29,6 +29,8 @@ pub struct Split {
     pub examples: Vec<Tokenized>,
     /// Examples cut to `max_seq_length`.
     pub truncated: usize,
+    /// Examples left with nothing to learn (the answer was cut off entirely), not used.
+    pub dropped: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -94,6 +96,7 @@ pub fn tokenize_split(
     }
     let mut out = Vec::with_capacity(examples.len());
     let mut truncated = 0;
+    let mut dropped = 0;
     for (i, ex) in examples.iter().enumerate() {
         let mut t = tokenize(ex, tok, mask_prompt)
             .map_err(|e| anyhow::anyhow!("{}: example {}: {e:#}", path.display(), i + 1))?;
@@ -101,13 +104,24 @@ pub fn tokenize_split(
             t.ids.truncate(max_seq_length);
             truncated += 1;
         }
+        if t.ids.len() <= t.prompt_len.max(1) {
+            dropped += 1;
+            continue;
+        }
         out.push(t);
+    }
+    if out.is_empty() {
+        bail!(
+            "{}: no example has a token left to learn from after truncation to train.max_seq_length ({max_seq_length})",
+            path.display()
+        );
     }
     Ok(Split {
         path: path.to_path_buf(),
         format,
         examples: out,
         truncated,
+        dropped,
     })
 }
 

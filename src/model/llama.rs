@@ -384,7 +384,7 @@ impl Llama {
             .reshape([b, t, self.config.hidden_size])
     }
 
-    fn run_layers(
+    pub fn run_layers(
         &self,
         ids: Tensor<2, Int>,
         attention_mask: Option<Tensor<2>>,
@@ -413,7 +413,7 @@ impl Llama {
         self.norm.forward(h)
     }
 
-    fn head(&self, h: Tensor<3>) -> Tensor<3> {
+    pub fn head(&self, h: Tensor<3>) -> Tensor<3> {
         match &self.lm_head {
             Some(head) => head.forward(h, self.training),
             None => {
@@ -426,7 +426,8 @@ impl Llama {
     }
 
     /// Full-sequence forward. `ids`: `[B, T]`; `attention_mask`: `[B, T]` of 0/1 (1 = real
-    /// token), combined with the causal mask. Returns logits `[B, T, vocab]` in the model dtype.
+    /// token), combined with the causal mask. Positions count from 0 in every row, so batches
+    /// are padded on the right. Returns logits `[B, T, vocab]` in the model dtype.
     pub fn forward(&self, ids: Tensor<2, Int>, attention_mask: Option<Tensor<2>>) -> Tensor<3> {
         let h = self.run_layers(ids, attention_mask, None);
         self.head(h)
@@ -445,6 +446,37 @@ impl Llama {
         let [b, t, d] = h.dims();
         let last = h.slice([0..b, t - 1..t, 0..d]);
         self.head(last).reshape([b, self.config.vocab_size])
+    }
+
+    /// Number of values in the base weights (tied embeddings counted once) plus adapters.
+    pub fn num_parameters(&self) -> usize {
+        let lin = |l: &Linear| {
+            l.weight.shape().num_elements()
+                + l.bias.as_ref().map_or(0, |b| b.shape().num_elements())
+                + l.lora.as_ref().map_or(0, |r| {
+                    r.a.shape().num_elements() + r.b.shape().num_elements()
+                })
+        };
+        let mut n = self.embed_tokens.shape().num_elements() + self.norm.weight.dims()[0];
+        n += self.lm_head.as_ref().map_or(0, lin);
+        for l in &self.layers {
+            let a = &l.self_attn;
+            let m = &l.mlp;
+            n += [
+                &a.q_proj,
+                &a.k_proj,
+                &a.v_proj,
+                &a.o_proj,
+                &m.gate_proj,
+                &m.up_proj,
+                &m.down_proj,
+            ]
+            .into_iter()
+            .map(lin)
+            .sum::<usize>();
+            n += l.input_layernorm.weight.dims()[0] + l.post_attention_layernorm.weight.dims()[0];
+        }
+        n
     }
 
     /// Builds an id tensor on the model's device.

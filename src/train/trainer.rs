@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
-use burn::tensor::{DType, Tensor, TensorData};
+use burn::tensor::{DType, Int, Tensor, TensorData};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 
@@ -18,7 +18,7 @@ use super::settings::TrainSettings;
 use crate::data::dataset::{self, Batch, DataSet, Order, Split, Tokenized};
 use crate::model::base::{BaseModel, load_base};
 use crate::model::device::{DeviceChoice, SelectedDevice, select_device};
-use crate::model::llama::{Llama, causal_lm_loss};
+use crate::model::llama::Llama;
 use crate::model::load::build_model;
 use crate::model::lora::{self, AdamW};
 use crate::sweep::RunMetrics;
@@ -94,11 +94,11 @@ impl Trainer for LoraTrainer {
         {
             if split.truncated > 0 {
                 eprintln!(
-                    "note: {}: {} of {} examples were longer than train.max_seq_length ({}) and were truncated",
+                    "note: {}: {} examples were longer than train.max_seq_length ({}) and were truncated; {} of them lost their whole answer and are not used",
                     split.path.display(),
                     split.truncated,
-                    split.examples.len(),
-                    s.max_seq_length
+                    s.max_seq_length,
+                    split.dropped
                 );
             }
         }
@@ -144,33 +144,14 @@ struct Run<'a> {
 }
 
 /// Loss and target-token count of one batch.
-struct BatchLoss {
-    loss: Tensor<1>,
-    targets: usize,
+pub struct BatchLoss {
+    pub loss: Tensor<1>,
+    pub targets: usize,
 }
 
 impl Run<'_> {
-    fn tensors(
-        &self,
-        model: &Llama,
-        b: &Batch,
-    ) -> (Tensor<2, burn::tensor::Int>, Tensor<2>, Tensor<2>) {
-        let ids = model.ids_tensor(&b.ids, b.batch);
-        let dev = (&model.device, DType::F32);
-        let attn =
-            Tensor::<2>::from_data(TensorData::new(b.attention.clone(), [b.batch, b.seq]), dev);
-        let mask =
-            Tensor::<2>::from_data(TensorData::new(b.loss_mask.clone(), [b.batch, b.seq]), dev);
-        (ids, attn, mask)
-    }
-
     fn batch_loss(&self, model: &Llama, b: &Batch) -> BatchLoss {
-        let (ids, attn, mask) = self.tensors(model, b);
-        let logits = model.forward(ids.clone(), Some(attn));
-        BatchLoss {
-            loss: causal_lm_loss(logits, ids, mask),
-            targets: b.target_tokens(),
-        }
+        batch_loss(model, b)
     }
 
     /// Token-weighted mean loss over up to `max_batches` batches of a split (-1 = all).
@@ -384,6 +365,45 @@ impl Run<'_> {
             device: Some(format!("{:?}", self.sel.device)),
         })
     }
+}
+
+/// Mean next-token loss over a batch's targets. Only the positions that predict a
+/// target go through `lm_head` (the largest matrix of a small model): with
+/// `mask_prompt` that is a few tokens per example instead of the whole sequence.
+pub fn batch_loss(model: &Llama, b: &Batch) -> BatchLoss {
+    let ids = model.ids_tensor(&b.ids, b.batch);
+    let dev = (&model.device, DType::F32);
+    let attn = Tensor::<2>::from_data(TensorData::new(b.attention.clone(), [b.batch, b.seq]), dev);
+    let (rows, targets) = target_positions(b);
+    let n = targets.len();
+    let h = model.run_layers(ids, Some(attn), None);
+    let [bs, t, d] = h.dims();
+    let idx = Tensor::<1, Int>::from_data(TensorData::new(rows, [n]), &model.device);
+    let h = h.reshape([bs * t, d]).select(0, idx).reshape([1, n, d]);
+    let logits = model.head(h);
+    let vocab = logits.dims()[2];
+    let logits = logits.reshape([n, vocab]).cast(DType::F32);
+    let tgt = Tensor::<2, Int>::from_data(TensorData::new(targets, [n, 1]), &model.device);
+    let logp = burn::tensor::activation::log_softmax(logits, 1).gather(1, tgt);
+    BatchLoss {
+        loss: logp.mean().neg().reshape([1]),
+        targets: n,
+    }
+}
+
+/// Flat `[B*T]` rows whose hidden state predicts a target, and those targets
+/// (shifted as transformers does: position t-1 predicts token t).
+pub fn target_positions(b: &Batch) -> (Vec<i64>, Vec<i64>) {
+    let (mut rows, mut targets) = (Vec::new(), Vec::new());
+    for r in 0..b.batch {
+        for t in 1..b.seq {
+            if b.loss_mask[r * b.seq + t] > 0.0 {
+                rows.push((r * b.seq + t - 1) as i64);
+                targets.push(b.ids[r * b.seq + t] as i64);
+            }
+        }
+    }
+    (rows, targets)
 }
 
 /// Scales all gradients so that their global L2 norm is at most `max_norm`.
