@@ -7,6 +7,7 @@ pub mod sampling;
 
 use anyhow::{Result, bail};
 
+use crate::model::config::ModelConfig;
 use crate::model::llama::{KvCache, Llama};
 pub use sampling::{Sampler, SamplingConfig, argmax};
 
@@ -29,6 +30,18 @@ impl Default for GenerateConfig {
             eos_token_ids: Vec::new(),
             stop_strings: Vec::new(),
         }
+    }
+}
+
+impl GenerateConfig {
+    /// Adds the model's EOS ids (from `config.json`, or GGUF metadata) to the stop ids.
+    pub fn with_model_eos(mut self, config: &ModelConfig) -> Self {
+        for &id in &config.eos_token_ids {
+            if !self.eos_token_ids.contains(&id) {
+                self.eos_token_ids.push(id);
+            }
+        }
+        self
     }
 }
 
