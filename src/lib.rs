@@ -7,5 +7,6 @@ pub mod config;
 pub mod data;
 pub mod generate;
 pub mod model;
+pub mod report;
 pub mod sweep;
 pub mod train;

@@ -1,0 +1,1 @@
+//! Comparison reports (see issue 5).
