@@ -4,8 +4,9 @@
 //! every forward, so backward also forms a dense `[in, out]` weight gradient (and keeps the dense
 //! sum alive) per adapted layer, and it has no hook for PEFT's dropout on the adapter input.
 //! `y = xWᵀ + s·B(A(drop(x)))` adds O(T·r·(in+out)) work and rank-r activations only. Measured
-//! on CPU (flex, 576×576, 512 tokens, r 8, fwd+bwd, `tests/lora_parity.rs`): apply_lora 17.6 ms,
-//! side branch 8.2 ms, same outputs and gradients.
+//! on CPU (flex, fwd+bwd, r 8): 576², 512 tokens: apply_lora 17.6 ms vs side branch 8.2 ms
+//! (`tests/lora_parity.rs`, same outputs and grads); 8 layers of 2048², 256 tokens: 1.36 s and
+//! +186 MB peak RSS vs 0.78 s and +25 MB.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
