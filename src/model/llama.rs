@@ -384,6 +384,8 @@ impl Llama {
             .reshape([b, t, self.config.hidden_size])
     }
 
+    /// Final-normed hidden states `[B, T, hidden]` (everything but the LM head); with a cache,
+    /// appends to it. Lets a caller apply [`Llama::head`] to selected positions only.
     pub fn run_layers(
         &self,
         ids: Tensor<2, Int>,
@@ -413,6 +415,7 @@ impl Llama {
         self.norm.forward(h)
     }
 
+    /// LM head (tied or not): `[B, T, hidden]` -> logits `[B, T, vocab]`.
     pub fn head(&self, h: Tensor<3>) -> Tensor<3> {
         match &self.lm_head {
             Some(head) => head.forward(h, self.training),
