@@ -575,6 +575,287 @@ fn dequant_q5_k() {
     assert_eq!(out[1], 0.5 * 4.0 * 21.0 - 0.25 * 3.0);
 }
 
+/// Two blocks of random bytes (sane f16 scales) per type and what gguf-py 0.19.0's numpy
+/// reference dequantizer (`gguf.quants.dequantize`) made of them: element count, raw hex,
+/// the f64 sum of all values in order, and a few (index, value) samples.
+#[allow(clippy::type_complexity)]
+const GGUF_PY_FIXTURES: &[(&str, u32, usize, &str, f64, &[(usize, f32)])] = &[
+    (
+        "F16",
+        1,
+        32,
+        "5c40f633cfbc6cb7a9c182c0183c113b8a3995b9f741c541743c393b863c55b961c0513dde308ebc70adad403541d3bade3646bc8738c8bb34b9af408cbeea39",
+        7.83203125,
+        &[
+            (0, 2.1796875),
+            (1, 0.248779296875),
+            (0, 2.1796875),
+            (0, 2.1796875),
+            (19, -1.138671875),
+            (31, 0.7392578125),
+        ],
+    ),
+    (
+        "BF16",
+        30,
+        32,
+        "06c035401540f73ff5bdcdbfe73f2240b3bf6f3eafbe254030c0b23f2f3f35c0a83f39c0c63f9c3d244026c0034026c06fbfd6be3240bf3eb9bfc6bf1540d2bf",
+        4.13916015625,
+        &[
+            (0, -2.09375),
+            (1, 2.828125),
+            (0, -2.09375),
+            (0, -2.09375),
+            (19, 0.076171875),
+            (31, -1.640625),
+        ],
+    ),
+    (
+        "Q4_0",
+        2,
+        64,
+        "6b34007a102d7a61f0eb5b6e41ac056eed1b373d703e257d1038d57d4a6ff9f9733f57b1",
+        -34.91015625,
+        &[
+            (0, -2.208984375),
+            (1, 0.55224609375),
+            (16, -2.208984375),
+            (31, -1.932861328125),
+            (35, 6.5185546875),
+            (63, 3.9111328125),
+        ],
+    ),
+    (
+        "Q4_1",
+        3,
+        64,
+        "f43a543e7e87bcf9dba8b4fbaca0831b8088d1c0eeab29b1e1b33c77a96c08652eff3cd6ccc3783b",
+        264.7708740234375,
+        &[
+            (0, 13.75),
+            (1, 7.666015625),
+            (16, 7.666015625),
+            (31, 12.01171875),
+            (35, -0.59490966796875),
+            (63, -0.34710693359375),
+        ],
+    ),
+    (
+        "Q5_0",
+        6,
+        64,
+        "61bcdbf52b37551323c39a6b4268670289fd1111dcdb7bbf7f923b94873597661dfb4d68505f6ff834b579ff",
+        -96.8818359375,
+        &[
+            (0, -5.4736328125),
+            (1, -3.2841796875),
+            (16, -5.4736328125),
+            (31, 3.2841796875),
+            (35, -11.220703125),
+            (63, -28.0517578125),
+        ],
+    ),
+    (
+        "Q5_1",
+        7,
+        64,
+        "dab1ff3124ccf02d0a998f962b52a879029d8b0c19de1e952c3f29b8a5f112c559429a3bc0dde3f05fe112d35aa3f48c",
+        772.121826171875,
+        &[
+            (0, -1.6412353515625),
+            (1, -1.4583740234375),
+            (16, 0.1873779296875),
+            (31, -1.4583740234375),
+            (35, 19.20263671875),
+            (63, 42.51123046875),
+        ],
+    ),
+    (
+        "Q8_0",
+        8,
+        64,
+        "9632d2def0fab5543b8dc78d6e48f058dc8d889a77749af5e279c04ef6ffd829207c943749449f16947e0a78bf521a4ece564b51e9e087a4981a585d76110545a72f9c56",
+        230.131591796875,
+        &[
+            (0, -9.46728515625),
+            (1, -6.99755859375),
+            (16, -24.697265625),
+            (31, 25.5205078125),
+            (35, 10.419921875),
+            (63, 40.732421875),
+        ],
+    ),
+    (
+        "Q2_K",
+        10,
+        512,
+        "bf1fa48e43b313569b450f503fdead3f08365c0869e966e8f202c2a263c01002eab893070b7131fb2a578dfafec838264f2a43f102cb243b6cdca4ef432f4cbbe6fba13f559ec8c0187e92e76c385583d2360c3bf8228405d71099f65b440039d75f536dd7973e350203bef3ece76ee4c4f49724343176751b6b260ad82577c4d8239adfdf0effe78a18199fb38ba5646496cefb5fb083ec5ac6a7f4e1a32fae035ade86d7b9e4b5",
+        -1137.2001953125,
+        &[
+            (0, -9.689453125),
+            (1, 3.0986328125),
+            (128, 6.13916015625),
+            (255, 10.1455078125),
+            (259, -0.3173828125),
+            (511, -16.7705078125),
+        ],
+    ),
+    (
+        "Q3_K",
+        11,
+        512,
+        "30eac5afd669fd14be8f559b6ad989ad71bad8907b67b54657e03ca3d12a41d7c08d42eb047194e7610bbb9557d87686dc27fc02e5fc1364a262e609ccbb5d5b9af6b1fbd674c9f0805395f476c4f0db8243b932abfe6adf8ae6dea588b6f8ac7059a6c78ba7c604438005d3e43d3d6f16d005c543cbebeb6a16d5541dde4717a57fd0f93cbde95cc7dd50e747f25fe8346016500e78014832b40da573179ac7f673980b54c57b4a6e7fd6489018ed6b64fdfa3e517be92d25567bfc9520a3e17ada7f750c3dffeec397015af8984aa472b197c97dfb65e3d0c730b9",
+        1638.23046875,
+        &[
+            (0, -94.25),
+            (1, -70.6875),
+            (128, -73.6328125),
+            (255, 47.125),
+            (259, -15.5625),
+            (511, -40.203125),
+        ],
+    ),
+    (
+        "Q4_K",
+        12,
+        512,
+        "4eb213382f8d0e1591eebc88d528834f2f8ec40580770c6d45472d6b21fdb8d3551f380899b335a79ba7ffd4716b00ce10cd2a257353351ac29cce31d082c354041a121839309704f573f19fd0336bec159815bd4bb315b80ee2e736a117355c80e3d1aedcf63e8124c5ce8c93c47e02b0029f24652594c8d41a3abcb35b0aeb94b7f66b3ed9d8412a3f8046cef0a3b3d33d6c3dd0722e83f700d8765d90b1aa62c0fb0de75d8f92c6fd7797102676860002de03b6783f97f74c010000d8621b79e346c3bd78a016c112385b56e331506cb117093413c1168c404daed6a7df60df525599c567e214ddb83fae2dfe872aac2d5a6ba7b29ab4ef889d5506ac2e06feff6c9a5eb5c196bd813529cfe06659e6deaf3e16e573c0bf455884b1411acd",
+        58190.777587890625,
+        &[
+            (0, -147.557861328125),
+            (1, -138.2978515625),
+            (128, -27.843017578125),
+            (255, -50.842529296875),
+            (259, 228.30859375),
+            (511, 698.609375),
+        ],
+    ),
+    (
+        "Q5_K",
+        13,
+        512,
+        "e0bd5f354d3feaedd97dae95074b4d1263231275671da0bbfd4b8c43c138dc25fd6807c4d02fb31ffb6884edf06d1c59f64f068a32f1cc1c887f8e2fa6931e08d51b8afd57a45e1a792afefbac376e153264ba7b6ac605ee24f6f2be4e6802f2d84da61e7120213b9b097db68e9847a7df8cf034f5988d134639cdd4f48103742f92a70df9b9879cd3b115a3a681c5cc6077df4e510cb7e3003636c565b5a815dd542de1b3291f89f330b98fef8c15cf63b9743d8461f641c07f25990b103e38a977ddd9188663f972a46799b4f16bb2382818d702ca4929db4e29958ce709340fdd116eceb6b29864583375577a73c8424153d85b0b08f4715ab0f844b6d48ecd09ebae5b05e83eebae7f1a2cc47640301bb7066d613efd11bf3035f04a68e6cc065f3c16c9228f05d82ac60fc9597e91fb7ddefb517031303c85a536e1ab743d5d975f9a50a8b7fe57147a2eb6c93870779df71db43b59048c53de0bfc5356",
+        -309615.13232421875,
+        &[
+            (0, -428.454833984375),
+            (1, -600.298583984375),
+            (128, -522.83203125),
+            (255, -892.327880859375),
+            (259, -80.80078125),
+            (511, -128.515625),
+        ],
+    ),
+    (
+        "Q6_K",
+        14,
+        512,
+        "546bb5c4ebc0db257b0ea85ab712c6affdb2add7ee75bdc165564f9fbcecc6432809d1b3a7e80928d52f7812ea085501758b430c459f9a5d279be7d7bef4c597b6976f4f0e095aa173540a6cd4aa6f33b65640e0f8b481ba61f2e51099dfab48616ed66d9bf8fedfcb222705896728a19f2f57d72707a4f5ecfdf8a1107bf26812e667e2663ac1346affa64b769663ab4aa9e68c79821ebe71add8decc28dca66e31e7d7e5885440479a74cdc7c8732b4f798d55d39b95b801e7fe7619900515aeff4dd950310a5bb4d4c5d0b0ef946a653d6a2cc1c9ffff4c86d1b6a0f355509b74c7a257a2ceccb438232565acee92cf04deb78828bd87046e9cd2f1419289ff501fce7cd4c1b28423e2af340afbe0d2aafee58a8ed2973ecb4a826351666fa64af88878678614a955a403f4d65e19b92210d98e84444c35056d2495868fd4826d4b571dcc86c66a45bf3e28affa056e6b4e5cb02eb9adff67e7ede3822c38d3105951ed6335bc9c2b29eacf661a2772abf504eab3af7ed4b8944151df5691e0e469aa14ff40d62f5758c66f3d35a2bfffa1eefb3a5063b3d56e62a91f8ff468322ab9",
+        -27053.880859375,
+        &[
+            (0, -442.3515625),
+            (1, -1216.466796875),
+            (128, -614.9765625),
+            (255, -3716.83203125),
+            (259, 551.9091796875),
+            (511, -710.05859375),
+        ],
+    ),
+];
+
+fn hex_bytes(s: &str) -> Vec<u8> {
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+        .collect()
+}
+
+#[test]
+fn dequant_matches_gguf_py_reference() {
+    for &(name, id, n, hex, sum, samples) in GGUF_PY_FIXTURES {
+        let ty = GgmlType(id);
+        assert_eq!(ty.name(), name);
+        let got = dequantize(ty, &hex_bytes(hex), n).unwrap_or_else(|e| panic!("{name}: {e}"));
+        for &(i, v) in samples {
+            assert_eq!(got[i], v, "{name} element {i}");
+        }
+        let s: f64 = got.iter().map(|&x| x as f64).sum();
+        assert!(
+            (s - sum).abs() <= 1e-9 * sum.abs().max(1.0),
+            "{name}: sum {s} != {sum}"
+        );
+    }
+}
+
+#[test]
+fn dequant_q2_k() {
+    // 16 scale bytes (low nibble scale, high nibble min), 64 bytes of 2-bit values, d, dmin.
+    // Half h uses qs[32h..32h+32]; quarter k takes bits 2k..2k+1; the first 16 bytes feed
+    // sub-block 8h + 2k, the next 16 sub-block 8h + 2k + 1. value = d*scale*q - dmin*min.
+    let scales: Vec<u8> = (0..16u8)
+        .map(|i| (i % 16) | (((15 - i) % 16) << 4))
+        .collect();
+    let qs: Vec<u8> = (0..64u32).map(|i| (i * 29 % 256) as u8).collect();
+    let (d, dmin) = (0.5f32, 0.25f32);
+    let mut b = scales.clone();
+    b.extend(&qs);
+    b.extend(f16(d));
+    b.extend(f16(dmin));
+    assert_eq!(b.len(), 84);
+    let out = dequantize(GgmlType::Q2_K, &b, 256).unwrap();
+    for e in 0..256 {
+        let (h, r) = (e / 128, e % 128);
+        let (k, rest) = (r / 32, r % 32);
+        let (half, l) = (rest / 16, rest % 16);
+        let q = (qs[32 * h + 16 * half + l] >> (2 * k)) & 3;
+        let sc = scales[8 * h + 2 * k + half];
+        let want = d * (sc & 0x0f) as f32 * q as f32 - dmin * (sc >> 4) as f32;
+        assert_eq!(out[e], want, "element {e}");
+    }
+    // Element 0: qs[0] = 0 -> q 0; scale byte 0 = 0 | 15 << 4 -> -0.25 * 15.
+    assert_eq!(out[0], -3.75);
+}
+
+#[test]
+fn dequant_q3_k() {
+    // hmask[32], qs[64] (2-bit, laid out as Q2_K), 12 bytes of 6-bit scales, d. Scale i: low
+    // 4 bits in byte i (i < 8, low nibble) or byte i - 8 (high nibble), top 2 bits at bit
+    // 2 * (i / 4) of byte 8 + i % 4; it is stored + 32. The third bit of element l (l < 32 within
+    // its 32-byte group) of quarter k of half h is bit 4h + k of hmask[l]; clear means -4.
+    let want_scales: [i32; 16] = [
+        -32, -1, 0, 1, 31, 7, -8, 15, -16, 20, -20, 3, -3, 10, 25, -30,
+    ];
+    let mut sb = [0u8; 12];
+    for (i, &s) in want_scales.iter().enumerate() {
+        let u = (s + 32) as u8;
+        if i < 8 {
+            sb[i] |= u & 0x0f;
+        } else {
+            sb[i - 8] |= (u & 0x0f) << 4;
+        }
+        sb[8 + i % 4] |= (u >> 4) << (2 * (i / 4));
+    }
+    let hmask: Vec<u8> = (0..32u32).map(|i| (i * 83 % 256) as u8).collect();
+    let qs: Vec<u8> = (0..64u32).map(|i| (i * 47 % 256) as u8).collect();
+    let d = 0.125f32;
+    let mut b = hmask.clone();
+    b.extend(&qs);
+    b.extend(sb);
+    b.extend(f16(d));
+    assert_eq!(b.len(), 110);
+    let out = dequantize(GgmlType::Q3_K, &b, 256).unwrap();
+    for e in 0..256 {
+        let (h, r) = (e / 128, e % 128);
+        let (k, rest) = (r / 32, r % 32);
+        let (half, l) = (rest / 16, rest % 16);
+        let idx = 16 * half + l;
+        let low = ((qs[32 * h + idx] >> (2 * k)) & 3) as i32;
+        let high = (hmask[idx] >> (4 * h + k)) & 1;
+        let q = low - if high == 1 { 0 } else { 4 };
+        let want = d * want_scales[8 * h + 2 * k + half] as f32 * q as f32;
+        assert_eq!(out[e], want, "element {e}");
+    }
+}
+
 #[test]
 fn dequant_rejects_bad_sizes_and_unsupported_types() {
     assert!(matches!(
@@ -585,8 +866,8 @@ fn dequant_rejects_bad_sizes_and_unsupported_types() {
         dequantize(GgmlType::Q4_0, &[0u8; 18], 31),
         Err(GgufErrorKind::Malformed(_))
     ));
-    match dequantize(GgmlType::Q3_K, &[0u8; 110], 256) {
-        Err(GgufErrorKind::UnsupportedType { type_name, .. }) => assert_eq!(type_name, "Q3_K"),
+    match dequantize(GgmlType::Q8_K, &[0u8; 292], 256) {
+        Err(GgufErrorKind::UnsupportedType { type_name, .. }) => assert_eq!(type_name, "Q8_K"),
         other => panic!("{other:?}"),
     }
 }
@@ -1024,22 +1305,22 @@ fn malformed_files_give_clear_errors() {
 
     // Unsupported quantization: the message names the tensor and the type.
     let mut b = synthetic("llama");
-    b.tensor_raw("blk.0.extra.weight", &[256], 11, vec![0; 110]);
-    let path = write_temp("q3k.gguf", &b.build());
+    b.tensor_raw("blk.0.extra.weight", &[32], 9, vec![0; 36]);
+    let path = write_temp("q8_1.gguf", &b.build());
     let f = GgufFile::open(&path).unwrap();
     let info = f.tensor("blk.0.extra.weight").unwrap().clone();
     let msg = f.dequantize_tensor(&info).unwrap_err().to_string();
     assert!(
-        msg.contains("q3k.gguf") && msg.contains("blk.0.extra.weight") && msg.contains("Q3_K"),
+        msg.contains("q8_1.gguf") && msg.contains("blk.0.extra.weight") && msg.contains("Q8_1"),
         "{msg}"
     );
     let mut b = synthetic("llama");
-    b.tensors[2].2 = 11; // attn_q as Q3_K
-    b.tensors[2].3 = vec![0; 110];
+    b.tensors[2].2 = 16; // attn_q as IQ2_XXS
+    b.tensors[2].3 = vec![0; 66];
     b.tensors[2].1 = vec![256];
-    let msg = err_of(&b.build(), "q3k-model.gguf");
+    let msg = err_of(&b.build(), "iq2-model.gguf");
     assert!(
-        msg.contains("blk.0.attn_q.weight") && msg.contains("Q3_K"),
+        msg.contains("blk.0.attn_q.weight") && msg.contains("IQ2_XXS"),
         "{msg}"
     );
 

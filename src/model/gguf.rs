@@ -25,7 +25,8 @@ pub const GGUF_MAGIC: [u8; 4] = *b"GGUF";
 /// Data-section alignment used when `general.alignment` is absent.
 pub const DEFAULT_ALIGNMENT: u64 = 32;
 /// Dequantization formats implemented by [`dequantize`].
-pub const SUPPORTED_TYPES: &str = "F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K";
+pub const SUPPORTED_TYPES: &str =
+    "F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K";
 const MAX_DIMS: u32 = 4;
 const MAX_ARRAY_NESTING: usize = 8;
 
@@ -184,7 +185,10 @@ impl GgmlType {
 
     /// Whether [`dequantize`] handles this type.
     pub fn is_supported(self) -> bool {
-        matches!(self.0, 0 | 1 | 2 | 3 | 6 | 7 | 8 | 12 | 13 | 14 | 30)
+        matches!(
+            self.0,
+            0 | 1 | 2 | 3 | 6 | 7 | 8 | 10 | 11 | 12 | 13 | 14 | 30
+        )
     }
 }
 
@@ -826,6 +830,69 @@ pub fn dequant_block_q8_0(b: &[u8], out: &mut [f32]) {
     }
 }
 
+/// Q2_K: super-block of 256 = 16 sub-blocks of 16. 16 scale bytes (low nibble scale, high
+/// nibble min), 64 bytes of 2-bit values, `d: f16`, `dmin: f16`. Each half h (128 elements)
+/// uses bytes `qs[32h..32h+32]`; its quarter k takes bits 2k..2k+1 of those bytes, the first
+/// 16 bytes for sub-block 8h + 2k, the next 16 for sub-block 8h + 2k + 1;
+/// value = d * scale * q - dmin * min.
+pub fn dequant_block_q2_k(b: &[u8], out: &mut [f32]) {
+    let scales = &b[0..16];
+    let qs = &b[16..80];
+    let d = f16_at(b, 80);
+    let dmin = f16_at(b, 82);
+    for h in 0..2 {
+        let q = &qs[32 * h..32 * h + 32];
+        for k in 0..4 {
+            let shift = 2 * k;
+            for half in 0..2 {
+                let sc = scales[8 * h + 2 * k + half];
+                let dl = d * (sc & 0x0f) as f32;
+                let ml = dmin * (sc >> 4) as f32;
+                let o = &mut out[128 * h + 32 * k + 16 * half..][..16];
+                for l in 0..16 {
+                    o[l] = dl * ((q[16 * half + l] >> shift) & 3) as f32 - ml;
+                }
+            }
+        }
+    }
+}
+
+/// Q3_K: super-block of 256 = 16 sub-blocks of 16. 32 bytes `hmask` (the third bit), 64 bytes
+/// of 2-bit values (laid out as Q2_K), 12 bytes of 6-bit signed scales (offset 32), `d: f16`.
+/// Scale i has its low 4 bits in byte i (low nibble, i < 8) or byte i - 8 (high nibble), and
+/// its top 2 bits at bits 2(i/4).. of byte 8 + i%4. Element l of quarter k of half h has its
+/// high bit at bit 4h + k of `hmask[l]` (l < 32); when that bit is clear, 4 is subtracted.
+/// value = d * (scale - 32) * (q - 4 * !high).
+pub fn dequant_block_q3_k(b: &[u8], out: &mut [f32]) {
+    let hmask = &b[0..32];
+    let qs = &b[32..96];
+    let sb = &b[96..108];
+    let d = f16_at(b, 108);
+    let mut scales = [0i32; 16];
+    for (i, sc) in scales.iter_mut().enumerate() {
+        let low = if i < 8 { sb[i] & 0x0f } else { sb[i - 8] >> 4 };
+        let high = (sb[8 + i % 4] >> (2 * (i / 4))) & 3;
+        *sc = (low | (high << 4)) as i32 - 32;
+    }
+    for h in 0..2 {
+        let q = &qs[32 * h..32 * h + 32];
+        for k in 0..4 {
+            let shift = 2 * k;
+            let m = 1u8 << (4 * h + k);
+            for half in 0..2 {
+                let dl = d * scales[8 * h + 2 * k + half] as f32;
+                let o = &mut out[128 * h + 32 * k + 16 * half..][..16];
+                for l in 0..16 {
+                    let idx = 16 * half + l;
+                    let lo = ((q[idx] >> shift) & 3) as i32;
+                    let sub = if hmask[idx] & m != 0 { 0 } else { 4 };
+                    o[l] = dl * (lo - sub) as f32;
+                }
+            }
+        }
+    }
+}
+
 /// The 6-bit scale and min of sub-block `j` (0..8) packed in Q4_K's 12 scale bytes.
 #[inline]
 fn k4_scale_min(j: usize, s: &[u8]) -> (u8, u8) {
@@ -970,6 +1037,8 @@ pub fn dequantize(ty: GgmlType, data: &[u8], n_elements: usize) -> Result<Vec<f3
         GgmlType::Q8_0 => dequant_block_q8_0,
         GgmlType::Q5_0 => dequant_block_q5_0,
         GgmlType::Q5_1 => dequant_block_q5_1,
+        GgmlType::Q2_K => dequant_block_q2_k,
+        GgmlType::Q3_K => dequant_block_q3_k,
         GgmlType::Q4_K => dequant_block_q4_k,
         GgmlType::Q5_K => dequant_block_q5_k,
         GgmlType::Q6_K => dequant_block_q6_k,
