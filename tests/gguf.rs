@@ -1816,3 +1816,77 @@ fn rope_freqs_become_llama3_rope_scaling() {
         "{msg}"
     );
 }
+
+/// A file written by gguf-py 0.19.0's `GGUFWriter` with `general.alignment` 64: every scalar
+/// metadata type, arrays (including an array of arrays) and F32/F16 tensors.
+const GGUF_PY_WRITTEN: &str = concat!(
+    "474755460300000003000000000000001000000000000000140000000000000067656e6572616c2e6172636869746563",
+    "747572650800000005000000000000006c6c616d61110000000000000067656e6572616c2e616c69676e6d656e740400",
+    "0000400000000400000000000000742e753800000000c80400000000000000742e6938010000009c0500000000000000",
+    "742e7531360200000060ea0500000000000000742e69313603000000d08a0500000000000000742e6933320500000000",
+    "6cca880500000000000000742e7536340a00000005000000000000800500000000000000742e6936340b000000000000",
+    "00000000c00500000000000000742e6636340c000000182d4454fb2109400500000000000000742e66333206000000cd",
+    "cccc3d0600000000000000742e626f6f6c07000000010500000000000000742e73747208000000060000000000000068",
+    "c3a96c6c6f0900000000000000742e6172725f693634090000000b00000003000000000000000100000000000000feff",
+    "ffffffffffff03000000000000000a00000000000000742e6172725f626f6f6c09000000070000000200000000000000",
+    "01000800000000000000742e6e6573746564090000000900000002000000000000000500000002000000000000000100",
+    "000002000000050000000100000000000000030000000100000000000000610200000003000000000000000200000000",
+    "000000000000000000000000000000010000000000000062010000000300000000000000010000004000000000000000",
+    "010000000000000063010000000500000000000000000000008000000000000000000000000000000000000000000000",
+    "00000000000000000000000000000000000000000000803f0000004000004040000080400000a0400000000000000000",
+    "0000000000000000000000000000000000000000000000000000000000000000003e00c1004400000000000000000000",
+    "000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000",
+    "000000000000003f0000803f0000c03f0000004000000000000000000000000000000000000000000000000000000000",
+    "00000000000000000000000000000000",
+);
+
+#[test]
+fn reads_files_written_by_gguf_py() {
+    use tuna::model::gguf::GgufValue as V;
+    let f = GgufFile::from_bytes(hex_bytes(GGUF_PY_WRITTEN), "pywritten.gguf").unwrap();
+    assert_eq!(f.version, 3);
+    assert_eq!(f.alignment, 64);
+    assert_eq!(f.data_offset, 640);
+    let m = |k: &str| f.get(k).unwrap_or_else(|| panic!("{k}")).clone();
+    assert_eq!(m("general.architecture"), V::String("llama".into()));
+    assert_eq!(m("t.u8"), V::U8(200));
+    assert_eq!(m("t.i8"), V::I8(-100));
+    assert_eq!(m("t.u16"), V::U16(60000));
+    assert_eq!(m("t.i16"), V::I16(-30000));
+    assert_eq!(m("t.i32"), V::I32(-2_000_000_000));
+    assert_eq!(m("t.u64"), V::U64((1u64 << 63) + 5));
+    assert_eq!(m("t.i64"), V::I64(-(1i64 << 62)));
+    assert_eq!(m("t.f64"), V::F64(std::f64::consts::PI));
+    assert_eq!(m("t.f32"), V::F32(0.1));
+    assert_eq!(m("t.bool"), V::Bool(true));
+    assert_eq!(m("t.str"), V::String("h\u{e9}llo".into()));
+    assert_eq!(
+        m("t.arr_i64"),
+        V::Array(vec![V::I64(1), V::I64(-2), V::I64(3)])
+    );
+    assert_eq!(
+        m("t.arr_bool"),
+        V::Array(vec![V::Bool(true), V::Bool(false)])
+    );
+    assert_eq!(
+        m("t.nested"),
+        V::Array(vec![
+            V::Array(vec![V::I32(1), V::I32(2)]),
+            V::Array(vec![V::I32(3)])
+        ])
+    );
+    let names: Vec<&str> = f.tensors.iter().map(|t| t.name.as_str()).collect();
+    assert_eq!(names, ["a", "b", "c"]);
+    let a = f.tensor("a").unwrap();
+    assert_eq!(a.dims, vec![3, 2]);
+    assert_eq!(a.hf_shape(), vec![2, 3]);
+    assert_eq!(f.dequantize_tensor(a).unwrap(), arange(6, 0.0));
+    let b = f.tensor("b").unwrap();
+    assert_eq!(b.ggml_type, GgmlType::F16);
+    assert_eq!(f.dequantize_tensor(b).unwrap(), vec![1.5, -2.5, 4.0]);
+    let c = f.tensor("c").unwrap();
+    assert_eq!(
+        f.dequantize_tensor(c).unwrap(),
+        vec![0.0, 0.5, 1.0, 1.5, 2.0]
+    );
+}
