@@ -1890,3 +1890,32 @@ fn reads_files_written_by_gguf_py() {
         vec![0.0, 0.5, 1.0, 1.5, 2.0]
     );
 }
+
+#[test]
+fn header_only_reads_give_tokenizer_and_config() {
+    let path = smollm2_path();
+    let t = Instant::now();
+    let tok = gguf::load_gguf_tokenizer(path).unwrap();
+    let cfg = gguf::load_gguf_config(path).unwrap();
+    eprintln!("header-only tokenizer + config: {:.2?}", t.elapsed());
+    check_tokenizer_against_reference(&tok);
+    assert_eq!(cfg["num_hidden_layers"], 30);
+    let f = GgufFile::open_metadata(path).unwrap();
+    assert_eq!(f.tensors.len(), 272);
+    let info = f.tensor("output_norm.weight").unwrap().clone();
+    let msg = f.dequantize_tensor(&info).unwrap_err().to_string();
+    assert!(msg.contains("metadata only"), "{msg}");
+    // Small files are read whole and stay fully usable.
+    let small = write_temp("small.gguf", &synthetic("llama").build());
+    let f = GgufFile::open_metadata(&small).unwrap();
+    let info = f.tensor("output_norm.weight").unwrap().clone();
+    assert_eq!(f.dequantize_tensor(&info).unwrap(), arange(8, 3.0));
+    // Truncated data is still reported against the real file length.
+    let good = synthetic("llama").build();
+    let cut = write_temp("cut.gguf", &good[..good.len() - 8]);
+    let msg = GgufFile::open_metadata(&cut).unwrap_err().to_string();
+    assert!(
+        msg.contains("cut.gguf") && msg.contains("truncated"),
+        "{msg}"
+    );
+}

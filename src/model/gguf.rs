@@ -335,7 +335,11 @@ pub struct GgufFile {
     pub alignment: u64,
     /// Absolute file offset of the tensor data section.
     pub data_offset: u64,
+    /// The file's bytes: all of them, or only a prefix holding the header when opened with
+    /// [`GgufFile::open_metadata`].
     bytes: Vec<u8>,
+    /// Whether `bytes` is the whole file (tensor data readable).
+    complete: bool,
 }
 
 impl fmt::Debug for GgufFile {
@@ -482,7 +486,8 @@ impl GgufFile {
     /// Parses an in-memory GGUF image; `path` is only used in error messages.
     pub fn from_bytes(bytes: Vec<u8>, path: impl AsRef<Path>) -> Result<GgufFile, GgufError> {
         let path = path.as_ref().to_path_buf();
-        match parse(&bytes) {
+        let len = bytes.len() as u64;
+        match parse(&bytes, len) {
             Ok((version, metadata, tensors, alignment, data_offset)) => Ok(GgufFile {
                 path,
                 version,
@@ -491,8 +496,48 @@ impl GgufFile {
                 alignment,
                 data_offset,
                 bytes,
+                complete: true,
             }),
             Err(kind) => Err(GgufError { path, kind }),
+        }
+    }
+
+    /// Reads only the header (metadata and tensor infos), not the tensor data: enough for
+    /// [`gguf_config`] and [`gguf_tokenizer`]; dequantizing tensors then fails.
+    pub fn open_metadata(path: impl AsRef<Path>) -> Result<GgufFile, GgufError> {
+        use std::io::Read;
+        let path = path.as_ref().to_path_buf();
+        let io = |e: std::io::Error| GgufError {
+            path: path.clone(),
+            kind: GgufErrorKind::Io(e),
+        };
+        let mut file = std::fs::File::open(&path).map_err(io)?;
+        let file_len = file.metadata().map_err(io)?.len();
+        let mut buf: Vec<u8> = Vec::new();
+        let mut want = file_len.min(4 << 20);
+        loop {
+            let have = buf.len();
+            buf.resize(want as usize, 0);
+            file.read_exact(&mut buf[have..]).map_err(io)?;
+            match parse(&buf, file_len) {
+                Ok((version, metadata, tensors, alignment, data_offset)) => {
+                    let complete = buf.len() as u64 == file_len;
+                    return Ok(GgufFile {
+                        path,
+                        version,
+                        metadata,
+                        tensors,
+                        alignment,
+                        data_offset,
+                        bytes: buf,
+                        complete,
+                    });
+                }
+                Err(GgufErrorKind::Truncated { .. }) if (buf.len() as u64) < file_len => {
+                    want = want.saturating_mul(4).min(file_len);
+                }
+                Err(kind) => return Err(GgufError { path, kind }),
+            }
         }
     }
 
@@ -527,6 +572,12 @@ impl GgufFile {
 
     /// The raw bytes of a tensor.
     pub fn tensor_bytes(&self, info: &GgufTensorInfo) -> Result<&[u8], GgufError> {
+        if !self.complete {
+            return Err(self.err(GgufErrorKind::Other(format!(
+                "tensor `{}`: the file was opened for its metadata only (GgufFile::open_metadata)",
+                info.name
+            ))));
+        }
         let n = info.n_bytes().ok_or_else(|| {
             self.err(GgufErrorKind::UnsupportedType {
                 tensor: info.name.clone(),
@@ -635,7 +686,9 @@ type Parsed = (
     u64,
 );
 
-fn parse(buf: &[u8]) -> KResult<Parsed> {
+/// Parses the header in `buf` (the whole file, or a prefix of a file of `file_len` bytes);
+/// tensor data ranges are checked against `file_len`.
+fn parse(buf: &[u8], file_len: u64) -> KResult<Parsed> {
     let mut r = Reader { buf, pos: 0 };
     if buf.len() < 4 {
         return Err(GgufErrorKind::Truncated {
@@ -744,7 +797,7 @@ fn parse(buf: &[u8]) -> KResult<Parsed> {
     }
     let pos = r.pos as u64;
     let data_offset = pos.div_ceil(alignment) * alignment;
-    let len = buf.len() as u64;
+    let len = file_len;
     for t in &tensors {
         if let Some(nb) = t.n_bytes() {
             let end = data_offset
@@ -1709,4 +1762,17 @@ pub fn load_gguf(path: impl AsRef<Path>) -> anyhow::Result<GgufModel> {
         tokenizer,
         architecture,
     })
+}
+
+/// The tokenizer of a GGUF file, reading only its header.
+pub fn load_gguf_tokenizer(path: impl AsRef<Path>) -> anyhow::Result<Tokenizer> {
+    let file = GgufFile::open_metadata(path)?;
+    gguf_tokenizer(&file)
+}
+
+/// The HF-style config of a GGUF file, reading only its header (and, for llama3 rope scaling,
+/// failing clearly: that needs the `rope_freqs` tensor, so use [`load_gguf`] then).
+pub fn load_gguf_config(path: impl AsRef<Path>) -> anyhow::Result<Value> {
+    let file = GgufFile::open_metadata(path)?;
+    Ok(gguf_config(&file)?)
 }
