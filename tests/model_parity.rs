@@ -385,3 +385,75 @@ fn generation_stops_and_streams() {
     assert_eq!(sampled(3), sampled(3));
     assert_eq!(sampled(3).len(), 8);
 }
+
+/// A sharded checkpoint (`model.safetensors.index.json`) with F16/BF16 shards loads to the same
+/// weights, rounded as those dtypes round.
+#[test]
+fn sharded_half_precision_checkpoint_loads() {
+    use safetensors::Dtype;
+    use safetensors::tensor::TensorView;
+    let src = reference_dir().join("tiny-qwen2");
+    let weights = load_safetensors_dir(&src).unwrap();
+    let out = std::env::temp_dir().join(format!("tuna-sharded-{}", std::process::id()));
+    std::fs::create_dir_all(&out).unwrap();
+    std::fs::copy(src.join("config.json"), out.join("config.json")).unwrap();
+    let names: Vec<&String> = weights.keys().collect();
+    let mut map = serde_json::Map::new();
+    let shards = [
+        ("model-00001-of-00002.safetensors", Dtype::F16),
+        ("model-00002-of-00002.safetensors", Dtype::BF16),
+    ];
+    for (k, (file, dtype)) in shards.iter().enumerate() {
+        let mine: Vec<&&String> = names
+            .iter()
+            .filter(|n| names.iter().position(|m| m == *n).unwrap() % 2 == k)
+            .collect();
+        let bufs: Vec<(String, Vec<usize>, Vec<u8>)> = mine
+            .iter()
+            .map(|n| {
+                let t = &weights[n.as_str()];
+                let bytes = t
+                    .data
+                    .iter()
+                    .flat_map(|&x| match dtype {
+                        Dtype::F16 => half::f16::from_f32(x).to_le_bytes(),
+                        _ => half::bf16::from_f32(x).to_le_bytes(),
+                    })
+                    .collect();
+                map.insert(n.to_string(), serde_json::json!(file));
+                (n.to_string(), t.shape.clone(), bytes)
+            })
+            .collect();
+        let views: Vec<(String, TensorView)> = bufs
+            .iter()
+            .map(|(n, s, b)| (n.clone(), TensorView::new(*dtype, s.clone(), b).unwrap()))
+            .collect();
+        safetensors::serialize_to_file(views, None, &out.join(file)).unwrap();
+    }
+    let index = serde_json::json!({"metadata": {}, "weight_map": map});
+    std::fs::write(out.join("model.safetensors.index.json"), index.to_string()).unwrap();
+
+    let loaded = load_safetensors_dir(&out).unwrap();
+    assert_eq!(loaded.len(), weights.len());
+    for (i, n) in names.iter().enumerate() {
+        let want: Vec<f32> = weights[n.as_str()]
+            .data
+            .iter()
+            .map(|&x| {
+                if i % 2 == 0 {
+                    half::f16::from_f32(x).to_f32()
+                } else {
+                    half::bf16::from_f32(x).to_f32()
+                }
+            })
+            .collect();
+        assert_eq!(loaded[n.as_str()].data, want, "{n}");
+    }
+    let model = load_model(&out, &Device::flex(), DType::F32).unwrap();
+    let logits = model
+        .forward(model.ids_tensor(&[1, 2, 3], 1), None)
+        .try_into_vec_as::<f32>()
+        .unwrap();
+    assert!(logits.iter().all(|x| x.is_finite()));
+    std::fs::remove_dir_all(&out).ok();
+}
