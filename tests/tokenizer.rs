@@ -135,6 +135,20 @@ fn template_from_tokenizer_config_string_or_list_and_eos_lists() {
         .unwrap();
     assert_eq!(out, "<|im_start|>user: hi\n");
 
+    // Without token strings in tokenizer_config.json, the ids of generation_config.json name them.
+    let dir = folder_with(&[
+        ("tokenizer_config.json", "{}"),
+        (
+            "generation_config.json",
+            r#"{"bos_token_id": 1, "eos_token_id": [2, 0]}"#,
+        ),
+    ]);
+    let tok = Tokenizer::from_folder(&dir).unwrap();
+    assert_eq!(tok.bos_token(), Some("<|im_start|>"));
+    assert_eq!(tok.bos_token_id(), Some(1));
+    assert_eq!(tok.eos_token(), Some("<|im_end|>"));
+    assert_eq!(tok.eos_token_ids(), vec![2, 0]);
+
     let cfg = json!({"eos_token": "<|im_end|>", "chat_template": "[{{ messages[0].content }}]"});
     let dir = folder_with(&[("tokenizer_config.json", &cfg.to_string())]);
     let tok = Tokenizer::from_folder(&dir).unwrap();

@@ -137,9 +137,17 @@ impl Tokenizer {
                 extra.push(id);
             }
         }
+        // Token strings from tokenizer_config.json, else from the ids in
+        // generation_config.json / config.json.
+        let from_ids = |key: &str| {
+            id_list(gen_cfg.get(key))
+                .into_iter()
+                .chain(id_list(model_cfg.get(key)))
+                .find_map(|id| inner.id_to_token(id))
+        };
         let special = SpecialTokens {
-            bos_token: token_string(cfg.get("bos_token")),
-            eos_token: token_string(cfg.get("eos_token")),
+            bos_token: token_string(cfg.get("bos_token")).or_else(|| from_ids("bos_token_id")),
+            eos_token: token_string(cfg.get("eos_token")).or_else(|| from_ids("eos_token_id")),
             pad_token: token_string(cfg.get("pad_token")),
             unk_token: token_string(cfg.get("unk_token")),
             add_bos_token: cfg
