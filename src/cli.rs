@@ -37,6 +37,79 @@ pub enum Command {
         #[arg(long = "set", value_name = "KEY=VALUE")]
         sets: Vec<String>,
     },
+    /// Train one run: an experiment without a grid, or a run folder's `config.yaml`.
+    Train {
+        spec: PathBuf,
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        sets: Vec<String>,
+    },
+    /// Test loss and perplexity of a model (with an optional adapter) on a data folder.
+    Eval {
+        #[arg(long)]
+        model: String,
+        /// A PEFT adapter folder (a run's `adapter/`).
+        #[arg(long)]
+        adapter: Option<PathBuf>,
+        /// Folder with test.jsonl (or the split named by --split).
+        #[arg(long)]
+        data: PathBuf,
+        #[arg(long, default_value = "test")]
+        split: String,
+        #[arg(long, default_value_t = 4)]
+        batch_size: usize,
+        #[arg(long, default_value_t = 2048)]
+        max_seq_length: usize,
+        /// Loss on the answers only.
+        #[arg(long)]
+        mask_prompt: bool,
+        #[arg(long, default_value = "auto")]
+        device: String,
+    },
+    /// Generate text, streaming it to stdout.
+    Generate {
+        #[arg(long)]
+        model: String,
+        #[arg(long)]
+        adapter: Option<PathBuf>,
+        #[arg(long)]
+        prompt: String,
+        /// Send the prompt as is, without the chat template.
+        #[arg(long)]
+        raw: bool,
+        #[arg(long)]
+        system: Option<String>,
+        #[arg(long, default_value_t = 256)]
+        max_tokens: usize,
+        /// 0 = greedy.
+        #[arg(long, default_value_t = 0.0)]
+        temp: f32,
+        #[arg(long, default_value_t = 1.0)]
+        top_p: f32,
+        #[arg(long, default_value_t = 0)]
+        top_k: usize,
+        #[arg(long, default_value_t = 0.0)]
+        min_p: f32,
+        #[arg(long, default_value_t = 1.0)]
+        repetition_penalty: f32,
+        /// Stop when the output contains this (repeatable).
+        #[arg(long)]
+        stop: Vec<String>,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[arg(long, default_value = "auto")]
+        device: String,
+    },
+    /// Merge an adapter into the base weights and write a Hugging Face folder (f32).
+    Fuse {
+        #[arg(long)]
+        model: String,
+        #[arg(long)]
+        adapter: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Convert a GGUF file into a Hugging Face folder (dequantized to f32).
+    Convert { gguf: PathBuf, out: PathBuf },
     /// Prepare training data.
     Data {
         #[command(subcommand)]
@@ -121,46 +194,160 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             print!("{}", executor::plan_table(&exp, &runs));
             Ok(ExitCode::SUCCESS)
         }
+        Command::Train { spec, sets } => {
+            let exp = config::load_experiment(&spec, &sets)?;
+            let runs = config::expand(&exp)?;
+            if runs.len() != 1 {
+                anyhow::bail!(
+                    "{} expands to {} runs; `tuna train` trains one (use `tuna sweep {}`)",
+                    spec.display(),
+                    runs.len(),
+                    spec.display()
+                );
+            }
+            sweep_runs(&exp, &runs)
+        }
+        Command::Eval {
+            model,
+            adapter,
+            data,
+            split,
+            batch_size,
+            max_seq_length,
+            mask_prompt,
+            device,
+        } => {
+            let base = crate::model::base::load_base(&model)?;
+            let sel = crate::train::trainer::device_for(&device, "auto")?;
+            let mut m = crate::model::load::build_model(
+                &base.config,
+                &base.weights,
+                &sel.device,
+                sel.dtype,
+            )?;
+            if let Some(a) = &adapter {
+                crate::model::lora::load_peft_adapter(&mut m, a)?;
+            }
+            let file = data.join(format!("{split}.jsonl"));
+            let split = crate::data::dataset::tokenize_split(
+                &file,
+                &base.tokenizer,
+                max_seq_length,
+                mask_prompt,
+            )?;
+            let pad = base
+                .tokenizer
+                .pad_token_id()
+                .or(base.tokenizer.eos_token_id())
+                .unwrap_or(0);
+            let loss = crate::train::trainer::split_loss(&m, &split, batch_size, pad, -1)?;
+            println!(
+                "{}: loss {loss:.4}, perplexity {:.3} ({} examples)",
+                file.display(),
+                loss.exp(),
+                split.examples.len()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Generate {
+            model,
+            adapter,
+            prompt,
+            raw,
+            system,
+            max_tokens,
+            temp,
+            top_p,
+            top_k,
+            min_p,
+            repetition_penalty,
+            stop,
+            seed,
+            device,
+        } => {
+            let sampling = crate::generate::SamplingConfig {
+                temperature: temp,
+                top_p,
+                top_k,
+                min_p,
+                repetition_penalty,
+                repetition_context: None,
+                seed,
+            };
+            let args = crate::generate::cli::GenerateArgs {
+                model,
+                adapter,
+                prompt,
+                raw,
+                system,
+                max_tokens,
+                sampling,
+                stop,
+                device,
+            };
+            crate::generate::cli::run(&args)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Fuse {
+            model,
+            adapter,
+            out,
+        } => {
+            let base = crate::model::base::load_base(&model)?;
+            crate::model::fuse::fuse(&base, &adapter, &out)?;
+            if base.dequantized {
+                eprintln!(
+                    "note: the base model was quantized (GGUF); it was dequantized and the fused weights are f32"
+                );
+            }
+            eprintln!("wrote {}", out.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Convert { gguf, out } => {
+            crate::model::convert::convert_gguf_to_hf(&gguf, &out)?;
+            eprintln!("wrote {}", out.display());
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Sweep { experiment, sets } => {
             let exp = config::load_experiment(&experiment, &sets)?;
             let runs = config::expand(&exp)?;
-            let Some(trainer) = crate::train::default_trainer() else {
-                eprintln!(
-                    "error: no trainer is available in this build yet; `tuna plan {}` shows the {} planned run(s)",
-                    experiment.display(),
-                    runs.len()
-                );
-                return Ok(ExitCode::from(2));
-            };
-            let cancel = install_ctrl_c();
-            let outcome = sweep::run_sweep(&exp, &runs, trainer.as_ref(), &cancel, |line| {
-                eprintln!("{line}")
-            })?;
-            eprintln!(
-                "{}: {} done, {} skipped (already done), {} failed{}; leaderboard: {}",
-                exp.name,
-                outcome.done.len(),
-                outcome.skipped.len(),
-                outcome.failed.len(),
-                if outcome.interrupted {
-                    ", interrupted"
-                } else {
-                    ""
-                },
-                executor::leaderboard_of(&executor::output_dir(&exp.base))
-                    .path
-                    .display()
-            );
-            for (id, msg) in &outcome.failed {
-                eprintln!("  failed {id}: {msg}");
-            }
-            Ok(if outcome.failed.is_empty() && !outcome.interrupted {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::from(1)
-            })
+            sweep_runs(&exp, &runs)
         }
     }
+}
+
+/// Runs planned runs with the real trainer and prints the outcome.
+fn sweep_runs(exp: &config::Experiment, runs: &[config::RunPlan]) -> anyhow::Result<ExitCode> {
+    let Some(trainer) = crate::train::default_trainer() else {
+        anyhow::bail!("no trainer is available in this build");
+    };
+    let cancel = install_ctrl_c();
+    let outcome = sweep::run_sweep(exp, runs, trainer.as_ref(), &cancel, |line| {
+        eprintln!("{line}")
+    })?;
+    eprintln!(
+        "{}: {} done, {} skipped (already done), {} failed{}; leaderboard: {}",
+        exp.name,
+        outcome.done.len(),
+        outcome.skipped.len(),
+        outcome.failed.len(),
+        if outcome.interrupted {
+            ", interrupted"
+        } else {
+            ""
+        },
+        executor::leaderboard_of(&executor::output_dir(&exp.base))
+            .path
+            .display()
+    );
+    for (id, msg) in &outcome.failed {
+        eprintln!("  failed {id}: {msg}");
+    }
+    Ok(if outcome.failed.is_empty() && !outcome.interrupted {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }
 
 /// The first Ctrl-C asks the current run to checkpoint and stop; a second one exits at once.

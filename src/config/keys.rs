@@ -36,6 +36,8 @@ pub enum Kind {
     Choice(&'static [&'static str]),
     /// A non-empty list of the listed words.
     Words(&'static [&'static str]),
+    /// A list of strings (may be empty).
+    Strings,
     /// A learning-rate schedule string (see `schedule.rs`).
     Schedule,
 }
@@ -279,6 +281,36 @@ pub static CATALOG: &[KeyInfo] = &[
         "Test batches; -1 = the whole split."
     ),
     k!(
+        "eval.generate",
+        Kind::Int { min: 0 },
+        0,
+        "After training, answer the first N test examples (greedy); the base model answers them once per experiment."
+    ),
+    k!(
+        "eval.prompts",
+        Kind::Strings,
+        [(); 0],
+        "Extra prompts to answer after training (chat template applied)."
+    ),
+    k!(
+        "eval.max_tokens",
+        Kind::Int { min: 1 },
+        64,
+        "Longest answer generated."
+    ),
+    k!(
+        "eval.metric",
+        Kind::Choice(&["none", "exact_match", "contains", "regex"]),
+        "none",
+        "Score answers against the test references; becomes the `task_score` column."
+    ),
+    k!(
+        "eval.regex",
+        Kind::Str,
+        "",
+        "For `eval.metric: regex`: a pattern whose first group is compared with the reference."
+    ),
+    k!(
         "output.dir",
         Kind::Path,
         "results",
@@ -442,6 +474,12 @@ pub fn check_value(info: &KeyInfo, node: &Node) -> Result<J, String> {
             }
             Ok(J::Array(out))
         }
+        (Kind::Strings, Value::Seq(items))
+            if items.iter().all(|i| matches!(i.value, Value::Str(_))) =>
+        {
+            Ok(J::Array(items.iter().map(Node::to_json).collect()))
+        }
+        (Kind::Strings, _) => Err(format!("expected a list of strings, {}", got())),
         (Kind::Words(words), _) => Err(format!(
             "expected a non-empty list of {}, {}",
             words.join(", "),

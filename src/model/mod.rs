@@ -4,6 +4,7 @@ pub mod base;
 pub mod config;
 pub mod convert;
 pub mod device;
+pub mod fuse;
 pub mod gguf;
 pub mod llama;
 pub mod load;

@@ -58,6 +58,11 @@ pub struct RunMetrics {
     pub wall_s: Option<f64>,
     pub backend: Option<String>,
     pub device: Option<String>,
+    /// `eval.metric` and the fraction of test answers it scored correct.
+    #[serde(default)]
+    pub task_metric: Option<String>,
+    #[serde(default)]
+    pub task_score: Option<f64>,
 }
 
 impl RunMetrics {
@@ -80,6 +85,8 @@ impl RunMetrics {
             ("tokens_per_s", f(self.tokens_per_s)),
             ("peak_mem_mb", f(self.peak_mem_mb)),
             ("wall_s", f(self.wall_s)),
+            ("task_metric", self.task_metric.clone()),
+            ("task_score", f(self.task_score)),
             ("backend", self.backend.clone()),
             ("device", self.device.clone()),
         ]

@@ -34,6 +34,11 @@ pub struct TrainSettings {
     pub lora: LoraConfig,
     pub test: bool,
     pub test_batches: i64,
+    pub generate: usize,
+    pub prompts: Vec<String>,
+    pub max_tokens: usize,
+    pub metric: String,
+    pub regex: String,
 }
 
 impl TrainSettings {
@@ -82,6 +87,18 @@ impl TrainSettings {
             },
             test: c["eval"]["test"].as_bool().unwrap_or(true),
             test_batches: c["eval"]["test_batches"].as_i64().unwrap_or(-1),
+            generate: u(&c["eval"]["generate"], 0) as usize,
+            prompts: c["eval"]["prompts"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|p| p.as_str().map(String::from))
+                        .collect()
+                })
+                .unwrap_or_default(),
+            max_tokens: u(&c["eval"]["max_tokens"], 64) as usize,
+            metric: c["eval"]["metric"].as_str().unwrap_or("none").to_string(),
+            regex: c["eval"]["regex"].as_str().unwrap_or("").to_string(),
         })
     }
 }

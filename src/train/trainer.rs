@@ -16,6 +16,7 @@ use super::checkpoint::{self, Checkpoint};
 use super::metrics::{MetricsLog, peak_rss_mb};
 use super::settings::TrainSettings;
 use crate::data::dataset::{self, Batch, DataSet, Order, Split, Tokenized};
+use crate::generate::answers::{self, TaskMetric};
 use crate::model::base::{BaseModel, load_base};
 use crate::model::device::{DeviceChoice, SelectedDevice, select_device};
 use crate::model::llama::Llama;
@@ -110,6 +111,32 @@ impl Trainer for LoraTrainer {
             .pad_token_id()
             .or(base.tokenizer.eos_token_id())
             .unwrap_or(0);
+        let metric = TaskMetric::from_spec(&s.metric, &s.regex)?;
+        let questions = answers::questions(
+            data.test.as_ref().map(|t| t.path.as_path()),
+            s.generate,
+            &s.prompts,
+            &base.tokenizer,
+        )?;
+        // Fresh adapters have B = 0, so this model still answers exactly as the base model.
+        let base_file = ctx
+            .dir
+            .path
+            .parent()
+            .map(|p| p.join("base_generations.jsonl"));
+        if let Some(base_file) = base_file.filter(|f| !questions.is_empty() && !f.exists()) {
+            eprintln!(
+                "answering {} prompt(s) with the base model",
+                questions.len()
+            );
+            let mut base_answers =
+                answers::answer(&model, &base.tokenizer, &questions, s.max_tokens)?;
+            if let Some(m) = &metric {
+                let score = m.apply(&mut base_answers);
+                answers::write_score(&base_file.with_file_name("base_metrics.json"), m, score)?;
+            }
+            answers::write(&base_file, &base_answers)?;
+        }
         let run = Run {
             s: &s,
             data: &data,
@@ -118,7 +145,16 @@ impl Trainer for LoraTrainer {
             ctx,
             quiet: self.quiet,
         };
-        run.train(&mut model)
+        let mut metrics = run.train(&mut model)?;
+        if !questions.is_empty() {
+            let mut tuned = answers::answer(&model, &base.tokenizer, &questions, s.max_tokens)?;
+            if let Some(m) = &metric {
+                metrics.task_score = m.apply(&mut tuned);
+                metrics.task_metric = Some(m.name().to_string());
+            }
+            answers::write(&ctx.dir.path.join("generations.jsonl"), &tuned)?;
+        }
+        Ok(metrics)
     }
 }
 
@@ -158,30 +194,10 @@ impl Run<'_> {
     fn evaluate(&self, model: &mut Llama, split: &Split, max_batches: i64) -> Result<f64> {
         lora::set_trainable(model, false);
         model.training = false;
-        let groups = dataset::length_groups(&split.examples, self.s.batch_size);
-        let take = if max_batches < 0 {
-            groups.len()
-        } else {
-            (max_batches as usize).min(groups.len())
-        };
-        let (mut sum, mut count) = (0.0f64, 0usize);
-        for g in &groups[..take] {
-            let exs: Vec<&Tokenized> = g.iter().map(|&i| &split.examples[i]).collect();
-            let b = dataset::collate(&exs, self.pad, SEQ_ROUND);
-            let bl = self.batch_loss(model, &b);
-            let v: f64 = bl.loss.into_scalar::<f32>() as f64;
-            sum += v * bl.targets as f64;
-            count += bl.targets;
-        }
+        let loss = split_loss(model, split, self.s.batch_size, self.pad, max_batches);
         lora::set_trainable(model, true);
         model.training = true;
-        if count == 0 {
-            bail!(
-                "{}: no target tokens to evaluate (are all answers cut by max_seq_length?)",
-                split.path.display()
-            );
-        }
-        Ok(sum / count as f64)
+        loss
     }
 
     fn train(&self, model: &mut Llama) -> Result<RunMetrics> {
@@ -363,8 +379,42 @@ impl Run<'_> {
             wall_s: None,
             backend: Some(self.sel.kind.to_string()),
             device: Some(format!("{:?}", self.sel.device)),
+            task_metric: None,
+            task_score: None,
         })
     }
+}
+
+/// Token-weighted mean loss over up to `max_batches` length-grouped batches of a split
+/// (-1 = all), with the model as it is (call with adapters frozen and `training` off).
+pub fn split_loss(
+    model: &Llama,
+    split: &Split,
+    batch_size: usize,
+    pad: u32,
+    max_batches: i64,
+) -> Result<f64> {
+    let groups = dataset::length_groups(&split.examples, batch_size);
+    let take = if max_batches < 0 {
+        groups.len()
+    } else {
+        (max_batches as usize).min(groups.len())
+    };
+    let (mut sum, mut count) = (0.0f64, 0usize);
+    for g in &groups[..take] {
+        let exs: Vec<&Tokenized> = g.iter().map(|&i| &split.examples[i]).collect();
+        let b = dataset::collate(&exs, pad, SEQ_ROUND);
+        let bl = batch_loss(model, &b);
+        sum += bl.loss.into_scalar::<f32>() as f64 * bl.targets as f64;
+        count += bl.targets;
+    }
+    if count == 0 {
+        bail!(
+            "{}: no target tokens to evaluate (are all answers cut by max_seq_length?)",
+            split.path.display()
+        );
+    }
+    Ok(sum / count as f64)
 }
 
 /// Mean next-token loss over a batch's targets. Only the positions that predict a

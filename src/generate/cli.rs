@@ -1,0 +1,79 @@
+//! `tuna generate`: load a model (and adapter), apply the chat template, stream the answer.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::Result;
+use serde_json::json;
+
+use super::{GenerateConfig, SamplingConfig, generate};
+use crate::model::base::load_base;
+use crate::model::load::build_model;
+use crate::model::lora::load_peft_adapter;
+use crate::train::trainer::device_for;
+
+pub struct GenerateArgs {
+    pub model: String,
+    pub adapter: Option<PathBuf>,
+    pub prompt: String,
+    pub raw: bool,
+    pub system: Option<String>,
+    pub max_tokens: usize,
+    pub sampling: SamplingConfig,
+    pub stop: Vec<String>,
+    pub device: String,
+}
+
+pub fn run(args: &GenerateArgs) -> Result<()> {
+    let base = load_base(&args.model)?;
+    let sel = device_for(&args.device, "auto")?;
+    let mut model = build_model(&base.config, &base.weights, &sel.device, sel.dtype)?;
+    if let Some(a) = &args.adapter {
+        load_peft_adapter(&mut model, a)?;
+    }
+    let tok = &base.tokenizer;
+    let text = if args.raw || tok.chat_template().is_none() {
+        if !args.raw {
+            eprintln!("note: the model has no chat template; sending the prompt as is");
+        }
+        args.prompt.clone()
+    } else {
+        let mut messages = Vec::new();
+        if let Some(s) = &args.system {
+            messages.push(json!({"role": "system", "content": s}));
+        }
+        messages.push(json!({"role": "user", "content": args.prompt}));
+        tok.apply_chat_template(&messages, true, None)?
+    };
+    let ids = tok.try_encode(&text, args.raw && tok.add_bos_token())?;
+    let mut config = GenerateConfig {
+        max_new_tokens: args.max_tokens,
+        sampling: args.sampling.clone(),
+        stop_strings: args.stop.clone(),
+        ..Default::default()
+    }
+    .with_model_eos(&base.config);
+    config.eos_token_ids.extend(tok.eos_token_ids());
+    let decode = |ids: &[u32]| tok.decode(ids, true);
+    let t0 = Instant::now();
+    let mut first: Option<f64> = None;
+    let mut out = std::io::stdout();
+    let g = generate(&model, &ids, &config, Some(&decode), &mut |ev| {
+        first.get_or_insert_with(|| t0.elapsed().as_secs_f64());
+        let _ = write!(out, "{}", ev.text);
+        let _ = out.flush();
+        true
+    })?;
+    println!();
+    let total = t0.elapsed().as_secs_f64();
+    let n = g.tokens.len();
+    let prefill = first.unwrap_or(total);
+    eprintln!(
+        "prompt: {} tokens, {:.1} tok/s; generation: {n} tokens, {:.1} tok/s",
+        ids.len(),
+        ids.len() as f64 / prefill.max(1e-9),
+        n.saturating_sub(1) as f64 / (total - prefill).max(1e-9)
+    );
+    Ok(())
+}
