@@ -1919,3 +1919,17 @@ fn header_only_reads_give_tokenizer_and_config() {
         "{msg}"
     );
 }
+
+#[test]
+fn gguf_configs_parse_with_the_model_config() {
+    // The HF-style configs built from GGUF metadata are what the model side consumes.
+    use tuna::model::config::ModelConfig;
+    let (m, _) = smollm2();
+    let c = ModelConfig::from_json(&m.config, "smollm2").unwrap_or_else(|e| panic!("{e:#}"));
+    assert_eq!(c.hidden_size, 576);
+    for arch in ["llama", "qwen2"] {
+        let path = write_temp(&format!("cfg-{arch}.gguf"), &synthetic(arch).build());
+        let cfg = gguf::load_gguf_config(&path).unwrap();
+        ModelConfig::from_json(&cfg, arch).unwrap_or_else(|e| panic!("{arch}: {e:#}"));
+    }
+}
