@@ -1460,20 +1460,16 @@ fn number_array(file: &GgufFile, key: &str) -> Result<Option<Vec<f64>>, GgufErro
         .map(Some)
 }
 
-/// Byte-pair merges for a SentencePiece BPE vocabulary: every split of a piece into two pieces
-/// that both exist is a merge, ranked by the merged piece's score (higher first).
-fn spm_merges(tokens: &[&str], scores: &[f64], usable: &[bool]) -> Vec<(String, String)> {
-    let index: std::collections::HashMap<&str, usize> = tokens
-        .iter()
-        .enumerate()
-        .filter(|(i, _)| usable[*i])
-        .map(|(i, t)| (*t, i))
-        .collect();
+/// Byte-pair merges for a SentencePiece BPE vocabulary, as transformers derives them: every
+/// split of a piece into two pieces that both exist is a merge, ranked by the merged piece's
+/// score (higher first), ties by the merged piece's id, then by the ids of the two halves.
+fn spm_merges(tokens: &[&str], scores: &[f64]) -> Vec<(String, String)> {
+    let mut index: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+    for (i, t) in tokens.iter().enumerate() {
+        index.entry(t).or_insert(i);
+    }
     let mut merges: Vec<(f64, usize, usize, usize)> = Vec::new();
     for (id, piece) in tokens.iter().enumerate() {
-        if !usable[id] {
-            continue;
-        }
         for (split, _) in piece.char_indices().skip(1) {
             let (l, r) = piece.split_at(split);
             if let (Some(&li), Some(&ri)) = (index.get(l), index.get(r)) {
@@ -1484,6 +1480,7 @@ fn spm_merges(tokens: &[&str], scores: &[f64], usable: &[bool]) -> Vec<(String, 
     merges.sort_by(|a, b| {
         b.0.partial_cmp(&a.0)
             .unwrap_or(std::cmp::Ordering::Equal)
+            .then(a.1.cmp(&b.1))
             .then(a.2.cmp(&b.2))
             .then(a.3.cmp(&b.3))
     });
@@ -1627,11 +1624,7 @@ pub fn gguf_tokenizer_json(file: &GgufFile) -> Result<Value, GgufError> {
                 }
                 None => (0..tokens.len()).map(|i| -(i as f64)).collect(),
             };
-            let usable: Vec<bool> = types
-                .iter()
-                .map(|&t| t == token_type::NORMAL || t == token_type::USER_DEFINED)
-                .collect();
-            let merges: Vec<Value> = spm_merges(&tokens, &scores, &usable)
+            let merges: Vec<Value> = spm_merges(&tokens, &scores)
                 .into_iter()
                 .map(|(a, b)| json!([a, b]))
                 .collect();
