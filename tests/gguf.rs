@@ -3,7 +3,11 @@
 //! sources and GGUF -> HF conversion.
 
 // Index loops mirror the format definitions element by element.
-#![allow(clippy::needless_range_loop, clippy::manual_memcpy)]
+#![allow(
+    clippy::needless_range_loop,
+    clippy::manual_memcpy,
+    clippy::excessive_precision
+)]
 
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;

@@ -935,11 +935,11 @@ pub fn dequant_block_q3_k(b: &[u8], out: &mut [f32]) {
             for half in 0..2 {
                 let dl = d * scales[8 * h + 2 * k + half] as f32;
                 let o = &mut out[128 * h + 32 * k + 16 * half..][..16];
-                for l in 0..16 {
+                for (l, y) in o.iter_mut().enumerate() {
                     let idx = 16 * half + l;
                     let lo = ((q[idx] >> shift) & 3) as i32;
                     let sub = if hmask[idx] & m != 0 { 0 } else { 4 };
-                    o[l] = dl * (lo - sub) as f32;
+                    *y = dl * (lo - sub) as f32;
                 }
             }
         }
