@@ -110,6 +110,22 @@ pub enum Command {
     },
     /// Convert a GGUF file into a Hugging Face folder (dequantized to f32).
     Convert { gguf: PathBuf, out: PathBuf },
+    /// Compare runs: write report.md and a self-contained report.html (leaderboard by setting,
+    /// effects, A/B with Welch's t-test, loss curves, base-vs-tuned answers, what is missing).
+    Report {
+        /// Experiment folders (results/<experiment>), an output folder, or leaderboard CSV files.
+        #[arg(required = true)]
+        inputs: Vec<PathBuf>,
+        /// Where to write (default: the experiment folder; for several, the first one's parent).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Metric to rank by (task_score and tokens_per_s: higher is better; others lower).
+        #[arg(long, default_value = "best_val_loss")]
+        metric: String,
+        /// A/B comparison: `KEY=A,B` (e.g. lora.rank=4,8) or `RUNID,RUNID`.
+        #[arg(long)]
+        compare: Option<String>,
+    },
     /// Prepare training data.
     Data {
         #[command(subcommand)]
@@ -306,6 +322,21 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Convert { gguf, out } => {
             crate::model::convert::convert_gguf_to_hf(&gguf, &out)?;
             eprintln!("wrote {}", out.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Report {
+            inputs,
+            out,
+            metric,
+            compare,
+        } => {
+            let o = crate::report::run(&crate::report::Options {
+                inputs,
+                out,
+                metric,
+                compare,
+            })?;
+            print!("{}", o.summary);
             Ok(ExitCode::SUCCESS)
         }
         Command::Sweep { experiment, sets } => {

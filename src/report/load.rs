@@ -1,0 +1,410 @@
+//! Reads what sweeps left on disk: the leaderboard, and each run folder's status, summary
+//! metrics, metrics log and generations. Everything except the inputs themselves is optional;
+//! what is absent is recorded so the report can say so.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use serde::Deserialize;
+use serde_json::Value as J;
+
+use crate::sweep::Leaderboard;
+
+/// Numeric metrics, in table order.
+pub const METRICS: &[&str] = &[
+    "best_val_loss",
+    "final_val_loss",
+    "final_train_loss",
+    "test_loss",
+    "test_ppl",
+    "task_score",
+    "tokens_per_s",
+    "peak_mem_mb",
+    "wall_s",
+];
+
+/// Whether a larger value of `metric` is better.
+pub fn higher_is_better(metric: &str) -> bool {
+    matches!(metric, "task_score" | "tokens_per_s")
+}
+
+/// One generated answer (`generations.jsonl` / `base_generations.jsonl`).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct Generation {
+    pub prompt: String,
+    #[serde(default)]
+    pub reference: Option<String>,
+    #[serde(default)]
+    pub output: String,
+    #[serde(default)]
+    pub seconds: Option<f64>,
+    #[serde(default)]
+    pub tokens: Option<f64>,
+    #[serde(default)]
+    pub correct: Option<bool>,
+}
+
+/// A run as found on disk.
+#[derive(Debug, Clone, Default)]
+pub struct Run {
+    pub experiment: String,
+    pub run_id: String,
+    pub dir: PathBuf,
+    /// `done`, `failed`, `running`, `pending`, `interrupted`, or `unknown`.
+    pub state: String,
+    pub error: Option<String>,
+    /// One cell per key of [`Results::keys`] ("" where the run's experiment does not vary it).
+    pub values: Vec<String>,
+    pub seed: Option<i64>,
+    pub metrics: BTreeMap<String, f64>,
+    pub task_metric: Option<String>,
+    /// (step, loss) from `metrics.jsonl`.
+    pub train_curve: Vec<(f64, f64)>,
+    pub val_curve: Vec<(f64, f64)>,
+    pub has_log: bool,
+    pub generations: Option<Vec<Generation>>,
+}
+
+impl Run {
+    pub fn done(&self) -> bool {
+        self.state == "done"
+    }
+}
+
+/// An experiment folder.
+#[derive(Debug, Clone, Default)]
+pub struct Experiment {
+    pub name: String,
+    pub dir: PathBuf,
+    pub base_generations: Option<Vec<Generation>>,
+    /// (`task_metric`, `task_score`) from `base_metrics.json`.
+    pub base_task: Option<(String, Option<f64>)>,
+}
+
+/// Everything a report is made from.
+#[derive(Debug, Clone, Default)]
+pub struct Results {
+    /// Varied keys (every leaderboard column between `status` and `seed`), in column order.
+    pub keys: Vec<String>,
+    pub experiments: Vec<Experiment>,
+    pub runs: Vec<Run>,
+    /// Where the inputs said reports should go when `--out` is not given.
+    pub default_out: PathBuf,
+    /// Problems met while reading (unreadable files and the like).
+    pub notes: Vec<String>,
+}
+
+/// Reads experiment folders (`results/<experiment>`) or leaderboard CSV files.
+pub fn load(inputs: &[PathBuf]) -> Result<Results> {
+    if inputs.is_empty() {
+        bail!("give an experiment folder (results/<experiment>) or a leaderboard CSV");
+    }
+    let mut res = Results::default();
+    // (experiment name, experiment folder, leaderboard rows for it)
+    let mut wanted: Vec<(String, PathBuf, Vec<BTreeMap<String, String>>)> = Vec::new();
+    for (i, input) in inputs.iter().enumerate() {
+        if !input.exists() {
+            bail!(
+                "{} does not exist; give an experiment folder such as results/<experiment>, or a leaderboard.csv",
+                input.display()
+            );
+        }
+        let (csv, out, only): (PathBuf, PathBuf, Option<String>) = if input.is_file() {
+            let out = parent(input);
+            (input.clone(), out, None)
+        } else if input.join("leaderboard.csv").is_file() {
+            // The output folder itself: every experiment in its leaderboard.
+            (input.join("leaderboard.csv"), input.clone(), None)
+        } else {
+            let name = input
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let out = parent(input);
+            (out.join("leaderboard.csv"), out, Some(name))
+        };
+        if i == 0 {
+            res.default_out = match &only {
+                Some(_) if inputs.len() == 1 => input.clone(),
+                _ => out.clone(),
+            };
+        }
+        let table = if csv.is_file() {
+            Leaderboard::new(&csv).read()?
+        } else {
+            res.notes.push(format!(
+                "no leaderboard at {}: runs were read from their folders only",
+                csv.display()
+            ));
+            Default::default()
+        };
+        let mut header_keys: Vec<String> = Vec::new();
+        if let (Some(s), Some(e)) = (
+            table.header.iter().position(|h| h == "status"),
+            table.header.iter().position(|h| h == "seed"),
+        ) {
+            header_keys = table.header[s + 1..e].to_vec();
+        }
+        let mut names: Vec<String> = match &only {
+            Some(n) => vec![n.clone()],
+            None => {
+                let mut v: Vec<String> = Vec::new();
+                for r in &table.rows {
+                    if let Some(e) = r.get("experiment") {
+                        if !v.contains(e) {
+                            v.push(e.clone());
+                        }
+                    }
+                }
+                v
+            }
+        };
+        names.retain(|n| !wanted.iter().any(|(w, _, _)| w == n));
+        for name in names {
+            let rows: Vec<_> = table
+                .rows
+                .iter()
+                .filter(|r| r.get("experiment") == Some(&name))
+                .cloned()
+                .collect();
+            // Only keys this experiment actually fills count as its varied keys.
+            for k in &header_keys {
+                if rows.iter().any(|r| r.get(k).is_some_and(|c| !c.is_empty()))
+                    && !res.keys.contains(k)
+                {
+                    res.keys.push(k.clone());
+                }
+            }
+            wanted.push((name.clone(), out.join(&name), rows));
+        }
+    }
+
+    for (name, dir, rows) in wanted {
+        let mut exp = Experiment {
+            name: name.clone(),
+            dir: dir.clone(),
+            ..Default::default()
+        };
+        let base = dir.join("base_generations.jsonl");
+        if base.is_file() {
+            match read_generations(&base) {
+                Ok(g) => exp.base_generations = Some(g),
+                Err(e) => res.notes.push(format!("{e:#}")),
+            }
+        }
+        if let Some(j) = read_json(&dir.join("base_metrics.json"), &mut res.notes) {
+            exp.base_task = Some((
+                j["task_metric"].as_str().unwrap_or("task").to_string(),
+                j["task_score"].as_f64(),
+            ));
+        }
+        let mut seen = BTreeSet::new();
+        for row in &rows {
+            let id = row.get("run_id").cloned().unwrap_or_default();
+            seen.insert(id.clone());
+            let mut run = Run {
+                experiment: name.clone(),
+                dir: dir.join(&id),
+                run_id: id,
+                state: row
+                    .get("status")
+                    .filter(|s| !s.is_empty())
+                    .cloned()
+                    .unwrap_or_else(|| "unknown".into()),
+                seed: row.get("seed").and_then(|s| s.parse().ok()),
+                ..Default::default()
+            };
+            for m in METRICS {
+                if let Some(v) = row.get(*m).and_then(|c| c.trim().parse::<f64>().ok()) {
+                    if v.is_finite() {
+                        run.metrics.insert(m.to_string(), v);
+                    }
+                }
+            }
+            run.task_metric = row.get("task_metric").filter(|s| !s.is_empty()).cloned();
+            run.values = res
+                .keys
+                .iter()
+                .map(|k| row.get(k).cloned().unwrap_or_default())
+                .collect();
+            read_folder(&mut run, &mut res.notes);
+            res.runs.push(run);
+        }
+        // Run folders the leaderboard does not list (e.g. no leaderboard at all).
+        let mut extra: Vec<(Run, J)> = Vec::new();
+        if let Ok(entries) = std::fs::read_dir(&dir) {
+            let mut paths: Vec<PathBuf> =
+                entries.filter_map(|e| e.ok()).map(|e| e.path()).collect();
+            paths.sort();
+            for p in paths {
+                let id = p.file_name().unwrap().to_string_lossy().into_owned();
+                if !p.is_dir()
+                    || seen.contains(&id)
+                    || !(p.join("status.json").exists() || p.join("config.yaml").exists())
+                {
+                    continue;
+                }
+                let config = read_config(&p.join("config.yaml")).unwrap_or(J::Null);
+                let mut run = Run {
+                    experiment: name.clone(),
+                    dir: p.clone(),
+                    run_id: id,
+                    state: "unknown".into(),
+                    seed: crate::config::keys::get_path(&config, "train.seed")
+                        .and_then(|v| v.as_i64()),
+                    ..Default::default()
+                };
+                read_folder(&mut run, &mut res.notes);
+                extra.push((run, config));
+            }
+        }
+        if !extra.is_empty() && rows.is_empty() {
+            // No leaderboard rows: the varied keys are the config keys whose values differ.
+            for k in differing_keys(&extra.iter().map(|(_, c)| c.clone()).collect::<Vec<_>>()) {
+                if !res.keys.contains(&k) {
+                    res.keys.push(k);
+                }
+            }
+        }
+        for (mut run, config) in extra {
+            run.values = res
+                .keys
+                .iter()
+                .map(|k| {
+                    crate::config::keys::get_path(&config, k)
+                        .map(crate::sweep::executor::cell)
+                        .unwrap_or_default()
+                })
+                .collect();
+            res.runs.push(run);
+        }
+        res.experiments.push(exp);
+    }
+    // Keys added late (by a later experiment) leave earlier runs short: pad them.
+    let n = res.keys.len();
+    for r in &mut res.runs {
+        r.values.resize(n, String::new());
+    }
+    Ok(res)
+}
+
+fn parent(p: &Path) -> PathBuf {
+    match p.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
+}
+
+/// Fills a run from its folder: status, metrics.json (for cells the CSV left empty),
+/// metrics.jsonl curves, generations.
+fn read_folder(run: &mut Run, notes: &mut Vec<String>) {
+    if let Some(s) = read_json(&run.dir.join("status.json"), notes) {
+        if let Some(state) = s["state"].as_str() {
+            run.state = state.to_string();
+        }
+        run.error = s["error"].as_str().map(String::from);
+    }
+    if let Some(m) = read_json(&run.dir.join("metrics.json"), notes) {
+        for name in METRICS {
+            if let Some(v) = m[*name].as_f64().filter(|v| v.is_finite()) {
+                run.metrics.entry(name.to_string()).or_insert(v);
+            }
+        }
+        if run.task_metric.is_none() {
+            run.task_metric = m["task_metric"].as_str().map(String::from);
+        }
+    }
+    let log = run.dir.join("metrics.jsonl");
+    if log.is_file() {
+        run.has_log = true;
+        for e in crate::train::metrics::read(&log) {
+            let Some(step) = e["step"].as_f64() else {
+                continue;
+            };
+            let point = |k: &str| e[k].as_f64().filter(|v| v.is_finite()).map(|v| (step, v));
+            match e["kind"].as_str() {
+                Some("train") => run.train_curve.extend(point("train_loss")),
+                Some("val") => run.val_curve.extend(point("val_loss")),
+                _ => {}
+            }
+        }
+    }
+    let gens = run.dir.join("generations.jsonl");
+    if gens.is_file() {
+        match read_generations(&gens) {
+            Ok(g) => run.generations = Some(g),
+            Err(e) => notes.push(format!("{e:#}")),
+        }
+    }
+}
+
+fn read_json(path: &Path, notes: &mut Vec<String>) -> Option<J> {
+    let text = std::fs::read_to_string(path).ok()?;
+    match serde_json::from_str(&text) {
+        Ok(v) => Some(v),
+        Err(e) => {
+            notes.push(format!(
+                "{} is not valid JSON ({e}); ignored",
+                path.display()
+            ));
+            None
+        }
+    }
+}
+
+/// Reads a generations file; lines that do not parse are skipped (a torn last line).
+pub fn read_generations(path: &Path) -> Result<Vec<Generation>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    Ok(text
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect())
+}
+
+/// A run's `config.yaml` as JSON.
+fn read_config(path: &Path) -> Option<J> {
+    let text = std::fs::read_to_string(path).ok()?;
+    serde_saphyr::from_str::<J>(&text).ok()
+}
+
+/// Dotted keys whose values are not the same in every config (seed, names and paths excluded).
+fn differing_keys(configs: &[J]) -> Vec<String> {
+    fn flatten(prefix: &str, v: &J, out: &mut BTreeMap<String, J>) {
+        match v {
+            J::Object(m) => {
+                for (k, v) in m {
+                    let key = if prefix.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{prefix}.{k}")
+                    };
+                    flatten(&key, v, out);
+                }
+            }
+            other => {
+                out.insert(prefix.to_string(), other.clone());
+            }
+        }
+    }
+    let flat: Vec<BTreeMap<String, J>> = configs
+        .iter()
+        .map(|c| {
+            let mut m = BTreeMap::new();
+            flatten("", c, &mut m);
+            m
+        })
+        .collect();
+    let all: BTreeSet<&String> = flat.iter().flat_map(|m| m.keys()).collect();
+    all.into_iter()
+        .filter(|k| {
+            !matches!(
+                k.as_str(),
+                "train.seed" | "name" | "description" | "output.dir"
+            ) && flat.windows(2).any(|w| w[0].get(*k) != w[1].get(*k))
+        })
+        .cloned()
+        .collect()
+}
