@@ -110,6 +110,11 @@ pub enum Command {
     },
     /// Convert a GGUF file into a Hugging Face folder (dequantized to f32).
     Convert { gguf: PathBuf, out: PathBuf },
+    /// Measure speed and memory (warmup excluded); prints one JSON line per measurement.
+    Bench {
+        #[command(subcommand)]
+        command: BenchCommand,
+    },
     /// Compare runs: write report.md and a self-contained report.html (leaderboard by setting,
     /// effects, A/B with Welch's t-test, loss curves, base-vs-tuned answers, what is missing).
     Report {
@@ -130,6 +135,48 @@ pub enum Command {
     Data {
         #[command(subcommand)]
         command: DataCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum BenchCommand {
+    /// LoRA training tokens/s on a model shape with random weights.
+    Train {
+        /// smollm2-135m, tinyllama-1.1b or tiny.
+        #[arg(long, default_value = "smollm2-135m")]
+        shape: String,
+        #[arg(long, default_value = "auto")]
+        device: String,
+        #[arg(long, default_value = "auto")]
+        dtype: String,
+        #[arg(long, default_value_t = 8)]
+        batch: usize,
+        #[arg(long, default_value_t = 512)]
+        seq: usize,
+        #[arg(long, default_value_t = 10)]
+        steps: usize,
+        #[arg(long, default_value_t = 3)]
+        warmup: usize,
+        #[arg(long, default_value_t = 8)]
+        rank: usize,
+        #[arg(long, value_delimiter = ',', default_value = "q_proj,v_proj")]
+        keys: Vec<String>,
+        #[arg(long)]
+        grad_checkpoint: bool,
+    },
+    /// Prompt and generation tokens/s.
+    Generate {
+        /// A model spec, or `shape:smollm2-135m` for random weights.
+        #[arg(long)]
+        model: String,
+        #[arg(long, default_value = "auto")]
+        device: String,
+        #[arg(long, default_value = "auto")]
+        dtype: String,
+        #[arg(long, default_value_t = 128)]
+        prompt_tokens: usize,
+        #[arg(long, default_value_t = 64)]
+        tokens: usize,
     },
 }
 
@@ -317,6 +364,56 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 );
             }
             eprintln!("wrote {}", out.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench {
+            command:
+                BenchCommand::Train {
+                    shape,
+                    device,
+                    dtype,
+                    batch,
+                    seq,
+                    steps,
+                    warmup,
+                    rank,
+                    keys,
+                    grad_checkpoint,
+                },
+        } => {
+            let a = crate::train::bench::BenchTrainArgs {
+                shape,
+                device,
+                dtype,
+                batch,
+                seq,
+                steps,
+                warmup,
+                rank,
+                keys,
+                grad_checkpoint,
+            };
+            println!("{}", crate::train::bench::bench_train(&a)?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench {
+            command:
+                BenchCommand::Generate {
+                    model,
+                    device,
+                    dtype,
+                    prompt_tokens,
+                    tokens,
+                },
+        } => {
+            let a = crate::generate::bench::BenchGenerateArgs {
+                model,
+                device,
+                dtype,
+                prompt_tokens,
+                tokens,
+            };
+            println!("{}", crate::generate::bench::bench_generate(&a)?);
             Ok(ExitCode::SUCCESS)
         }
         Command::Convert { gguf, out } => {

@@ -550,3 +550,19 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod readme {
+    /// The README's spec reference must list every key the catalog accepts.
+    #[test]
+    fn every_key_is_documented() {
+        let readme = include_str!("../../README.md");
+        for k in super::CATALOG {
+            assert!(
+                readme.contains(&format!("| `{}` |", k.key)),
+                "README.md lacks a row for `{}`",
+                k.key
+            );
+        }
+    }
+}

@@ -4,6 +4,7 @@
 //! caller-supplied `decode` callback; without one, only token ids are produced.
 
 pub mod answers;
+pub mod bench;
 pub mod cli;
 pub mod sampling;
 

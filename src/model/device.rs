@@ -165,7 +165,17 @@ pub fn select_device(choice: DeviceChoice) -> Result<SelectedDevice> {
                     }
                 }
             }
-            eprintln!("tuna: no GPU found ({last_err}); running on CPU");
+            // Once per process: a sweep asks for every run.
+            static NOTICE: std::sync::Once = std::sync::Once::new();
+            NOTICE.call_once(|| {
+                let why = last_err
+                    .split(", adapters")
+                    .next()
+                    .unwrap_or(&last_err)
+                    .trim()
+                    .to_string();
+                eprintln!("tuna: no GPU found ({why}); running on the CPU");
+            });
             Ok(done(cpu_device(), DeviceChoice::Cpu))
         }
     }

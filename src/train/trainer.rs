@@ -331,7 +331,8 @@ impl Run<'_> {
                 best_val = Some(best_val.map_or(v, |b: f64| b.min(v)));
                 last_val = Some(v);
             }
-            if done % s.save_every == 0 && done < s.iters {
+            let stopping = self.ctx.cancel.load(Ordering::SeqCst);
+            if (done % s.save_every == 0 || stopping) && done < s.iters {
                 let c = Checkpoint {
                     step: done,
                     run_id: self.ctx.plan.id.clone(),
@@ -343,6 +344,13 @@ impl Run<'_> {
                     batches_per_epoch: order.batches_per_epoch(),
                 };
                 checkpoint::save(dir, model, &opt, &c)?;
+                if stopping {
+                    say(
+                        &pb,
+                        self.quiet,
+                        &format!("Ctrl-C: checkpoint saved at step {done}"),
+                    );
+                }
             }
         }
         pb.finish_and_clear();

@@ -1,0 +1,59 @@
+//! Shared by the integration tests: where the reference data is, and reading its tensors.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+
+/// `../shared/reference` beside the crate, or `$TUNA_REFERENCE`. Missing data fails the
+/// test with the place it looked: a skipped parity test would prove nothing.
+pub fn reference_dir() -> PathBuf {
+    let dir = match std::env::var_os("TUNA_REFERENCE") {
+        Some(d) => PathBuf::from(d),
+        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/reference"),
+    };
+    assert!(
+        dir.join("expected.safetensors").exists(),
+        "reference data not found: looked for {} (set TUNA_REFERENCE to the folder holding expected.safetensors)",
+        dir.join("expected.safetensors").display()
+    );
+    dir
+}
+
+/// The reference tensors, converted to f64 / i64 on request.
+pub struct Expected(Vec<u8>);
+
+impl Expected {
+    pub fn load() -> Self {
+        Expected(std::fs::read(reference_dir().join("expected.safetensors")).unwrap())
+    }
+
+    fn view(&self, name: &str) -> (safetensors::Dtype, Vec<u8>) {
+        let st = safetensors::SafeTensors::deserialize(&self.0).unwrap();
+        let v = st
+            .tensor(name)
+            .unwrap_or_else(|_| panic!("reference tensor `{name}` missing"));
+        (v.dtype(), v.data().to_vec())
+    }
+
+    pub fn f64(&self, name: &str) -> Vec<f64> {
+        let (dt, b) = self.view(name);
+        match dt {
+            safetensors::Dtype::F32 => b
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64)
+                .collect(),
+            safetensors::Dtype::F64 => b
+                .chunks_exact(8)
+                .map(|c| f64::from_le_bytes(c.try_into().unwrap()))
+                .collect(),
+            other => panic!("{name}: unexpected dtype {other:?}"),
+        }
+    }
+
+    pub fn i64(&self, name: &str) -> Vec<i64> {
+        let (dt, b) = self.view(name);
+        assert_eq!(dt, safetensors::Dtype::I64, "{name}");
+        b.chunks_exact(8)
+            .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
+            .collect()
+    }
+}

@@ -1,0 +1,292 @@
+//! The trainer end to end on the reference tiny models (CPU): its loss against PEFT's, fusing
+//! against PEFT's merged model, a sweep that learns, and kill -9 + resume.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use burn::tensor::{DType, Device};
+use common::{Expected, reference_dir};
+use tuna::data::dataset::{Tokenized, collate};
+use tuna::model::base::load_base;
+use tuna::model::load::build_model;
+use tuna::model::lora::load_peft_adapter;
+use tuna::train::trainer::batch_loss;
+
+fn loss_of(model: &tuna::model::llama::Llama, exp: &Expected, prefix: &str) -> f64 {
+    let ids: Vec<u32> = exp
+        .i64(&format!("{prefix}.lora.ids"))
+        .iter()
+        .map(|&i| i as u32)
+        .collect();
+    let prompt_len = exp.i64(&format!("{prefix}.lora.prompt_len"))[0] as usize;
+    let ex = Tokenized { ids, prompt_len };
+    let b = collate(&[&ex], 0, 1);
+    batch_loss(model, &b).loss.into_scalar::<f32>() as f64
+}
+
+#[test]
+fn trainer_loss_and_fuse_match_peft() {
+    let exp = Expected::load();
+    for name in ["tiny-llama", "tiny-qwen2"] {
+        let dir = reference_dir();
+        let base = load_base(dir.join(name).to_str().unwrap()).unwrap();
+        let mut model =
+            build_model(&base.config, &base.weights, &Device::flex(), DType::F32).unwrap();
+        load_peft_adapter(&mut model, &dir.join(format!("{name}-lora"))).unwrap();
+        let want = exp.f64(&format!("{name}.lora.loss"))[0];
+        let got = loss_of(&model, &exp, name);
+        assert!(
+            ((got - want) / want).abs() < 1e-4,
+            "{name}: trainer loss {got} vs PEFT {want}"
+        );
+
+        // tuna fuse writes an HF folder whose plain forward gives PEFT's merged loss.
+        let out = tempfile::tempdir().unwrap();
+        tuna::model::fuse::fuse(&base, &dir.join(format!("{name}-lora")), out.path()).unwrap();
+        let fused = load_base(out.path().to_str().unwrap()).unwrap();
+        let model =
+            build_model(&fused.config, &fused.weights, &Device::flex(), DType::F32).unwrap();
+        let want = exp.f64(&format!("{name}.lora.merged_loss"))[0];
+        let got = loss_of(&model, &exp, name);
+        assert!(
+            ((got - want) / want).abs() < 1e-4,
+            "{name}: fused loss {got} vs PEFT merged {want}"
+        );
+        assert_eq!(
+            fused.tokenizer.encode("The capital of France is", false),
+            base.tokenizer.encode("The capital of France is", false)
+        );
+    }
+}
+
+fn tuna() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_tuna"));
+    c.current_dir(env!("CARGO_MANIFEST_DIR"));
+    c
+}
+
+/// An experiment on tiny-llama and the diagnosis data, in a fresh folder.
+fn experiment(dir: &Path, extra: &str) -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let text = format!(
+        "name: resume\nmodel: {}\ndata: {}\ndevice: cpu\n\
+         train:\n  iters: 400\n  batch_size: 2\n  learning_rate: 5e-3\n  optimizer: adamw\n  mask_prompt: true\n  \
+         max_seq_length: 128\n  steps_per_report: 50\n  steps_per_eval: 100\n  val_batches: 3\n  save_every: 10\n\
+         lora:\n  num_layers: -1\n  rank: 4\neval:\n  test: true\noutput:\n  dir: {}\n{extra}",
+        reference_dir().join("tiny-llama").display(),
+        root.join("experiments/data/diagnosis").display(),
+        dir.join("out").display(),
+    );
+    let p = dir.join("exp.yaml");
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+fn run_folder(out: &Path) -> PathBuf {
+    let exp_dir = out.join("resume");
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir(&exp_dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.is_dir())
+        .collect();
+    assert_eq!(dirs.len(), 1, "one run expected in {}", exp_dir.display());
+    dirs.pop().unwrap()
+}
+
+fn metrics(run: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(run.join("metrics.json")).unwrap()).unwrap()
+}
+
+#[test]
+fn sweep_learns_and_a_killed_run_resumes_to_the_same_result() {
+    // Uninterrupted.
+    let a = tempfile::tempdir().unwrap();
+    let spec = experiment(a.path(), "");
+    let out = tuna()
+        .args(["sweep", spec.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let run_a = run_folder(&a.path().join("out"));
+    let ma = metrics(&run_a);
+    let log: Vec<serde_json::Value> = std::fs::read_to_string(run_a.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let vals: Vec<f64> = log
+        .iter()
+        .filter(|v| v["kind"] == "val")
+        .map(|v| v["val_loss"].as_f64().unwrap())
+        .collect();
+    assert_eq!(vals.len(), 5, "val at steps 0, 100, 200, 300, 400");
+    assert!(
+        vals[4] < vals[0] * 0.8,
+        "validation loss must fall: {vals:?}"
+    );
+    assert!(ma["test_ppl"].as_f64().unwrap() > 1.0);
+    assert!(run_a.join("adapter/adapter_model.safetensors").exists());
+    assert!(
+        !run_a.join("checkpoint").exists(),
+        "a finished run drops its checkpoint"
+    );
+
+    // Killed with SIGKILL after a checkpoint, then resumed by a second sweep.
+    let b = tempfile::tempdir().unwrap();
+    let spec = experiment(b.path(), "");
+    let mut child = tuna()
+        .args(["sweep", spec.to_str().unwrap()])
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    let exp_dir = b.path().join("out/resume");
+    loop {
+        let state = std::fs::read_dir(&exp_dir)
+            .ok()
+            .and_then(|mut d| d.next())
+            .and_then(|e| {
+                std::fs::read_to_string(e.unwrap().path().join("checkpoint/state.json")).ok()
+            });
+        if let Some(s) = state {
+            let step = serde_json::from_str::<serde_json::Value>(&s).unwrap()["step"]
+                .as_u64()
+                .unwrap();
+            if step >= 30 {
+                break;
+            }
+        }
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the run finished before it could be killed; make it longer"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(300),
+            "no checkpoint appeared"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let run_b = run_folder(&b.path().join("out"));
+    let status = std::fs::read_to_string(run_b.join("status.json")).unwrap();
+    assert!(status.contains("running"), "killed mid-run: {status}");
+
+    let out = tuna()
+        .args(["sweep", spec.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("resuming run"), "{err}");
+    let mb = metrics(&run_b);
+    for k in [
+        "final_train_loss",
+        "final_val_loss",
+        "best_val_loss",
+        "test_loss",
+    ] {
+        assert_eq!(
+            ma[k], mb[k],
+            "{k}: uninterrupted {} vs resumed {}",
+            ma[k], mb[k]
+        );
+    }
+    let adapter = |r: &Path| std::fs::read(r.join("adapter/adapter_model.safetensors")).unwrap();
+    assert!(
+        adapter(&run_a) == adapter(&run_b),
+        "the resumed adapter differs from the uninterrupted one"
+    );
+
+    // A third sweep finds it done.
+    let out = tuna()
+        .args(["sweep", spec.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("done already, skipped"));
+}
+
+#[test]
+fn bad_runs_fail_with_a_message_and_the_sweep_goes_on() {
+    let d = tempfile::tempdir().unwrap();
+    let spec = experiment(d.path(), "grid:\n  lora.num_layers: [5, 1]\n");
+    std::fs::write(
+        &spec,
+        std::fs::read_to_string(&spec)
+            .unwrap()
+            .replace("iters: 400", "iters: 2"),
+    )
+    .unwrap();
+    let out = tuna()
+        .args(["sweep", spec.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "a failed run makes the sweep exit 1: {err}"
+    );
+    assert!(
+        err.contains("lora.num_layers is 5 but") && err.contains("has 2 layers"),
+        "{err}"
+    );
+    assert!(err.contains("1 done") && err.contains("1 failed"), "{err}");
+
+    let spec = experiment(d.path(), "");
+    let text = std::fs::read_to_string(&spec).unwrap();
+    let missing = d.path().join("nowhere");
+    std::fs::write(
+        &spec,
+        text.replace(
+            &format!(
+                "data: {}",
+                Path::new(env!("CARGO_MANIFEST_DIR"))
+                    .join("experiments/data/diagnosis")
+                    .display()
+            ),
+            &format!("data: {}", missing.display()),
+        ),
+    )
+    .unwrap();
+    let out = tuna()
+        .args(["sweep", spec.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("nowhere") && err.contains("does not exist"),
+        "{err}"
+    );
+
+    let data = d.path().join("bad");
+    std::fs::create_dir_all(&data).unwrap();
+    std::fs::write(data.join("train.jsonl"), "{\"messages\": [{\"role\": \"user\", \"content\": \"a\"}, {\"role\": \"assistant\", \"content\": \"b\"}]}\n{\"text\": 1}\n").unwrap();
+    std::fs::write(data.join("valid.jsonl"), "{\"text\": \"x\"}\n").unwrap();
+    std::fs::write(
+        &spec,
+        text.replace(
+            &format!(
+                "data: {}",
+                Path::new(env!("CARGO_MANIFEST_DIR"))
+                    .join("experiments/data/diagnosis")
+                    .display()
+            ),
+            &format!("data: {}", data.display()),
+        ),
+    )
+    .unwrap();
+    let out = tuna()
+        .args(["sweep", spec.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("train.jsonl:2"), "{err}");
+}
