@@ -1,0 +1,404 @@
+//! `tuna report` on a fake results tree: two settings × two seeds, one failed run, one run
+//! without metrics, generations for the base model and the fine-tuned runs.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use tuna::report::{self, Options};
+
+const HEADER: &str = "run_id,experiment,status,lora.rank,seed,final_train_loss,best_val_loss,final_val_loss,test_loss,test_ppl,tokens_per_s,peak_mem_mb,wall_s,task_metric,task_score,backend,device";
+
+struct FakeRun {
+    id: &'static str,
+    rank: u32,
+    seed: u32,
+    state: &'static str,
+    /// best_val_loss, task_score; None = no metrics at all.
+    metrics: Option<(f64, f64)>,
+}
+
+const RUNS: &[FakeRun] = &[
+    FakeRun {
+        id: "aaaa000001",
+        rank: 4,
+        seed: 0,
+        state: "done",
+        metrics: Some((1.50, 0.25)),
+    },
+    FakeRun {
+        id: "aaaa000002",
+        rank: 4,
+        seed: 1,
+        state: "done",
+        metrics: Some((1.54, 0.25)),
+    },
+    FakeRun {
+        id: "bbbb000001",
+        rank: 8,
+        seed: 0,
+        state: "done",
+        metrics: Some((1.20, 0.75)),
+    },
+    FakeRun {
+        id: "bbbb000002",
+        rank: 8,
+        seed: 1,
+        state: "done",
+        metrics: Some((1.26, 0.50)),
+    },
+    FakeRun {
+        id: "cccc000001",
+        rank: 16,
+        seed: 0,
+        state: "failed",
+        metrics: None,
+    },
+    FakeRun {
+        id: "cccc000002",
+        rank: 16,
+        seed: 1,
+        state: "done",
+        metrics: None,
+    },
+];
+
+fn gen_line(prompt: &str, reference: &str, output: &str, seconds: f64, tokens: u32) -> String {
+    serde_json::json!({
+        "prompt": prompt, "reference": reference, "output": output,
+        "seconds": seconds, "tokens": tokens
+    })
+    .to_string()
+        + "\n"
+}
+
+/// Writes `<tmp>/results/{leaderboard.csv, diag/<run>/...}`; returns the experiment folder.
+fn fake_results(tmp: &Path) -> PathBuf {
+    let out = tmp.join("results");
+    let exp = out.join("diag");
+    let mut csv = format!("{HEADER}\n");
+    for r in RUNS {
+        let dir = exp.join(r.id);
+        fs::create_dir_all(&dir).unwrap();
+        let error = if r.state == "failed" {
+            r#", "error": "out of memory at step 3""#
+        } else {
+            ""
+        };
+        fs::write(
+            dir.join("status.json"),
+            format!(
+                r#"{{"state": "{}"{error}, "updated": 1700000000}}"#,
+                r.state
+            ),
+        )
+        .unwrap();
+        fs::write(
+            dir.join("config.yaml"),
+            format!(
+                "name: diag\nlora:\n  rank: {}\ntrain:\n  seed: {}\n",
+                r.rank, r.seed
+            ),
+        )
+        .unwrap();
+        match r.metrics {
+            Some((best, task)) => {
+                let train = best + 0.3;
+                csv.push_str(&format!(
+                    "{},diag,{},{},{},{train},{best},{best},{best},{},900,512,60,contains,{task},flex,cpu\n",
+                    r.id,
+                    r.state,
+                    r.rank,
+                    r.seed,
+                    best.exp()
+                ));
+                fs::write(
+                    dir.join("metrics.json"),
+                    serde_json::json!({"final_train_loss": train, "best_val_loss": best,
+                        "task_metric": "contains", "task_score": task})
+                    .to_string(),
+                )
+                .unwrap();
+                let mut log = String::new();
+                for step in [10, 20, 30, 40] {
+                    let l = best + 1.0 - step as f64 / 50.0;
+                    log.push_str(&format!(
+                        r#"{{"kind":"train","step":{step},"train_loss":{l},"lr":0.00002,"tokens_per_s":900}}"#
+                    ));
+                    log.push('\n');
+                }
+                for step in [20, 40] {
+                    let l = best + 0.5 - step as f64 / 80.0;
+                    log.push_str(&format!(r#"{{"kind":"val","step":{step},"val_loss":{l}}}"#));
+                    log.push('\n');
+                }
+                fs::write(dir.join("metrics.jsonl"), log).unwrap();
+                let answer = if r.rank == 8 {
+                    "You may have Influenza."
+                } else {
+                    "Maybe a cold?"
+                };
+                fs::write(
+                    dir.join("generations.jsonl"),
+                    gen_line("Symptoms: fever, cough", "Influenza", answer, 0.8, 7)
+                        + &gen_line("Symptoms: sneezing", "Allergy", "Allergy.", 0.5, 3),
+                )
+                .unwrap();
+            }
+            None => csv.push_str(&format!(
+                "{},diag,{},{},{},,,,,,,,,,,,\n",
+                r.id, r.state, r.rank, r.seed
+            )),
+        }
+    }
+    fs::write(out.join("leaderboard.csv"), csv).unwrap();
+    fs::write(
+        exp.join("base_generations.jsonl"),
+        gen_line(
+            "Symptoms: fever, cough",
+            "Influenza",
+            "I do not know.",
+            1.5,
+            5,
+        ) + &gen_line(
+            "Symptoms: sneezing",
+            "Allergy",
+            "Sneezing <b>is</b> common | often",
+            2.0,
+            6,
+        ),
+    )
+    .unwrap();
+    fs::write(
+        exp.join("base_metrics.json"),
+        r#"{"task_metric": "contains", "task_score": 0.0}"#,
+    )
+    .unwrap();
+    exp
+}
+
+fn opts(exp: &Path, compare: Option<&str>) -> Options {
+    Options {
+        inputs: vec![exp.to_path_buf()],
+        out: None,
+        metric: "best_val_loss".into(),
+        compare: compare.map(String::from),
+    }
+}
+
+#[test]
+fn markdown_report_names_winner_effects_ab_and_answers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let exp = fake_results(tmp.path());
+    let outcome = report::run(&opts(&exp, Some("lora.rank=4,8"))).unwrap();
+    assert_eq!(outcome.markdown, exp.join("report.md"));
+    assert!(outcome.html.is_file());
+    let md = fs::read_to_string(&outcome.markdown).unwrap();
+    println!("{md}");
+
+    // Winner, marked in the leaderboard, with mean ± sample std over its 2 seeds.
+    assert!(
+        md.contains("**Winner: lora.rank=8** with best_val_loss 1.2300 ± 0.0424 (n=2"),
+        "{md}"
+    );
+    assert!(
+        md.contains("| **1 ★ winner** | **8** | **1.2300 ± 0.0424** | **2** |"),
+        "{md}"
+    );
+    assert_eq!(outcome.winner.as_deref(), Some("lora.rank=8"));
+    assert!(
+        outcome.summary.contains("Winner: lora.rank=8"),
+        "{}",
+        outcome.summary
+    );
+    assert!(outcome.summary.contains("failed"), "{}", outcome.summary);
+
+    // Effects table: one row per rank value; rank 16 has no finished run with the metric.
+    assert!(md.contains("## Effects on best_val_loss"));
+    assert!(
+        md.contains("| lora.rank | runs | mean best_val_loss ± std | vs best value |"),
+        "{md}"
+    );
+    assert!(md.contains("| 4 | 2 | 1.5200 ± 0.0283 | +0.2900 |"), "{md}");
+    assert!(
+        md.contains("| **8** | **2** | **1.2300 ± 0.0424** | **best** |"),
+        "{md}"
+    );
+    assert!(md.contains("| 16 | 0 | not measured |"), "{md}");
+
+    // A/B: B − A = 1.23 − 1.52. Expected t, df, p and the 95% CI from
+    // scipy 1.17.1: stats.ttest_ind([1.20, 1.26], [1.50, 1.54], equal_var=False) gives
+    // statistic -8.043152845265816, pvalue 0.022226787992510058, df 1.7422680412371134;
+    // diff ± t.ppf(0.975, df) * se = [-0.46934123536162736, -0.11065876463837271].
+    assert!(md.contains("## A/B: lora.rank=4 vs lora.rank=8"), "{md}");
+    assert!(
+        md.contains("| best_val_loss | 1.5200 ± 0.0283 (2) | 1.2300 ± 0.0424 (2) | -0.2900 | [-0.4693, -0.1107] | -8.043 | 1.74 | 0.0222 | B |"),
+        "{md}"
+    );
+    assert!(md.contains("![A/B: train loss](report_charts/ab-train.svg)"));
+    assert!(exp.join("report_charts/ab-train.svg").is_file());
+    assert!(exp.join("report_charts/diag-val.svg").is_file());
+
+    // Base vs tuned answers, with time and length; task score base vs tuned.
+    assert!(
+        md.contains("| base | I do not know. | 1.5000 | 5 |"),
+        "{md}"
+    );
+    assert!(
+        md.contains("| lora.rank=8 · seed 0 | You may have Influenza. | 0.8000 | 7 |"),
+        "{md}"
+    );
+    assert!(
+        md.contains("Sneezing &lt;b&gt;is&lt;/b&gt; common \\| often"),
+        "{md}"
+    );
+    assert!(md.contains("| base | 0 |"), "{md}");
+    assert!(
+        md.contains("| lora.rank=8 | 0.6250 ± 0.1768 | 2 | +0.6250 |"),
+        "{md}"
+    );
+
+    // What is missing: the failed run, the run without metrics.
+    assert!(
+        md.contains("run `cccc000001` (lora.rank=16, seed 0) failed: out of memory at step 3"),
+        "{md}"
+    );
+    assert!(
+        md.contains("run `cccc000002` (lora.rank=16, seed 1) is done but has no best_val_loss (no metrics at all)"),
+        "{md}"
+    );
+    assert!(
+        md.contains("no generations.jsonl for 1 done run(s): `cccc000002`"),
+        "{md}"
+    );
+}
+
+#[test]
+fn default_ab_is_winner_vs_runner_up_and_run_ids_work() {
+    let tmp = tempfile::tempdir().unwrap();
+    let exp = fake_results(tmp.path());
+    let md = fs::read_to_string(report::run(&opts(&exp, None)).unwrap().markdown).unwrap();
+    assert!(md.contains("## A/B: lora.rank=8 vs lora.rank=4"), "{md}");
+    assert!(
+        md.contains("| +0.2900 | [0.1107, 0.4693] | 8.043 | 1.74 | 0.0222 | A |"),
+        "{md}"
+    );
+
+    let md = fs::read_to_string(
+        report::run(&opts(&exp, Some("aaaa000001,bbbb000002")))
+            .unwrap()
+            .markdown,
+    )
+    .unwrap();
+    assert!(md.contains("-0.2900 | [-0.4693, -0.1107]"), "{md}");
+
+    let err = report::run(&opts(&exp, Some("lora.rank=4,32"))).unwrap_err();
+    assert!(
+        format!("{err:#}").contains("no run has lora.rank=32"),
+        "{err:#}"
+    );
+    let mut o = opts(&exp, None);
+    o.metric = "accuracy".into();
+    assert!(format!("{:#}", report::run(&o).unwrap_err()).contains("unknown metric"));
+
+    // A higher-is-better metric ranks the other way round.
+    let mut o = opts(&exp, None);
+    o.metric = "task_score".into();
+    let out = report::run(&o).unwrap();
+    assert_eq!(out.winner.as_deref(), Some("lora.rank=8"));
+}
+
+#[test]
+fn leaderboard_csv_input_and_folders_without_leaderboard() {
+    let tmp = tempfile::tempdir().unwrap();
+    let exp = fake_results(tmp.path());
+    let csv = tmp.path().join("results/leaderboard.csv");
+    let out = report::run(&Options {
+        inputs: vec![csv.clone()],
+        out: None,
+        metric: "best_val_loss".into(),
+        compare: None,
+    })
+    .unwrap();
+    assert_eq!(out.markdown, tmp.path().join("results/report.md"));
+    assert_eq!(out.winner.as_deref(), Some("lora.rank=8"));
+
+    // Without the leaderboard, varied keys come from the run configs.
+    fs::remove_file(&csv).unwrap();
+    let out = report::run(&opts(&exp, None)).unwrap();
+    let md = fs::read_to_string(&out.markdown).unwrap();
+    assert_eq!(out.winner.as_deref(), Some("lora.rank=8"), "{md}");
+    assert!(md.contains("no leaderboard at"), "{md}");
+}
+
+fn chromium() -> PathBuf {
+    let path = PathBuf::from(
+        std::env::var("TUNA_CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into()),
+    );
+    assert!(
+        path.is_file(),
+        "headless Chromium is needed to check report.html but {} does not exist; install it \
+         (as root: `apt-get update && apt-get install -y chromium`) or set TUNA_CHROMIUM",
+        path.display()
+    );
+    path
+}
+
+#[test]
+fn html_report_renders_in_headless_chromium() {
+    let chromium = chromium();
+    let tmp = tempfile::tempdir().unwrap();
+    let exp = fake_results(tmp.path());
+    let out = report::run(&opts(&exp, Some("lora.rank=4,8"))).unwrap();
+    let html = fs::read_to_string(&out.html).unwrap();
+    for fetch in ["src=\"http", "href=\"http", "<link", "<script", "url("] {
+        assert!(
+            !html.contains(fetch),
+            "report.html must not fetch anything ({fetch})"
+        );
+    }
+    let profile = tmp.path().join("chromium-profile");
+    let result = Command::new("timeout")
+        .arg("120")
+        .arg(&chromium)
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--no-first-run",
+        ])
+        .arg(format!("--user-data-dir={}", profile.display()))
+        .arg("--dump-dom")
+        .arg(format!(
+            "file://{}",
+            out.html.canonicalize().unwrap().display()
+        ))
+        .output()
+        .expect("cannot start chromium");
+    let dom = String::from_utf8_lossy(&result.stdout);
+    assert!(
+        result.status.success() && !dom.is_empty(),
+        "chromium failed ({}): {}",
+        result.status,
+        String::from_utf8_lossy(&result.stderr)
+    );
+    assert!(dom.contains("<table class=\"leaderboard\">"), "{dom}");
+    assert!(dom.contains("<tr class=\"winner\">"), "{dom}");
+    assert!(dom.contains("1 ★ winner"), "{dom}");
+    assert!(
+        dom.matches("<svg").count() >= 4,
+        "expected the loss charts as inline SVG: {dom}"
+    );
+    assert!(
+        dom.contains("<text"),
+        "chart labels should be SVG text: {dom}"
+    );
+    assert!(dom.contains("You may have Influenza."));
+    assert!(
+        dom.contains("Sneezing &lt;b&gt;is&lt;/b&gt; common"),
+        "answers must be escaped"
+    );
+}
