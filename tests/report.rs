@@ -402,3 +402,56 @@ fn html_report_renders_in_headless_chromium() {
         "answers must be escaped"
     );
 }
+
+#[test]
+fn several_experiments_go_to_the_parent_folder() {
+    let tmp = tempfile::tempdir().unwrap();
+    let exp = fake_results(tmp.path());
+    let out_dir = tmp.path().join("results");
+    // A second experiment: the same runs under another name.
+    let exp2 = out_dir.join("diag2");
+    fs::create_dir_all(&exp2).unwrap();
+    for entry in fs::read_dir(&exp).unwrap() {
+        let p = entry.unwrap().path();
+        if p.is_dir() {
+            let to = exp2.join(p.file_name().unwrap());
+            fs::create_dir_all(&to).unwrap();
+            for f in fs::read_dir(&p).unwrap() {
+                let f = f.unwrap().path();
+                fs::copy(&f, to.join(f.file_name().unwrap())).unwrap();
+            }
+        }
+    }
+    let csv_path = out_dir.join("leaderboard.csv");
+    let csv = fs::read_to_string(&csv_path).unwrap();
+    let extra: String = csv
+        .lines()
+        .skip(1)
+        .map(|l| l.replace(",diag,", ",diag2,") + "\n")
+        .collect();
+    fs::write(&csv_path, csv + &extra).unwrap();
+
+    let out = report::run(&Options {
+        inputs: vec![exp.clone(), exp2.clone()],
+        out: None,
+        metric: "best_val_loss".into(),
+        compare: Some("lora.rank=4,8".into()),
+    })
+    .unwrap();
+    assert_eq!(out.markdown, out_dir.join("report.md"));
+    let md = fs::read_to_string(&out.markdown).unwrap();
+    assert_eq!(out.winner.as_deref(), Some("diag: lora.rank=8"), "{md}");
+    assert!(
+        md.contains("| 2 | diag2 | 8 | 1.2300 ± 0.0424 | 2 |"),
+        "{md}"
+    );
+    // The A/B pools both experiments: 4 seeds a side.
+    assert!(
+        md.contains("| best_val_loss | 1.5200 ± 0.0231 (4) | 1.2300 ± 0.0346 (4) | -0.2900 |"),
+        "{md}"
+    );
+    assert!(
+        md.contains("diag2: no generations.jsonl for 1 done run(s)"),
+        "{md}"
+    );
+}

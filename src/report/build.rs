@@ -178,10 +178,15 @@ pub fn build(res: &Results, metric: &str, compare: Option<&str>) -> Result<Built
         Some(gi) => {
             let s = stats_of(&groups[gi], metric).unwrap();
             format!(
-                "**Winner: {}** with {metric} {} (n={} seed(s); {dir_word}).",
+                "**Winner: {}** with {metric} {} (n={} seed(s); {dir_word}).{}",
                 groups[gi].label,
                 mean_std(&s),
-                s.n
+                s.n,
+                if s.n == 1 {
+                    " Only one seed: its spread is unknown, so treat the ranking with care."
+                } else {
+                    ""
+                }
             )
         }
         None => format!("No winner: no finished run has `{metric}`."),
@@ -890,9 +895,14 @@ fn answers(res: &Results, groups: &[Group]) -> Vec<Block> {
         "Answers: base model vs fine-tuned".into(),
     )];
     for exp in &res.experiments {
-        if res.experiments.len() > 1 {
-            blocks.push(Block::Heading(3, exp.name.clone()));
-        }
+        let sub = |what: &str| {
+            if res.experiments.len() > 1 {
+                Block::Heading(3, format!("{}: {what}", exp.name))
+            } else {
+                Block::Heading(3, what.to_string())
+            }
+        };
+        blocks.push(sub("Task metric: base vs fine-tuned"));
         // Task metric: base vs each setting.
         let metric_name = exp.base_task.as_ref().map(|(m, _)| m.clone()).or_else(|| {
             res.runs
@@ -948,6 +958,7 @@ fn answers(res: &Results, groups: &[Group]) -> Vec<Block> {
         }
 
         // Generation time and length.
+        blocks.push(sub("Generation time and length"));
         let mut tuned: Vec<(String, &Vec<Generation>)> = Vec::new();
         for g in &exp_groups {
             for &i in &g.runs {
@@ -1008,6 +1019,7 @@ fn answers(res: &Results, groups: &[Group]) -> Vec<Block> {
         }
 
         // Per prompt.
+        blocks.push(sub("Answers per prompt"));
         let mut prompts: Vec<(String, Option<String>)> = Vec::new();
         for (_, g) in &all {
             for x in g.iter() {
