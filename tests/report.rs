@@ -297,6 +297,13 @@ fn default_ab_is_winner_vs_runner_up_and_run_ids_work() {
         format!("{err:#}").contains("no run has lora.rank=32"),
         "{err:#}"
     );
+    let empty = exp.parent().unwrap().join("never-swept");
+    fs::create_dir_all(&empty).unwrap();
+    let err = report::run(&opts(&empty, None)).unwrap_err();
+    assert!(
+        format!("{err:#}").contains("no runs found for never-swept"),
+        "{err:#}"
+    );
     let mut o = opts(&exp, None);
     o.metric = "accuracy".into();
     assert!(format!("{:#}", report::run(&o).unwrap_err()).contains("unknown metric"));

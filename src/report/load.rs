@@ -281,6 +281,21 @@ pub fn load(inputs: &[PathBuf]) -> Result<Results> {
         }
         res.experiments.push(exp);
     }
+    if res.runs.is_empty() {
+        let names: Vec<String> = res
+            .experiments
+            .iter()
+            .map(|e| format!("{} ({})", e.name, e.dir.display()))
+            .collect();
+        bail!(
+            "no runs found for {}: neither the leaderboard nor the experiment folder lists any (has `tuna sweep` run?)",
+            if names.is_empty() {
+                "these inputs (the leaderboard is empty)".to_string()
+            } else {
+                names.join(", ")
+            }
+        );
+    }
     // Keys added late (by a later experiment) leave earlier runs short: pad them.
     let n = res.keys.len();
     for r in &mut res.runs {
