@@ -588,13 +588,21 @@ fn missing(res: &Results, groups: &[Group], metric: &str) -> Vec<String> {
             ));
         }
     }
-    for g in groups {
-        if metric_values(res, &g.runs, metric).len() == 1 {
-            out.push(format!(
-                "{} has a single seed with {metric}: no std, no interval, no t-test",
-                g.label
-            ));
-        }
+    let single: Vec<&str> = groups
+        .iter()
+        .filter(|g| metric_values(res, &g.runs, metric).len() == 1)
+        .map(|g| g.label.as_str())
+        .collect();
+    match single.as_slice() {
+        [] => {}
+        [one] => out.push(format!(
+            "{one} has a single seed with {metric}: no std, no interval, no t-test"
+        )),
+        many => out.push(format!(
+            "{} settings have a single seed with {metric} (no std, no interval, no t-test): {}",
+            many.len(),
+            many.join("; ")
+        )),
     }
     let no_log: Vec<String> = res
         .runs

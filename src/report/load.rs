@@ -11,6 +11,9 @@ use serde_json::Value as J;
 
 use crate::sweep::Leaderboard;
 
+/// A leaderboard row: column → cell.
+type Row = BTreeMap<String, String>;
+
 /// Numeric metrics, in table order.
 pub const METRICS: &[&str] = &[
     "best_val_loss",
@@ -102,7 +105,7 @@ pub fn load(inputs: &[PathBuf]) -> Result<Results> {
     }
     let mut res = Results::default();
     // (experiment name, experiment folder, leaderboard rows for it)
-    let mut wanted: Vec<(String, PathBuf, Vec<BTreeMap<String, String>>)> = Vec::new();
+    let mut wanted: Vec<(String, PathBuf, Vec<Row>)> = Vec::new();
     for (i, input) in inputs.iter().enumerate() {
         if !input.exists() {
             bail!(
@@ -151,10 +154,10 @@ pub fn load(inputs: &[PathBuf]) -> Result<Results> {
             None => {
                 let mut v: Vec<String> = Vec::new();
                 for r in &table.rows {
-                    if let Some(e) = r.get("experiment") {
-                        if !v.contains(e) {
-                            v.push(e.clone());
-                        }
+                    if let Some(e) = r.get("experiment")
+                        && !v.contains(e)
+                    {
+                        v.push(e.clone());
                     }
                 }
                 v
@@ -216,10 +219,10 @@ pub fn load(inputs: &[PathBuf]) -> Result<Results> {
                 ..Default::default()
             };
             for m in METRICS {
-                if let Some(v) = row.get(*m).and_then(|c| c.trim().parse::<f64>().ok()) {
-                    if v.is_finite() {
-                        run.metrics.insert(m.to_string(), v);
-                    }
+                if let Some(v) = row.get(*m).and_then(|c| c.trim().parse::<f64>().ok())
+                    && v.is_finite()
+                {
+                    run.metrics.insert(m.to_string(), v);
                 }
             }
             run.task_metric = row.get("task_metric").filter(|s| !s.is_empty()).cloned();
