@@ -163,6 +163,9 @@ pub enum BenchCommand {
         keys: Vec<String>,
         #[arg(long)]
         grad_checkpoint: bool,
+        /// Time forward, backward and optimizer separately (syncs between them).
+        #[arg(long)]
+        profile: bool,
     },
     /// Prompt and generation tokens/s.
     Generate {
@@ -379,6 +382,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     rank,
                     keys,
                     grad_checkpoint,
+                    profile,
                 },
         } => {
             let a = crate::train::bench::BenchTrainArgs {
@@ -392,6 +396,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 rank,
                 keys,
                 grad_checkpoint,
+                profile,
             };
             println!("{}", crate::train::bench::bench_train(&a)?);
             Ok(ExitCode::SUCCESS)

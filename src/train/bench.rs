@@ -107,6 +107,9 @@ pub struct BenchTrainArgs {
     pub rank: usize,
     pub keys: Vec<String>,
     pub grad_checkpoint: bool,
+    /// Synchronize after each phase and report forward / backward / optimizer seconds
+    /// (slightly slower overall: it drains the device queue three times a step).
+    pub profile: bool,
 }
 
 /// Runs the benchmark and returns its result as one JSON object (also printed by the CLI).
@@ -133,7 +136,8 @@ pub fn bench_train(a: &BenchTrainArgs) -> Result<Value> {
     model.training = true;
     let mut opt = AdamW::new(1e-4, 0.0);
     let mut rng = SplitMix64(7);
-    let mut step = |model: &mut crate::model::llama::Llama| -> Result<f64> {
+    let mut phases = [0.0f64; 3];
+    let mut step = |model: &mut crate::model::llama::Llama, phases: &mut [f64; 3]| -> Result<f64> {
         let examples: Vec<Tokenized> = (0..a.batch)
             .map(|_| Tokenized {
                 ids: (0..a.seq)
@@ -144,22 +148,42 @@ pub fn bench_train(a: &BenchTrainArgs) -> Result<Value> {
             .collect();
         let refs: Vec<&Tokenized> = examples.iter().collect();
         let b = collate(&refs, 0, 1);
+        let t = Instant::now();
         let bl = batch_loss(model, &b);
+        if a.profile {
+            let _ = bl.loss.clone().into_scalar::<f32>();
+            phases[0] += t.elapsed().as_secs_f64();
+        }
+        let t = Instant::now();
         let grads = bl.loss.backward();
         let g = lora::lora_gradients(model, &grads);
+        if a.profile {
+            for (_, t) in &g {
+                let _ = t.clone().sum().into_scalar::<f32>();
+            }
+            phases[1] += t.elapsed().as_secs_f64();
+        }
+        let t = Instant::now();
         let loss = bl.loss.into_scalar::<f32>() as f64;
         opt.step(model, &g);
+        if a.profile {
+            for (_, p) in lora::lora_parameters(model).iter().take(1) {
+                let _ = p.clone().sum().into_scalar::<f32>();
+            }
+            phases[2] += t.elapsed().as_secs_f64();
+        }
         Ok(loss)
     };
     let tw = Instant::now();
     for _ in 0..a.warmup {
-        step(&mut model)?;
+        step(&mut model, &mut phases)?;
     }
+    phases = [0.0; 3];
     let warmup_s = tw.elapsed().as_secs_f64();
     let tm = Instant::now();
     let mut last = 0.0;
     for _ in 0..a.steps {
-        last = step(&mut model)?;
+        last = step(&mut model, &mut phases)?;
     }
     let secs = tm.elapsed().as_secs_f64();
     let tokens = (a.batch * a.seq * a.steps) as f64;
@@ -169,5 +193,7 @@ pub fn bench_train(a: &BenchTrainArgs) -> Result<Value> {
         "grad_checkpoint": a.grad_checkpoint, "params": model.num_parameters(), "lora_params": lora::num_lora_parameters(&model),
         "tokens_per_s": tokens / secs, "s_per_step": secs / a.steps as f64, "warmup_s": warmup_s, "load_s": load_s,
         "last_loss": last, "peak_rss_mb": super::metrics::peak_rss_mb(),
+        "profile_s_per_step": a.profile.then(|| json!({"forward": phases[0] / a.steps as f64,
+            "backward": phases[1] / a.steps as f64, "optimizer": phases[2] / a.steps as f64})),
     }))
 }
