@@ -240,27 +240,23 @@ fn bad_runs_fail_with_a_message_and_the_sweep_goes_on() {
     );
     assert!(err.contains("1 done") && err.contains("1 failed"), "{err}");
 
+    // The same experiment pointed at another data folder; returns what the sweep printed.
     let spec = experiment(d.path(), "");
     let text = std::fs::read_to_string(&spec).unwrap();
-    let missing = d.path().join("nowhere");
-    std::fs::write(
-        &spec,
-        text.replace(
-            &format!(
-                "data: {}",
-                Path::new(env!("CARGO_MANIFEST_DIR"))
-                    .join("experiments/data/diagnosis")
-                    .display()
-            ),
-            &format!("data: {}", missing.display()),
-        ),
-    )
-    .unwrap();
-    let out = tuna()
-        .args(["sweep", spec.to_str().unwrap()])
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
+    let diagnosis = Path::new(env!("CARGO_MANIFEST_DIR")).join("experiments/data/diagnosis");
+    let sweep_with_data = |data: &Path| {
+        let swapped = text.replace(
+            &format!("data: {}", diagnosis.display()),
+            &format!("data: {}", data.display()),
+        );
+        std::fs::write(&spec, swapped).unwrap();
+        let out = tuna()
+            .args(["sweep", spec.to_str().unwrap()])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stderr).to_string()
+    };
+    let err = sweep_with_data(&d.path().join("nowhere"));
     assert!(
         err.contains("nowhere") && err.contains("does not exist"),
         "{err}"
@@ -270,23 +266,6 @@ fn bad_runs_fail_with_a_message_and_the_sweep_goes_on() {
     std::fs::create_dir_all(&data).unwrap();
     std::fs::write(data.join("train.jsonl"), "{\"messages\": [{\"role\": \"user\", \"content\": \"a\"}, {\"role\": \"assistant\", \"content\": \"b\"}]}\n{\"text\": 1}\n").unwrap();
     std::fs::write(data.join("valid.jsonl"), "{\"text\": \"x\"}\n").unwrap();
-    std::fs::write(
-        &spec,
-        text.replace(
-            &format!(
-                "data: {}",
-                Path::new(env!("CARGO_MANIFEST_DIR"))
-                    .join("experiments/data/diagnosis")
-                    .display()
-            ),
-            &format!("data: {}", data.display()),
-        ),
-    )
-    .unwrap();
-    let out = tuna()
-        .args(["sweep", spec.to_str().unwrap()])
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = sweep_with_data(&data);
     assert!(err.contains("train.jsonl:2"), "{err}");
 }
