@@ -386,7 +386,7 @@ impl Run<'_> {
             peak_mem_mb: peak_rss_mb(),
             wall_s: None,
             backend: Some(self.sel.kind.to_string()),
-            device: Some(format!("{:?}", self.sel.device)),
+            device: Some(device_name(&self.sel.device)),
             task_metric: None,
             task_score: None,
         })
@@ -462,6 +462,21 @@ pub fn target_positions(b: &Batch) -> (Vec<i64>, Vec<i64>) {
         }
     }
     (rows, targets)
+}
+
+/// A short device name for the leaderboard (`cpu (flex)`, `wgpu DiscreteGpu(0)`).
+pub fn device_name(device: &burn::tensor::Device) -> String {
+    let full = format!("{device:?}");
+    if full.contains("Flex") {
+        return "cpu (flex)".into();
+    }
+    match full
+        .split_once("kind: ")
+        .and_then(|(_, rest)| rest.split(',').next())
+    {
+        Some(kind) => format!("wgpu {kind}"),
+        None => full,
+    }
 }
 
 /// Scales all gradients so that their global L2 norm is at most `max_norm`.
