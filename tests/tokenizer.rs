@@ -1,23 +1,13 @@
 //! Tokenizer and chat-template parity with transformers, using the reference folder
 //! (`../shared/reference` next to the crate, or `$TUNA_REFERENCE`).
 
+mod common;
+
+use common::reference_dir;
 use std::path::PathBuf;
 
 use serde_json::{Value, json};
 use tuna::model::tokenizer::{CivilTime, Tokenizer, civil_from_unix, strftime};
-
-fn reference_dir() -> PathBuf {
-    let dir = match std::env::var_os("TUNA_REFERENCE") {
-        Some(p) => PathBuf::from(p),
-        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/reference"),
-    };
-    assert!(
-        dir.join("expected.json").is_file(),
-        "reference data not found: looked for {} (set TUNA_REFERENCE to the folder holding expected.json and tiny-llama/)",
-        dir.join("expected.json").display()
-    );
-    dir
-}
 
 fn expected() -> Value {
     let p = reference_dir().join("expected.json");

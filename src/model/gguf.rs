@@ -624,52 +624,38 @@ impl GgufFile {
         })
     }
 
-    fn meta_u64(&self, key: &str) -> Result<Option<u64>, GgufError> {
+    /// A typed metadata value: `None` when absent, an error naming the key when of another type.
+    fn meta<'a, T>(
+        &'a self,
+        key: &str,
+        what: &str,
+        get: impl Fn(&'a GgufValue) -> Option<T>,
+    ) -> Result<Option<T>, GgufError> {
         match self.get(key) {
             None => Ok(None),
-            Some(v) => v.as_u64().map(Some).ok_or_else(|| {
+            Some(v) => get(v).map(Some).ok_or_else(|| {
                 self.err(GgufErrorKind::BadValue {
                     key: key.into(),
-                    msg: format!("expected an unsigned integer, found {}", v.type_name()),
+                    msg: format!("expected {what}, found {}", v.type_name()),
                 })
             }),
         }
+    }
+
+    fn meta_u64(&self, key: &str) -> Result<Option<u64>, GgufError> {
+        self.meta(key, "an unsigned integer", GgufValue::as_u64)
     }
 
     fn meta_f64(&self, key: &str) -> Result<Option<f64>, GgufError> {
-        match self.get(key) {
-            None => Ok(None),
-            Some(v) => v.as_f64().map(Some).ok_or_else(|| {
-                self.err(GgufErrorKind::BadValue {
-                    key: key.into(),
-                    msg: format!("expected a number, found {}", v.type_name()),
-                })
-            }),
-        }
+        self.meta(key, "a number", GgufValue::as_f64)
     }
 
     fn meta_str(&self, key: &str) -> Result<Option<&str>, GgufError> {
-        match self.get(key) {
-            None => Ok(None),
-            Some(v) => v.as_str().map(Some).ok_or_else(|| {
-                self.err(GgufErrorKind::BadValue {
-                    key: key.into(),
-                    msg: format!("expected a string, found {}", v.type_name()),
-                })
-            }),
-        }
+        self.meta(key, "a string", GgufValue::as_str)
     }
 
     fn meta_bool(&self, key: &str) -> Result<Option<bool>, GgufError> {
-        match self.get(key) {
-            None => Ok(None),
-            Some(v) => v.as_bool().map(Some).ok_or_else(|| {
-                self.err(GgufErrorKind::BadValue {
-                    key: key.into(),
-                    msg: format!("expected a bool, found {}", v.type_name()),
-                })
-            }),
-        }
+        self.meta(key, "a bool", GgufValue::as_bool)
     }
 
     fn require_u64(&self, key: &str) -> Result<u64, GgufError> {
