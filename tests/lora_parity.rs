@@ -3,7 +3,9 @@
 //! Reference data: `../shared/reference` next to the crate, or `$TUNA_REFERENCE`. Missing data
 //! is a failure, never a skip.
 
-use std::path::PathBuf;
+mod common;
+
+use common::{Expected, reference_dir};
 use std::time::Instant;
 
 use burn::module::{Lora, Module};
@@ -16,19 +18,6 @@ use tuna::model::lora::{
     AdamW, load_peft_adapter, lora_gradients, lora_parameters, merge_lora, save_peft_adapter,
     set_gradient_checkpointing, set_trainable,
 };
-
-fn reference_dir() -> PathBuf {
-    let dir = match std::env::var_os("TUNA_REFERENCE") {
-        Some(d) => PathBuf::from(d),
-        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/reference"),
-    };
-    assert!(
-        dir.join("expected.safetensors").exists(),
-        "reference data not found: looked for {} (set TUNA_REFERENCE to the folder holding expected.safetensors)",
-        dir.join("expected.safetensors").display()
-    );
-    dir
-}
 
 fn read_tensors(path: &std::path::Path) -> Vec<(String, Vec<usize>, Vec<u8>, safetensors::Dtype)> {
     let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
@@ -43,34 +32,6 @@ fn read_tensors(path: &std::path::Path) -> Vec<(String, Vec<usize>, Vec<u8>, saf
             )
         })
         .collect()
-}
-
-struct Expected(Vec<(String, Vec<usize>, Vec<u8>, safetensors::Dtype)>);
-
-impl Expected {
-    fn load() -> Self {
-        Self(read_tensors(&reference_dir().join("expected.safetensors")))
-    }
-    fn raw(&self, name: &str) -> &(String, Vec<usize>, Vec<u8>, safetensors::Dtype) {
-        self.0
-            .iter()
-            .find(|t| t.0 == name)
-            .unwrap_or_else(|| panic!("expected tensor {name} missing"))
-    }
-    fn f32(&self, name: &str) -> Vec<f32> {
-        let t = self.raw(name);
-        assert_eq!(t.3, safetensors::Dtype::F32);
-        t.2.chunks_exact(4)
-            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-            .collect()
-    }
-    fn i64(&self, name: &str) -> Vec<i64> {
-        let t = self.raw(name);
-        assert_eq!(t.3, safetensors::Dtype::I64);
-        t.2.chunks_exact(8)
-            .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
-            .collect()
-    }
 }
 
 fn rel_l2(a: &[f32], b: &[f32]) -> f64 {

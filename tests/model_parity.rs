@@ -3,66 +3,18 @@
 //! Reference data: `../shared/reference` next to the crate, or `$TUNA_REFERENCE`. Missing data
 //! is a failure, never a skip.
 
+mod common;
+
+use common::{Expected, reference_dir};
 use std::path::PathBuf;
 
 use burn::tensor::{DType, Device, Tensor, TensorData};
-use safetensors::SafeTensors;
 use tuna::generate::{GenerateConfig, generate};
 use tuna::model::config::ModelConfig;
 use tuna::model::gguf::load_gguf;
 use tuna::model::llama::Llama;
 use tuna::model::load::{build_model, load_model, load_safetensors_dir};
 use tuna::model::source::{ModelFiles, resolve_model};
-
-fn reference_dir() -> PathBuf {
-    let dir = match std::env::var_os("TUNA_REFERENCE") {
-        Some(d) => PathBuf::from(d),
-        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/reference"),
-    };
-    assert!(
-        dir.join("expected.safetensors").exists(),
-        "reference data not found: looked for {} (set TUNA_REFERENCE to the folder holding expected.safetensors)",
-        dir.join("expected.safetensors").display()
-    );
-    dir
-}
-
-struct Expected {
-    bytes: Vec<u8>,
-}
-
-impl Expected {
-    fn load() -> Self {
-        let path = reference_dir().join("expected.safetensors");
-        Self {
-            bytes: std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display())),
-        }
-    }
-
-    fn f32(&self, name: &str) -> Vec<f32> {
-        let st = SafeTensors::deserialize(&self.bytes).unwrap();
-        let t = st
-            .tensor(name)
-            .unwrap_or_else(|_| panic!("expected tensor {name} missing"));
-        assert_eq!(t.dtype(), safetensors::Dtype::F32, "{name}");
-        t.data()
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-            .collect()
-    }
-
-    fn i64(&self, name: &str) -> Vec<i64> {
-        let st = SafeTensors::deserialize(&self.bytes).unwrap();
-        let t = st
-            .tensor(name)
-            .unwrap_or_else(|_| panic!("expected tensor {name} missing"));
-        assert_eq!(t.dtype(), safetensors::Dtype::I64, "{name}");
-        t.data()
-            .chunks_exact(8)
-            .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
-            .collect()
-    }
-}
 
 fn max_abs(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());

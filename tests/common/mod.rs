@@ -49,6 +49,14 @@ impl Expected {
         }
     }
 
+    pub fn f32(&self, name: &str) -> Vec<f32> {
+        let (dt, b) = self.view(name);
+        assert_eq!(dt, safetensors::Dtype::F32, "{name}");
+        b.chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect()
+    }
+
     pub fn i64(&self, name: &str) -> Vec<i64> {
         let (dt, b) = self.view(name);
         assert_eq!(dt, safetensors::Dtype::I64, "{name}");
