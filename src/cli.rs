@@ -66,39 +66,7 @@ pub enum Command {
         device: String,
     },
     /// Generate text, streaming it to stdout.
-    Generate {
-        #[arg(long)]
-        model: String,
-        #[arg(long)]
-        adapter: Option<PathBuf>,
-        #[arg(long)]
-        prompt: String,
-        /// Send the prompt as is, without the chat template.
-        #[arg(long)]
-        raw: bool,
-        #[arg(long)]
-        system: Option<String>,
-        #[arg(long, default_value_t = 256)]
-        max_tokens: usize,
-        /// 0 = greedy.
-        #[arg(long, default_value_t = 0.0)]
-        temp: f32,
-        #[arg(long, default_value_t = 1.0)]
-        top_p: f32,
-        #[arg(long, default_value_t = 0)]
-        top_k: usize,
-        #[arg(long, default_value_t = 0.0)]
-        min_p: f32,
-        #[arg(long, default_value_t = 1.0)]
-        repetition_penalty: f32,
-        /// Stop when the output contains this (repeatable).
-        #[arg(long)]
-        stop: Vec<String>,
-        #[arg(long, default_value_t = 0)]
-        seed: u64,
-        #[arg(long, default_value = "auto")]
-        device: String,
-    },
+    Generate(crate::generate::cli::GenerateArgs),
     /// Merge an adapter into the base weights and write a Hugging Face folder (f32).
     Fuse {
         #[arg(long)]
@@ -141,46 +109,9 @@ pub enum Command {
 #[derive(Subcommand, Debug)]
 pub enum BenchCommand {
     /// LoRA training tokens/s on a model shape with random weights.
-    Train {
-        /// smollm2-135m, tinyllama-1.1b or tiny.
-        #[arg(long, default_value = "smollm2-135m")]
-        shape: String,
-        #[arg(long, default_value = "auto")]
-        device: String,
-        #[arg(long, default_value = "auto")]
-        dtype: String,
-        #[arg(long, default_value_t = 8)]
-        batch: usize,
-        #[arg(long, default_value_t = 512)]
-        seq: usize,
-        #[arg(long, default_value_t = 10)]
-        steps: usize,
-        #[arg(long, default_value_t = 3)]
-        warmup: usize,
-        #[arg(long, default_value_t = 8)]
-        rank: usize,
-        #[arg(long, value_delimiter = ',', default_value = "q_proj,v_proj")]
-        keys: Vec<String>,
-        #[arg(long)]
-        grad_checkpoint: bool,
-        /// Time forward, backward and optimizer separately (syncs between them).
-        #[arg(long)]
-        profile: bool,
-    },
+    Train(crate::train::bench::BenchTrainArgs),
     /// Prompt and generation tokens/s.
-    Generate {
-        /// A model spec, or `shape:smollm2-135m` for random weights.
-        #[arg(long)]
-        model: String,
-        #[arg(long, default_value = "auto")]
-        device: String,
-        #[arg(long, default_value = "auto")]
-        dtype: String,
-        #[arg(long, default_value_t = 128)]
-        prompt_tokens: usize,
-        #[arg(long, default_value_t = 64)]
-        tokens: usize,
-    },
+    Generate(crate::generate::bench::BenchGenerateArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -315,42 +246,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
-        Command::Generate {
-            model,
-            adapter,
-            prompt,
-            raw,
-            system,
-            max_tokens,
-            temp,
-            top_p,
-            top_k,
-            min_p,
-            repetition_penalty,
-            stop,
-            seed,
-            device,
-        } => {
-            let sampling = crate::generate::SamplingConfig {
-                temperature: temp,
-                top_p,
-                top_k,
-                min_p,
-                repetition_penalty,
-                repetition_context: None,
-                seed,
-            };
-            let args = crate::generate::cli::GenerateArgs {
-                model,
-                adapter,
-                prompt,
-                raw,
-                system,
-                max_tokens,
-                sampling,
-                stop,
-                device,
-            };
+        Command::Generate(args) => {
             crate::generate::cli::run(&args)?;
             Ok(ExitCode::SUCCESS)
         }
@@ -370,54 +266,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Bench {
-            command:
-                BenchCommand::Train {
-                    shape,
-                    device,
-                    dtype,
-                    batch,
-                    seq,
-                    steps,
-                    warmup,
-                    rank,
-                    keys,
-                    grad_checkpoint,
-                    profile,
-                },
+            command: BenchCommand::Train(a),
         } => {
-            let a = crate::train::bench::BenchTrainArgs {
-                shape,
-                device,
-                dtype,
-                batch,
-                seq,
-                steps,
-                warmup,
-                rank,
-                keys,
-                grad_checkpoint,
-                profile,
-            };
             println!("{}", crate::train::bench::bench_train(&a)?);
             Ok(ExitCode::SUCCESS)
         }
         Command::Bench {
-            command:
-                BenchCommand::Generate {
-                    model,
-                    device,
-                    dtype,
-                    prompt_tokens,
-                    tokens,
-                },
+            command: BenchCommand::Generate(a),
         } => {
-            let a = crate::generate::bench::BenchGenerateArgs {
-                model,
-                device,
-                dtype,
-                prompt_tokens,
-                tokens,
-            };
             println!("{}", crate::generate::bench::bench_generate(&a)?);
             Ok(ExitCode::SUCCESS)
         }

@@ -14,12 +14,19 @@ use crate::model::load::build_model;
 use crate::train::bench::{random_weights, shape_config};
 use crate::train::trainer::device_for;
 
+/// `tuna bench generate`'s arguments (clap reads them straight into this struct).
+#[derive(clap::Args, Debug, Clone)]
 pub struct BenchGenerateArgs {
-    /// A model spec, or `shape:NAME` for random weights of a known shape.
+    /// A model spec, or `shape:NAME` (e.g. `shape:smollm2-135m`) for random weights.
+    #[arg(long)]
     pub model: String,
+    #[arg(long, default_value = "auto")]
     pub device: String,
+    #[arg(long, default_value = "auto")]
     pub dtype: String,
+    #[arg(long, default_value_t = 128)]
     pub prompt_tokens: usize,
+    #[arg(long, default_value_t = 64)]
     pub tokens: usize,
 }
 

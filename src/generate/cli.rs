@@ -13,16 +13,55 @@ use crate::model::load::build_model;
 use crate::model::lora::load_peft_adapter;
 use crate::train::trainer::device_for;
 
+/// `tuna generate`'s arguments (clap reads them straight into this struct).
+#[derive(clap::Args, Debug, Clone)]
 pub struct GenerateArgs {
+    #[arg(long)]
     pub model: String,
+    /// A PEFT adapter folder (a run's `adapter/`).
+    #[arg(long)]
     pub adapter: Option<PathBuf>,
+    #[arg(long)]
     pub prompt: String,
+    /// Send the prompt as is, without the chat template.
+    #[arg(long)]
     pub raw: bool,
+    #[arg(long)]
     pub system: Option<String>,
+    #[arg(long, default_value_t = 256)]
     pub max_tokens: usize,
-    pub sampling: SamplingConfig,
+    /// Sampling temperature; 0 = greedy.
+    #[arg(long, default_value_t = 0.0)]
+    pub temp: f32,
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f32,
+    #[arg(long, default_value_t = 0)]
+    pub top_k: usize,
+    #[arg(long, default_value_t = 0.0)]
+    pub min_p: f32,
+    #[arg(long, default_value_t = 1.0)]
+    pub repetition_penalty: f32,
+    /// Stop when the output contains this (repeatable).
+    #[arg(long)]
     pub stop: Vec<String>,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    #[arg(long, default_value = "auto")]
     pub device: String,
+}
+
+impl GenerateArgs {
+    fn sampling(&self) -> SamplingConfig {
+        SamplingConfig {
+            temperature: self.temp,
+            top_p: self.top_p,
+            top_k: self.top_k,
+            min_p: self.min_p,
+            repetition_penalty: self.repetition_penalty,
+            repetition_context: None,
+            seed: self.seed,
+        }
+    }
 }
 
 pub fn run(args: &GenerateArgs) -> Result<()> {
@@ -49,7 +88,7 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
     let ids = tok.try_encode(&text, args.raw && tok.add_bos_token())?;
     let mut config = GenerateConfig {
         max_new_tokens: args.max_tokens,
-        sampling: args.sampling.clone(),
+        sampling: args.sampling(),
         stop_strings: args.stop.clone(),
         ..Default::default()
     }

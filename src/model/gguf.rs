@@ -1412,38 +1412,35 @@ fn bpe_pre_tokenizer(pre: &str) -> Option<Value> {
     })
 }
 
-fn string_array<'a>(file: &'a GgufFile, key: &str) -> Result<Option<Vec<&'a str>>, GgufError> {
+/// A metadata array whose every element `get` accepts; `None` when the key is absent.
+fn typed_array<'a, T>(
+    file: &'a GgufFile,
+    key: &str,
+    what: &str,
+    get: impl Fn(&'a GgufValue) -> Option<T>,
+) -> Result<Option<Vec<T>>, GgufError> {
     let Some(v) = file.get(key) else {
         return Ok(None);
     };
     let bad = || {
         file.err(GgufErrorKind::BadValue {
             key: key.into(),
-            msg: format!("expected an array of strings, found {}", v.type_name()),
+            msg: format!("expected an array of {what}, found {}", v.type_name()),
         })
     };
     let arr = v.as_array().ok_or_else(bad)?;
     arr.iter()
-        .map(|x| x.as_str().ok_or_else(bad))
+        .map(|x| get(x).ok_or_else(bad))
         .collect::<Result<Vec<_>, _>>()
         .map(Some)
 }
 
+fn string_array<'a>(file: &'a GgufFile, key: &str) -> Result<Option<Vec<&'a str>>, GgufError> {
+    typed_array(file, key, "strings", GgufValue::as_str)
+}
+
 fn number_array(file: &GgufFile, key: &str) -> Result<Option<Vec<f64>>, GgufError> {
-    let Some(v) = file.get(key) else {
-        return Ok(None);
-    };
-    let bad = || {
-        file.err(GgufErrorKind::BadValue {
-            key: key.into(),
-            msg: format!("expected an array of numbers, found {}", v.type_name()),
-        })
-    };
-    let arr = v.as_array().ok_or_else(bad)?;
-    arr.iter()
-        .map(|x| x.as_f64().ok_or_else(bad))
-        .collect::<Result<Vec<_>, _>>()
-        .map(Some)
+    typed_array(file, key, "numbers", GgufValue::as_f64)
 }
 
 /// Byte-pair merges for a SentencePiece BPE vocabulary, as transformers derives them: every

@@ -96,19 +96,33 @@ pub fn random_weights(c: &ModelConfig, seed: u64) -> RawWeights {
         .collect()
 }
 
+/// `tuna bench train`'s arguments (clap reads them straight into this struct).
+#[derive(clap::Args, Debug, Clone)]
 pub struct BenchTrainArgs {
+    /// smollm2-135m, tinyllama-1.1b or tiny.
+    #[arg(long, default_value = "smollm2-135m")]
     pub shape: String,
+    #[arg(long, default_value = "auto")]
     pub device: String,
+    #[arg(long, default_value = "auto")]
     pub dtype: String,
+    #[arg(long, default_value_t = 8)]
     pub batch: usize,
+    #[arg(long, default_value_t = 512)]
     pub seq: usize,
+    #[arg(long, default_value_t = 10)]
     pub steps: usize,
+    #[arg(long, default_value_t = 3)]
     pub warmup: usize,
+    #[arg(long, default_value_t = 8)]
     pub rank: usize,
+    #[arg(long, value_delimiter = ',', default_value = "q_proj,v_proj")]
     pub keys: Vec<String>,
+    #[arg(long)]
     pub grad_checkpoint: bool,
-    /// Synchronize after each phase and report forward / backward / optimizer seconds
-    /// (slightly slower overall: it drains the device queue three times a step).
+    /// Time forward, backward and optimizer separately: synchronizes after each phase, so
+    /// the whole step gets slightly slower.
+    #[arg(long)]
     pub profile: bool,
 }
 

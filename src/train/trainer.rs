@@ -296,7 +296,7 @@ impl Run<'_> {
             }
             opt.step(model, &grads);
             let loss = loss_sum / targets.max(1) as f64;
-            window.add(loss, tokens);
+            window.add(loss);
             trained_tokens += tokens as u64;
             speed_tokens += tokens;
             speed_time += t0.elapsed().as_secs_f64();
@@ -306,7 +306,7 @@ impl Run<'_> {
             pb.set_message(format!("loss {loss:.3}"));
 
             if done % s.steps_per_report == 0 || done == s.iters {
-                let (avg, _) = window.take();
+                let avg = window.take();
                 let tps = speed_tokens as f64 / speed_time.max(1e-9);
                 let its = (done - start) as f64 / started.elapsed().as_secs_f64().max(1e-9);
                 log.log(
@@ -484,17 +484,12 @@ pub fn clip_global_norm(grads: &mut [(String, Tensor<2>)], max_norm: f64) {
     if grads.is_empty() {
         return;
     }
-    let total: f64 = grads
+    // One device reduction and one host sync per step, whatever the number of adapters.
+    let total = grads
         .iter()
-        .map(|(_, g)| {
-            g.clone()
-                .cast(DType::F32)
-                .square()
-                .sum()
-                .into_scalar::<f32>() as f64
-        })
-        .sum::<f64>()
-        .sqrt();
+        .map(|(_, g)| g.clone().cast(DType::F32).square().sum())
+        .reduce(|a, b| a + b)
+        .map_or(0.0, |sq| (sq.into_scalar::<f32>() as f64).sqrt());
     if total > max_norm {
         let k = max_norm / (total + 1e-6);
         for (_, g) in grads.iter_mut() {
@@ -511,12 +506,12 @@ struct Window {
 }
 
 impl Window {
-    fn add(&mut self, loss: f64, _tokens: usize) {
+    fn add(&mut self, loss: f64) {
         self.sum += loss;
         self.n += 1;
     }
-    fn take(&mut self) -> (f64, usize) {
-        let out = (self.sum / self.n.max(1) as f64, self.n);
+    fn take(&mut self) -> f64 {
+        let out = self.sum / self.n.max(1) as f64;
         *self = Window::default();
         out
     }
@@ -546,5 +541,33 @@ fn say(pb: &ProgressBar, quiet: bool, line: &str) {
         eprintln!("{line}");
     } else {
         pb.println(line);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clipping_scales_to_the_global_norm() {
+        let dev = burn::tensor::Device::flex();
+        let t = |v: Vec<f32>| Tensor::<2>::from_data(TensorData::new(v, [1, 1]), &dev);
+        // Global norm of (3, 4) is 5: clipped to 1 it becomes (0.6, 0.8).
+        let mut g = vec![
+            ("a".to_string(), t(vec![3.0])),
+            ("b".to_string(), t(vec![4.0])),
+        ];
+        clip_global_norm(&mut g, 1.0);
+        let got: Vec<f32> = g
+            .iter()
+            .map(|(_, x)| x.clone().into_scalar::<f32>())
+            .collect();
+        assert!(
+            (got[0] - 0.6).abs() < 1e-5 && (got[1] - 0.8).abs() < 1e-5,
+            "{got:?}"
+        );
+        // Below the limit nothing changes.
+        clip_global_norm(&mut g, 10.0);
+        assert!((g[1].1.clone().into_scalar::<f32>() - 0.8).abs() < 1e-6);
     }
 }
