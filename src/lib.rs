@@ -7,6 +7,7 @@ pub mod config;
 pub mod data;
 pub mod generate;
 pub mod model;
+pub mod optim;
 pub mod report;
 pub mod sweep;
 pub mod train;

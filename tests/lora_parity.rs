@@ -12,12 +12,11 @@ use burn::module::{Lora, Module};
 use burn::nn::LinearConfig;
 use burn::tensor::{DType, Device, Distribution, Tensor, TensorData};
 use safetensors::SafeTensors;
+use tuna::data::dataset::Batch;
 use tuna::model::llama::{Linear, Llama, LoraBranch, causal_lm_loss};
 use tuna::model::load::load_model;
-use tuna::model::lora::{
-    AdamW, load_peft_adapter, lora_gradients, lora_parameters, merge_lora, save_peft_adapter,
-    set_gradient_checkpointing, set_trainable,
-};
+use tuna::model::lora::{AdamW, load_peft_adapter, lora_parameters, merge_lora, save_peft_adapter};
+use tuna::train::step::{StepGrads, StepOptions, loss_and_grads};
 
 fn read_tensors(path: &std::path::Path) -> Vec<(String, Vec<usize>, Vec<u8>, safetensors::Dtype)> {
     let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
@@ -68,6 +67,28 @@ fn loss(model: &Llama, ex: &Example) -> Tensor<1> {
     causal_lm_loss(model.forward(ids.clone(), None), ids, mask)
 }
 
+/// The example as the trainer's one-row batch.
+fn batch(ex: &Example) -> Batch {
+    let n = ex.ids.len();
+    Batch {
+        batch: 1,
+        seq: n,
+        ids: ex.ids.clone(),
+        attention: vec![1.0; n],
+        loss_mask: ex.mask.clone(),
+        lengths: vec![n],
+    }
+}
+
+/// What a training step computes: loss and adapter gradients, through `train::step`.
+fn step(model: &Llama, ex: &Example, opts: &StepOptions) -> StepGrads {
+    loss_and_grads(model, &batch(ex), opts)
+}
+
+fn values(t: &Tensor<2>) -> Vec<f32> {
+    t.clone().try_into_vec_as::<f32>().unwrap()
+}
+
 fn scalar(t: Tensor<1>) -> f32 {
     t.inner().try_into_vec_as::<f32>().unwrap()[0]
 }
@@ -84,25 +105,34 @@ fn check(prefix: &str) {
     assert_eq!(cfg.scale, 2.0);
     assert_eq!(cfg.keys, vec!["q_proj", "v_proj"]);
 
-    // Loss and gradients.
-    set_trainable(&mut model, true);
-    let l = loss(&model, &ex);
-    let got = scalar(l.clone());
+    // Loss and gradients, as a training step computes them, with and without block
+    // checkpointing: both against PEFT's.
     let want = exp.f32(&format!("{prefix}.lora.loss"))[0];
-    let rel = ((got - want) / want).abs();
-    println!("{prefix}: loss {got} vs {want} (rel {rel:.2e})");
-    assert!(rel < 1e-4, "{prefix}.lora.loss: {got} vs {want}");
-
-    let grads = l.backward();
-    let named = lora_gradients(&model, &grads);
-    assert_eq!(named.len(), 8, "one gradient per lora_A/lora_B tensor");
-    for (name, g) in &named {
-        let peft = name.replace(".weight", ".default.weight");
-        let want = exp.f32(&format!("{prefix}.lora.grad.{peft}"));
-        let got = g.clone().try_into_vec_as::<f32>().unwrap();
-        let e = rel_l2(&got, &want);
-        println!("{prefix}: grad {name} rel L2 {e:.2e}");
-        assert!(e < 1e-3, "{prefix} grad {name}: rel L2 {e}");
+    assert!(
+        (scalar(loss(&model, &ex)) - want).abs() / want < 1e-4,
+        "the plain forward's loss"
+    );
+    for checkpoint in [false, true] {
+        let sg = step(
+            &model,
+            &ex,
+            &StepOptions {
+                checkpoint,
+                ..Default::default()
+            },
+        );
+        let got = scalar(sg.loss);
+        let rel = ((got - want) / want).abs();
+        println!("{prefix} (checkpoint {checkpoint}): loss {got} vs {want} (rel {rel:.2e})");
+        assert!(rel < 1e-4, "{prefix}.lora.loss: {got} vs {want}");
+        assert_eq!(sg.grads.len(), 8, "one gradient per lora_A/lora_B tensor");
+        for (name, g) in &sg.grads {
+            let peft = name.replace(".weight", ".default.weight");
+            let want = exp.f32(&format!("{prefix}.lora.grad.{peft}"));
+            let e = rel_l2(&values(g), &want);
+            println!("{prefix}: grad {name} rel L2 {e:.2e}");
+            assert!(e < 1e-3, "{prefix} grad {name}: rel L2 {e}");
+        }
     }
 
     // Save / reload round trip in PEFT format, before training changes anything.
@@ -135,11 +165,9 @@ fn check(prefix: &str) {
     let mut opt = AdamW::new(1e-2, 0.0);
     let mut traj = Vec::new();
     for _ in 0..want.len() {
-        let l = loss(&model, &ex);
-        traj.push(scalar(l.clone()));
-        let grads = l.backward();
-        let named = lora_gradients(&model, &grads);
-        opt.step(&mut model, &named);
+        let sg = step(&model, &ex, &StepOptions::default());
+        traj.push(scalar(sg.loss));
+        opt.step(&mut model, &sg.grads);
     }
     println!("{prefix}: adamw losses {traj:?} vs {want:?}");
     for (g, w) in traj.iter().zip(&want) {
@@ -218,7 +246,7 @@ fn side_branch_matches_burn_apply_lora() {
         best[0] = best[0].min(start.elapsed().as_secs_f64());
 
         let start = Instant::now();
-        let y = mine.forward(x.clone(), false);
+        let y = mine.forward(x.clone(), None);
         let g = y.clone().sum().backward();
         let gb = mine.lora.as_ref().unwrap().b.grad(&g).expect("b grad");
         best[1] = best[1].min(start.elapsed().as_secs_f64());
@@ -244,52 +272,116 @@ fn side_branch_matches_burn_apply_lora() {
     );
 }
 
-/// Gradient checkpointing changes memory, not gradients; optimizer state survives a save/load.
+/// Block checkpointing and loss scaling change memory and range, not gradients, also with
+/// adapters on the last layer only (layers below get no backward) and LoRA dropout (the
+/// recomputed layer must draw the masks the forward drew); optimizer state survives a
+/// save/load.
 #[test]
-fn checkpointing_and_optimizer_state_round_trip() {
+fn checkpointing_scaling_and_optimizer_state_round_trip() {
+    use tuna::model::lora::{LoraConfig, apply_lora};
     let dir = reference_dir();
     let exp = Expected::load();
     let ex = example(&exp, "tiny-llama");
-    let mk = || {
-        let mut m = load_model(&dir.join("tiny-llama"), &Device::flex(), DType::F32).unwrap();
-        load_peft_adapter(&mut m, &dir.join("tiny-llama-lora")).unwrap();
-        m
+    let mut m = load_model(&dir.join("tiny-llama"), &Device::flex(), DType::F32).unwrap();
+    let cfg = LoraConfig {
+        rank: 4,
+        scale: 2.0,
+        dropout: 0.3,
+        keys: vec!["q_proj".into(), "v_proj".into(), "down_proj".into()],
+        num_layers: 1,
     };
-    let mut a = mk();
-    set_trainable(&mut a, true);
-    let mut b = mk();
-    set_trainable(&mut b, true);
-    set_gradient_checkpointing(&mut b, true);
-    let ga = lora_gradients(&a, &loss(&a, &ex).backward());
-    let gb = lora_gradients(&b, &loss(&b, &ex).backward());
-    assert_eq!(ga.len(), gb.len());
-    for ((n, x), (_, y)) in ga.iter().zip(&gb) {
-        let e = rel_l2(
-            &x.clone().try_into_vec_as::<f32>().unwrap(),
-            &y.clone().try_into_vec_as::<f32>().unwrap(),
-        );
-        assert!(e < 1e-6, "{n}: checkpointed grad differs ({e})");
+    apply_lora(&mut m, &cfg, 3).unwrap();
+    for layer in m.layers.iter_mut() {
+        for lin in [&mut layer.self_attn.q_proj, &mut layer.mlp.down_proj] {
+            if let Some(br) = lin.lora.as_mut() {
+                br.b = br.b.random_like(Distribution::Normal(0.0, 0.5));
+            }
+        }
+    }
+    let opts = |checkpoint, loss_scale| StepOptions {
+        checkpoint,
+        dropout_seed: Some(42),
+        loss_scale,
+    };
+    let plain = step(&m, &ex, &opts(false, 1.0));
+    assert_eq!(plain.grads.len(), 6, "last layer only, three modules");
+    let again = step(&m, &ex, &opts(false, 1.0));
+    assert_eq!(
+        scalar(plain.loss.clone()),
+        scalar(again.loss),
+        "same dropout seed, same masks"
+    );
+    let other = step(
+        &m,
+        &ex,
+        &StepOptions {
+            dropout_seed: Some(43),
+            ..opts(false, 1.0)
+        },
+    );
+    assert_ne!(
+        scalar(plain.loss.clone()),
+        scalar(other.loss),
+        "another seed draws other masks"
+    );
+    for (variant, scale) in [(opts(true, 1.0), 1.0), (opts(false, 1024.0), 1024.0)] {
+        let got = step(&m, &ex, &variant);
+        assert_eq!(got.grads.len(), plain.grads.len());
+        assert!((scalar(got.loss) - scalar(plain.loss.clone())).abs() < 1e-6);
+        for ((n, x), (_, y)) in plain.grads.iter().zip(&got.grads) {
+            let y: Vec<f32> = values(y).iter().map(|v| v / scale as f32).collect();
+            let e = rel_l2(&y, &values(x));
+            assert!(
+                e < 1e-5,
+                "{n} (checkpoint {}, scale {scale}): {e}",
+                variant.checkpoint
+            );
+        }
     }
 
     let mut opt = AdamW::new(1e-2, 0.1);
-    opt.step(&mut a, &ga);
+    opt.step(&mut m, &plain.grads);
     let path = std::env::temp_dir().join(format!("tuna-adamw-{}.safetensors", std::process::id()));
     opt.save_state(&path).unwrap();
     let mut opt2 = AdamW::new(1e-2, 0.1);
     opt2.load_state(&path, &Device::flex()).unwrap();
     std::fs::remove_file(&path).ok();
     assert_eq!(opt2.steps_taken(), 1);
-    let mut a2 = a.clone();
-    let g = lora_gradients(&a, &loss(&a, &ex).backward());
-    opt.step(&mut a, &g);
-    opt2.step(&mut a2, &g);
-    for ((n, x), (_, y)) in lora_parameters(&a).iter().zip(&lora_parameters(&a2)) {
-        assert_eq!(
-            x.clone().inner().try_into_vec_as::<f32>().unwrap(),
-            y.clone().inner().try_into_vec_as::<f32>().unwrap(),
-            "{n} after restored optimizer step"
-        );
+    let mut m2 = m.clone();
+    let g = step(&m, &ex, &opts(false, 1.0)).grads;
+    opt.step(&mut m, &g);
+    opt2.step(&mut m2, &g);
+    for ((n, x), (_, y)) in lora_parameters(&m).iter().zip(&lora_parameters(&m2)) {
+        assert_eq!(values(x), values(y), "{n} after restored optimizer step");
     }
+}
+
+/// A step whose gradients are not finite leaves adapters and moments as they were.
+#[test]
+fn skipped_step_keeps_the_adapters() {
+    let dir = reference_dir();
+    let exp = Expected::load();
+    let ex = example(&exp, "tiny-llama");
+    let mut m = load_model(&dir.join("tiny-llama"), &Device::flex(), DType::F32).unwrap();
+    load_peft_adapter(&mut m, &dir.join("tiny-llama-lora")).unwrap();
+    let before: Vec<Vec<f32>> = lora_parameters(&m).iter().map(|(_, t)| values(t)).collect();
+    let mut grads = step(&m, &ex, &StepOptions::default()).grads;
+    grads[0].1 = grads[0].1.clone().mul_scalar(f32::INFINITY);
+    let norm = tuna::optim::global_norm_sq(&grads).unwrap();
+    let ok = tuna::optim::finite(&norm);
+    let mut opt = AdamW::new(1e-2, 0.0);
+    opt.step_where(&mut m, &grads, Some(&ok), 1.0);
+    let after: Vec<Vec<f32>> = lora_parameters(&m).iter().map(|(_, t)| values(t)).collect();
+    assert_eq!(
+        before, after,
+        "an overflowed step must not move the adapters"
+    );
+    // The next finite step moves them.
+    let good = step(&m, &ex, &StepOptions::default()).grads;
+    let ok = tuna::optim::finite(&tuna::optim::global_norm_sq(&good).unwrap());
+    opt.step_where(&mut m, &good, Some(&ok), 1.0);
+    let moved: Vec<Vec<f32>> = lora_parameters(&m).iter().map(|(_, t)| values(t)).collect();
+    assert_ne!(before, moved);
 }
 
 /// LoRA dropout acts only in training mode, on the adapter input.
@@ -314,7 +406,6 @@ fn lora_dropout_only_in_training() {
     .unwrap();
     assert_eq!(lora_parameters(&m).len(), 4, "last layer only, two modules");
     // B = 0 at init; give it values so the branch matters.
-    set_trainable(&mut m, false);
     for layer in m.layers.iter_mut() {
         for lin in [&mut layer.self_attn.q_proj, &mut layer.mlp.down_proj] {
             if let Some(br) = lin.lora.as_mut() {

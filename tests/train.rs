@@ -13,7 +13,7 @@ use tuna::data::dataset::{Tokenized, collate};
 use tuna::model::base::load_base;
 use tuna::model::load::build_model;
 use tuna::model::lora::load_peft_adapter;
-use tuna::train::trainer::batch_loss;
+use tuna::train::step::eval_loss;
 
 fn loss_of(model: &tuna::model::llama::Llama, exp: &Expected, prefix: &str) -> f64 {
     let ids: Vec<u32> = exp
@@ -24,7 +24,7 @@ fn loss_of(model: &tuna::model::llama::Llama, exp: &Expected, prefix: &str) -> f
     let prompt_len = exp.i64(&format!("{prefix}.lora.prompt_len"))[0] as usize;
     let ex = Tokenized { ids, prompt_len };
     let b = collate(&[&ex], 0, 1);
-    batch_loss(model, &b).loss.into_scalar::<f32>() as f64
+    eval_loss(model, &b).0.into_scalar::<f32>() as f64
 }
 
 #[test]

@@ -78,7 +78,6 @@ pub fn dtype_for(device: &Device, kind: DeviceChoice) -> DType {
         .unwrap_or(DType::F32)
 }
 
-#[cfg(any(feature = "wgpu", feature = "vulkan", feature = "metal"))]
 mod gpu {
     use std::collections::HashMap;
     use std::sync::{Mutex, OnceLock};
@@ -99,8 +98,23 @@ mod gpu {
         }
     }
 
+    /// Keeps burn's autotune results (and compiled-kernel records) under tuna's cache folder,
+    /// `kernels/`, so every process and run of a sweep reuses what the first one tuned.
+    fn persist_tuning() {
+        static ONCE: std::sync::Once = std::sync::Once::new();
+        ONCE.call_once(|| {
+            if std::env::var_os("CUBECL_ENVIRONMENT").is_some() {
+                return; // the user chose an environment of their own
+            }
+            if let Ok(dir) = crate::model::source::tuna_cache_dir() {
+                cubecl_environment::environment::set_root(dir.join("kernels"));
+            }
+        });
+    }
+
     /// `kind`: 0 = wgpu's default pick (may be a software adapter), 1 = discrete, 2 = integrated.
     pub fn try_init(choice: DeviceChoice, kind: u8) -> Result<Device, String> {
+        persist_tuning();
         let cache = CACHE.get_or_init(|| Mutex::new(HashMap::new()));
         let mut cache = cache.lock().unwrap_or_else(|e| e.into_inner());
         cache
@@ -121,14 +135,8 @@ mod gpu {
     }
 }
 
-#[cfg(any(feature = "wgpu", feature = "vulkan", feature = "metal"))]
 fn try_gpu(choice: DeviceChoice, kind: u8) -> Result<Device, String> {
     gpu::try_init(choice, kind)
-}
-
-#[cfg(not(any(feature = "wgpu", feature = "vulkan", feature = "metal")))]
-fn try_gpu(_choice: DeviceChoice, _kind: u8) -> Result<Device, String> {
-    Err("tuna was built without a GPU feature (wgpu, vulkan or metal)".to_string())
 }
 
 /// Resolves `--device`. `auto` tries a real (discrete, then integrated) GPU on Metal, Vulkan or
@@ -148,14 +156,14 @@ pub fn select_device(choice: DeviceChoice) -> Result<SelectedDevice> {
             }
         }
         DeviceChoice::Auto => {
-            let mut apis = Vec::new();
-            if cfg!(feature = "metal") {
-                apis.push(DeviceChoice::Metal);
-            }
-            if cfg!(feature = "vulkan") {
-                apis.push(DeviceChoice::Vulkan);
-            }
-            apis.push(DeviceChoice::Wgpu);
+            // The native API first (its compiler gets tensor-core matmuls), then whatever wgpu
+            // finds, which compiles to WGSL where SPIR-V is not available.
+            let native = if cfg!(target_os = "macos") {
+                DeviceChoice::Metal
+            } else {
+                DeviceChoice::Vulkan
+            };
+            let apis = [native, DeviceChoice::Wgpu];
             let mut last_err = String::new();
             for api in apis {
                 for kind in [1u8, 2u8] {

@@ -5,6 +5,10 @@
 //! burn treats them as constants when they meet autodiff tensors, so a LoRA-trained model records
 //! a graph only from the first adapter on and the frozen base costs no autodiff bookkeeping.
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{DType, Device, Distribution, Int, Tensor, TensorData, activation};
 
 use crate::model::config::ModelConfig;
@@ -56,8 +60,10 @@ impl Linear {
         self.weight.dims()[0]
     }
 
-    /// `x`: `[B, T, in]` -> `[B, T, out]`. Dropout on the LoRA input only when `training`.
-    pub fn forward(&self, x: Tensor<3>, training: bool) -> Tensor<3> {
+    /// `x`: `[B, T, in]` -> `[B, T, out]`. `dropout_seed` is `Some` only in training: the LoRA
+    /// input's dropout mask is drawn from it, so a recomputed forward (block checkpointing) or a
+    /// resumed run draws the same mask.
+    pub fn forward(&self, x: Tensor<3>, dropout_seed: Option<u64>) -> Tensor<3> {
         let [b, t, d_in] = x.dims();
         let x2 = x.reshape([b * t, d_in]);
         let mut y = x2.clone().matmul(self.weight.clone().transpose());
@@ -67,7 +73,10 @@ impl Linear {
         if let Some(lora) = &self.lora {
             let dtype = x2.dtype();
             let mut xin = x2;
-            if training && lora.dropout > 0.0 {
+            if let Some(seed) = dropout_seed
+                && lora.dropout > 0.0
+            {
+                xin.device().seed(seed);
                 let keep = xin.random_like(Distribution::Bernoulli(1.0 - lora.dropout));
                 xin = xin * keep / (1.0 - lora.dropout);
             }
@@ -130,11 +139,22 @@ pub struct Mlp {
     pub down_proj: Linear,
 }
 
+/// The dropout seed of one module of one layer, derived from the pass's seed.
+fn module_seed(pass: &Pass, layer: usize, module: u64) -> Option<u64> {
+    pass.dropout_seed.map(|s| {
+        let mut z = s ^ (layer as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (module << 56);
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    })
+}
+
 impl Mlp {
-    pub fn forward(&self, x: Tensor<3>, training: bool) -> Tensor<3> {
-        let gate = activation::silu(self.gate_proj.forward(x.clone(), training));
-        let up = self.up_proj.forward(x, training);
-        self.down_proj.forward(gate * up, training)
+    pub fn forward(&self, x: Tensor<3>, pass: &Pass, layer: usize) -> Tensor<3> {
+        let seed = |m| module_seed(pass, layer, m);
+        let gate = activation::silu(self.gate_proj.forward(x.clone(), seed(4)));
+        let up = self.up_proj.forward(x, seed(5));
+        self.down_proj.forward(gate * up, seed(6))
     }
 }
 
@@ -173,14 +193,27 @@ impl KvCache {
     }
 }
 
+/// How queries may look at keys.
+#[derive(Debug, Clone)]
+pub enum Mask {
+    /// Causal, aligned bottom-right (query `i` of `T` sees keys `..= S - T + i`), no padding
+    /// and no sliding window: the fused attention kernel can take it without a mask tensor.
+    /// Right-padded training batches use it too: real tokens never attend to the padding
+    /// after them, and padded positions carry no loss.
+    Causal,
+    /// Additive f32 mask broadcastable to `[B, H, T, S]` (padding, sliding window).
+    Additive(Tensor<4>),
+}
+
 /// Position-dependent inputs shared by every layer of one forward call.
-struct Context {
+#[derive(Debug, Clone)]
+pub struct Pass {
     /// `[1, 1, T, head_dim]`, model dtype.
-    cos: Tensor<4>,
-    sin: Tensor<4>,
-    /// Additive f32 mask broadcastable to `[B, H, T, S]`.
-    mask: Tensor<4>,
-    training: bool,
+    pub cos: Tensor<4>,
+    pub sin: Tensor<4>,
+    pub mask: Mask,
+    /// `Some` in training: LoRA dropout is on, its masks drawn from this seed.
+    pub dropout_seed: Option<u64>,
 }
 
 fn rotate_half(x: Tensor<4>) -> Tensor<4> {
@@ -194,86 +227,127 @@ fn apply_rope(x: Tensor<4>, cos: &Tensor<4>, sin: &Tensor<4>) -> Tensor<4> {
     x.clone() * cos.clone() + rotate_half(x) * sin.clone()
 }
 
+/// `softmax(q kᵀ / √hd + mask) v` with the softmax in f32, for masks the fused kernel cannot
+/// take (padding, sliding windows): q `[B, H, T, hd]`, k and v `[B, KV, S, hd]`, `mask`
+/// additive f32 broadcastable to `[B, H, T, S]`; returns `[B, T, H * hd]`.
+pub fn attend_explicit(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, mask: Tensor<4>) -> Tensor<3> {
+    let [b, h, t, hd] = q.dims();
+    let [_, kvh, s, _] = k.dims();
+    let n_rep = h / kvh;
+    // GQA without copying K/V: fold the query heads sharing a KV head into the row axis.
+    let qg = q.reshape([b, kvh, n_rep * t, hd]);
+    let scores = qg
+        .matmul(k.swap_dims(2, 3))
+        .mul_scalar(1.0 / (hd as f64).sqrt())
+        .reshape([b, h, t, s]);
+    let dtype = scores.dtype();
+    let scores = if dtype != DType::F32 {
+        scores.cast(DType::F32)
+    } else {
+        scores
+    };
+    let probs = activation::softmax(scores + mask, 3);
+    let probs = if dtype != DType::F32 {
+        probs.cast(dtype)
+    } else {
+        probs
+    };
+    probs
+        .reshape([b, kvh, n_rep * t, s])
+        .matmul(v)
+        .reshape([b, h, t, hd])
+        .swap_dims(1, 2)
+        .reshape([b, t, h * hd])
+}
+
+/// Causal attention through burn's fused attention: flash forward that keeps the
+/// logsumexp and a fused backward under autodiff on GPU backends, so no `[B, H, T, S]`
+/// scores are ever stored; GQA (fewer KV heads) is native. q `[B, H, T, hd]`, k and v
+/// `[B, KV, S, hd]`, causal aligned bottom-right; returns `[B, T, H * hd]`.
+pub fn attend_fused(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> Tensor<3> {
+    let [b, h, t, hd] = q.dims();
+    let out = burn::tensor::module::attention(
+        q,
+        k,
+        v,
+        None,
+        None,
+        AttentionModuleOptions {
+            is_causal: true,
+            ..Default::default()
+        },
+    );
+    out.swap_dims(1, 2).reshape([b, t, h * hd])
+}
+
 impl Attention {
-    fn forward(
+    /// Queries `[B, H, T, hd]`, keys and values `[B, KV, T, hd]`, RoPE applied.
+    pub fn qkv(
         &self,
         x: Tensor<3>,
-        ctx: &Context,
-        cache: Option<&mut Option<(Tensor<4>, Tensor<4>)>>,
-    ) -> Tensor<3> {
+        pass: &Pass,
+        layer: usize,
+    ) -> (Tensor<4>, Tensor<4>, Tensor<4>) {
         let [b, t, _] = x.dims();
         let (h, kvh, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let seed = |m| module_seed(pass, layer, m);
         let q = self
             .q_proj
-            .forward(x.clone(), ctx.training)
+            .forward(x.clone(), seed(0))
             .reshape([b, t, h, hd])
             .swap_dims(1, 2);
         let k = self
             .k_proj
-            .forward(x.clone(), ctx.training)
+            .forward(x.clone(), seed(1))
             .reshape([b, t, kvh, hd])
             .swap_dims(1, 2);
         let v = self
             .v_proj
-            .forward(x, ctx.training)
+            .forward(x, seed(2))
             .reshape([b, t, kvh, hd])
             .swap_dims(1, 2);
-        let q = apply_rope(q, &ctx.cos, &ctx.sin);
-        let mut k = apply_rope(k, &ctx.cos, &ctx.sin);
-        let mut v = v;
-        if let Some(slot) = cache {
-            if let Some((pk, pv)) = slot.take() {
-                k = Tensor::cat(vec![pk, k], 2);
-                v = Tensor::cat(vec![pv, v], 2);
-            }
-            *slot = Some((k.clone(), v.clone()));
-        }
-        let s = k.dims()[2];
-        let n_rep = h / kvh;
-        // GQA without copying K/V: fold the query heads sharing a KV head into the row axis.
-        let qg = q.reshape([b, kvh, n_rep * t, hd]);
-        let scores = qg
-            .matmul(k.swap_dims(2, 3))
-            .mul_scalar(1.0 / (hd as f64).sqrt())
-            .reshape([b, h, t, s]);
-        let dtype = scores.dtype();
-        let scores = if dtype != DType::F32 {
-            scores.cast(DType::F32)
-        } else {
-            scores
-        };
-        let probs = activation::softmax(scores + ctx.mask.clone(), 3);
-        let probs = if dtype != DType::F32 {
-            probs.cast(dtype)
-        } else {
-            probs
-        };
-        let out = probs
-            .reshape([b, kvh, n_rep * t, s])
-            .matmul(v)
-            .reshape([b, h, t, hd])
-            .swap_dims(1, 2)
-            .reshape([b, t, h * hd]);
-        self.o_proj.forward(out, ctx.training)
+        (
+            apply_rope(q, &pass.cos, &pass.sin),
+            apply_rope(k, &pass.cos, &pass.sin),
+            v,
+        )
     }
 }
 
 impl DecoderLayer {
-    fn forward(
+    /// The attention half's input side: `input_layernorm`, projections, RoPE.
+    pub fn attn_in(
         &self,
         x: Tensor<3>,
-        ctx: &Context,
-        cache: Option<&mut Option<(Tensor<4>, Tensor<4>)>>,
-    ) -> Tensor<3> {
-        let h = x.clone()
-            + self
-                .self_attn
-                .forward(self.input_layernorm.forward(x), ctx, cache);
+        pass: &Pass,
+        layer: usize,
+    ) -> (Tensor<4>, Tensor<4>, Tensor<4>) {
+        self.self_attn
+            .qkv(self.input_layernorm.forward(x), pass, layer)
+    }
+
+    /// Everything after the attention core: `x + o_proj(a)`, then the MLP half with its
+    /// residual. `a`: `[B, T, H * hd]`.
+    pub fn attn_out(&self, x: Tensor<3>, a: Tensor<3>, pass: &Pass, layer: usize) -> Tensor<3> {
+        let h = x + self
+            .self_attn
+            .o_proj
+            .forward(a, module_seed(pass, layer, 3));
         h.clone()
             + self
                 .mlp
-                .forward(self.post_attention_layernorm.forward(h), ctx.training)
+                .forward(self.post_attention_layernorm.forward(h), pass, layer)
     }
+}
+
+/// Device tensors that depend only on positions, made once per model and reused by every
+/// step (before, each forward rebuilt them on the host and uploaded them).
+#[derive(Debug, Default)]
+struct PositionTables {
+    /// RoPE `cos`/`sin` `[len, head_dim]` in the model dtype, for positions `0..len`.
+    rope: Option<(usize, Tensor<2>, Tensor<2>)>,
+    /// Additive causal (and sliding-window) masks `[1, 1, T, S]` by `(T, S)`.
+    masks: HashMap<(usize, usize), Tensor<4>>,
 }
 
 /// A llama-family causal LM.
@@ -290,11 +364,10 @@ pub struct Llama {
     pub dtype: DType,
     /// The (non-autodiff) device holding the base weights.
     pub device: Device,
-    /// Enables LoRA dropout.
+    /// Enables LoRA dropout in [`Llama::forward`] (drawn from fresh seeds each call).
     pub training: bool,
-    /// Trainable adapters use burn's gradient checkpointing (see `lora::set_gradient_checkpointing`).
-    pub grad_checkpointing: bool,
     inv_freq: Vec<f64>,
+    tables: Arc<Mutex<PositionTables>>,
 }
 
 impl Llama {
@@ -319,37 +392,53 @@ impl Llama {
             dtype,
             device,
             training: false,
-            grad_checkpointing: false,
             inv_freq,
+            tables: Arc::default(),
         }
     }
 
+    fn tables(&self) -> std::sync::MutexGuard<'_, PositionTables> {
+        self.tables.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// RoPE tables `[1, 1, T, hd]` for positions `start..start + t`, sliced from a device
+    /// table that grows in powers of two.
     fn rope_tables(&self, start: usize, t: usize) -> (Tensor<4>, Tensor<4>) {
         let hd = self.config.head_dim;
-        let half = hd / 2;
-        let mut cos = Vec::with_capacity(t * hd);
-        let mut sin = Vec::with_capacity(t * hd);
-        for p in start..start + t {
-            for _ in 0..2 {
-                for f in &self.inv_freq[..half] {
-                    let angle = p as f64 * f;
-                    cos.push(angle.cos() as f32);
-                    sin.push(angle.sin() as f32);
+        let need = start + t;
+        let mut tables = self.tables();
+        if tables.rope.as_ref().is_none_or(|(len, _, _)| *len < need) {
+            let len = need.next_power_of_two().max(256);
+            let half = hd / 2;
+            let mut cos = Vec::with_capacity(len * hd);
+            let mut sin = Vec::with_capacity(len * hd);
+            for p in 0..len {
+                for _ in 0..2 {
+                    for f in &self.inv_freq[..half] {
+                        let angle = p as f64 * f;
+                        cos.push(angle.cos() as f32);
+                        sin.push(angle.sin() as f32);
+                    }
                 }
             }
+            let mk = |v: Vec<f32>| {
+                Tensor::<2>::from_data(TensorData::new(v, [len, hd]), (&self.device, self.dtype))
+            };
+            tables.rope = Some((len, mk(cos), mk(sin)));
         }
-        let mk = |v: Vec<f32>| {
-            Tensor::<4>::from_data(
-                TensorData::new(v, [1, 1, t, hd]),
-                (&self.device, self.dtype),
-            )
-        };
-        (mk(cos), mk(sin))
+        let (_, cos, sin) = tables.rope.as_ref().expect("just built");
+        let pick = |x: &Tensor<2>| x.clone().slice([start..need, 0..hd]).reshape([1, 1, t, hd]);
+        (pick(cos), pick(sin))
     }
 
-    /// Causal (and sliding-window) mask `[1, 1, T, S]` plus padding mask `[B, 1, 1, S]`.
-    fn mask(&self, start: usize, t: usize, attention_mask: Option<Tensor<2>>) -> Tensor<4> {
-        let s = start + t;
+    /// The additive causal (and sliding-window) mask `[1, 1, T, S]` for queries at positions
+    /// `S - T..S`, cached on the device.
+    pub fn causal_mask(&self, t: usize, s: usize) -> Tensor<4> {
+        let mut tables = self.tables();
+        if let Some(m) = tables.masks.get(&(t, s)) {
+            return m.clone();
+        }
+        let start = s - t;
         let window = self.config.sliding_window;
         let mut m = Vec::with_capacity(t * s);
         for i in 0..t {
@@ -359,10 +448,35 @@ impl Llama {
                 m.push(if masked { MASK_VALUE } else { 0.0 });
             }
         }
-        let causal =
+        let mask =
             Tensor::<4>::from_data(TensorData::new(m, [1, 1, t, s]), (&self.device, DType::F32));
-        match attention_mask {
-            None => causal,
+        if tables.masks.len() > 64 {
+            tables.masks.clear();
+        }
+        tables.masks.insert((t, s), mask.clone());
+        mask
+    }
+
+    /// Whether a causal pass over `s` keys needs the explicit mask (a sliding window that
+    /// actually cuts).
+    fn window_cuts(&self, s: usize) -> bool {
+        self.config.sliding_window.is_some_and(|w| s > w)
+    }
+
+    /// The per-call inputs for `t` new positions after `start` cached ones. `attention_mask`
+    /// (`[B, start + t]`, 1 = real token) adds padding to the causal mask.
+    pub fn pass(
+        &self,
+        start: usize,
+        t: usize,
+        attention_mask: Option<Tensor<2>>,
+        dropout_seed: Option<u64>,
+    ) -> Pass {
+        let s = start + t;
+        let (cos, sin) = self.rope_tables(start, t);
+        let mask = match attention_mask {
+            None if !self.window_cuts(s) => Mask::Causal,
+            None => Mask::Additive(self.causal_mask(t, s)),
             Some(am) => {
                 let [b, sm] = am.dims();
                 assert_eq!(sm, s, "attention_mask covers {sm} positions, expected {s}");
@@ -371,17 +485,60 @@ impl Llama {
                     .sub_scalar(1.0)
                     .mul_scalar(-MASK_VALUE)
                     .reshape([b, 1, 1, s]);
-                causal + pad
+                Mask::Additive(self.causal_mask(t, s) + pad)
             }
+        };
+        Pass {
+            cos,
+            sin,
+            mask,
+            dropout_seed,
         }
     }
 
-    fn embed(&self, ids: Tensor<2, Int>) -> Tensor<3> {
+    /// The attention core: fused for plain causal masks, explicit for additive ones.
+    pub fn attend(&self, q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, mask: &Mask) -> Tensor<3> {
+        match mask {
+            Mask::Causal => attend_fused(q, k, v),
+            Mask::Additive(m) => attend_explicit(q, k, v, m.clone()),
+        }
+    }
+
+    pub fn embed(&self, ids: Tensor<2, Int>) -> Tensor<3> {
         let [b, t] = ids.dims();
         self.embed_tokens
             .clone()
             .select(0, ids.reshape([b * t]))
             .reshape([b, t, self.config.hidden_size])
+    }
+
+    /// `layer` (this model's layer `i`, or a copy of it with trainable adapters) on `x`.
+    pub fn layer(&self, layer: &DecoderLayer, i: usize, x: Tensor<3>, pass: &Pass) -> Tensor<3> {
+        let (q, k, v) = layer.attn_in(x.clone(), pass, i);
+        let a = self.attend(q, k, v, &pass.mask);
+        layer.attn_out(x, a, pass, i)
+    }
+
+    /// Layer `i`, appending to its cache slot when given.
+    fn layer_forward(
+        &self,
+        i: usize,
+        x: Tensor<3>,
+        pass: &Pass,
+        slot: Option<&mut Option<(Tensor<4>, Tensor<4>)>>,
+    ) -> Tensor<3> {
+        let Some(slot) = slot else {
+            return self.layer(&self.layers[i], i, x, pass);
+        };
+        let layer = &self.layers[i];
+        let (q, mut k, mut v) = layer.attn_in(x.clone(), pass, i);
+        if let Some((pk, pv)) = slot.take() {
+            k = Tensor::cat(vec![pk, k], 2);
+            v = Tensor::cat(vec![pv, v], 2);
+        }
+        *slot = Some((k.clone(), v.clone()));
+        let a = self.attend(q, k, v, &pass.mask);
+        layer.attn_out(x, a, pass, i)
     }
 
     /// Final-normed hidden states `[B, T, hidden]` (everything but the LM head); with a cache,
@@ -394,20 +551,15 @@ impl Llama {
     ) -> Tensor<3> {
         let [_, t] = ids.dims();
         let start = cache.as_ref().map_or(0, |c| c.len);
-        let (cos, sin) = self.rope_tables(start, t);
-        let ctx = Context {
-            cos,
-            sin,
-            mask: self.mask(start, t, attention_mask),
-            training: self.training,
-        };
+        let seed = self.training.then(rand::random::<u64>);
+        let pass = self.pass(start, t, attention_mask, seed);
         let mut h = self.embed(ids);
         if let Some(c) = cache.as_deref_mut() {
             c.layers.resize(self.layers.len(), None);
         }
-        for (i, layer) in self.layers.iter().enumerate() {
+        for i in 0..self.layers.len() {
             let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
-            h = layer.forward(h, &ctx, slot);
+            h = self.layer_forward(i, h, &pass, slot);
         }
         if let Some(c) = cache {
             c.len += t;
@@ -418,7 +570,7 @@ impl Llama {
     /// LM head (tied or not): `[B, T, hidden]` -> logits `[B, T, vocab]`.
     pub fn head(&self, h: Tensor<3>) -> Tensor<3> {
         match &self.lm_head {
-            Some(head) => head.forward(h, self.training),
+            Some(head) => head.forward(h, None),
             None => {
                 let [b, t, d] = h.dims();
                 h.reshape([b * t, d])

@@ -12,7 +12,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 use anyhow::{Context, Result, bail};
-use burn::tensor::{DType, GradientCheckpointingStrategy, Gradients, Tensor, TensorData};
+use burn::tensor::{Bool, DType, Tensor, TensorData};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use safetensors::SafeTensors;
@@ -169,44 +169,35 @@ fn for_each_branch(model: &mut Llama, mut f: impl FnMut(&str, &mut LoraBranch)) 
     }
 }
 
-fn strategy(on: bool) -> GradientCheckpointingStrategy {
-    if on {
-        GradientCheckpointingStrategy::Balanced
-    } else {
-        GradientCheckpointingStrategy::Disabled
+/// A copy of layer `i` whose adapter factors are fresh trainable autodiff leaves, and those
+/// leaves by their PEFT name (as in [`lora_parameters`]). The model itself keeps plain
+/// tensors; each training pass makes its own leaves, so a layer can be recomputed for
+/// backward (block checkpointing) with leaves of its own.
+pub fn trainable_layer(layer: &DecoderLayer, i: usize) -> (DecoderLayer, Vec<(String, Tensor<2>)>) {
+    let mut copy = layer.clone();
+    let mut leaves = Vec::new();
+    for (_, path) in LORA_KEYS {
+        if let Some(br) = linear_mut(&mut copy, path).lora.as_mut() {
+            br.a = br.a.clone().autodiff().require_grad();
+            br.b = br.b.clone().autodiff().require_grad();
+            leaves.push((
+                format!("{PEFT_PREFIX}{i}.{path}.lora_A.weight"),
+                br.a.clone(),
+            ));
+            leaves.push((
+                format!("{PEFT_PREFIX}{i}.{path}.lora_B.weight"),
+                br.b.clone(),
+            ));
+        }
     }
+    (copy, leaves)
 }
 
-/// A trainable leaf holding `t`'s values, with the given checkpointing strategy.
-fn leaf(t: Tensor<2>, s: GradientCheckpointingStrategy) -> Tensor<2> {
-    t.inner()
-        .autodiff()
-        .with_gradient_checkpointing_strategy(s)
-        .require_grad()
-}
-
-/// Makes the adapter factors trainable autodiff leaves (or plain tensors again). Base weights
-/// stay plain tensors, i.e. frozen constants in the autodiff graph.
-pub fn set_trainable(model: &mut Llama, trainable: bool) {
-    let s = strategy(model.grad_checkpointing);
-    for_each_branch(model, |_, br| {
-        let conv = |t: Tensor<2>| if trainable { leaf(t, s) } else { t.inner() };
-        br.a = conv(br.a.clone());
-        br.b = conv(br.b.clone());
-    });
-}
-
-/// Turns burn's gradient checkpointing on or off for training: the autodiff graph (which
-/// starts at the adapters) recomputes memory-bound activations in backward instead of keeping
-/// them. Takes effect now if the adapters are trainable, else at the next `set_trainable(true)`.
-pub fn set_gradient_checkpointing(model: &mut Llama, on: bool) {
-    model.grad_checkpointing = on;
-    let trainable = lora_parameters(model)
-        .first()
-        .is_some_and(|(_, t)| t.is_autodiff());
-    if trainable {
-        set_trainable(model, true);
-    }
+/// Indices of the layers that carry at least one adapter, ascending.
+pub fn adapted_layers(model: &Llama) -> Vec<usize> {
+    let mut out: Vec<usize> = adapted(model).into_iter().map(|(_, i, _)| i).collect();
+    out.dedup();
+    out
 }
 
 /// Adapter tensors keyed by their PEFT file name (`...q_proj.lora_A.weight`), in PEFT layout.
@@ -229,14 +220,6 @@ pub fn num_lora_parameters(model: &Llama) -> usize {
         .iter()
         .map(|(_, t)| t.shape().num_elements())
         .sum()
-}
-
-/// Gradients of the adapter factors (plain tensors), named as in [`lora_parameters`].
-pub fn lora_gradients(model: &Llama, grads: &Gradients) -> Vec<(String, Tensor<2>)> {
-    lora_parameters(model)
-        .into_iter()
-        .filter_map(|(name, t)| t.grad(grads).map(|g| (name, g)))
-        .collect()
 }
 
 /// AdamW with PyTorch's semantics (decoupled weight decay, bias-corrected moments).
@@ -268,9 +251,22 @@ impl AdamW {
         self.step
     }
 
-    /// One update of every adapter factor that has a gradient in `grads` (as returned by
-    /// [`lora_gradients`], possibly accumulated or clipped by the caller).
+    /// One update of every adapter factor that has a gradient in `grads` (possibly accumulated
+    /// or clipped by the caller).
     pub fn step(&mut self, model: &mut Llama, grads: &[(String, Tensor<2>)]) {
+        self.step_where(model, grads, None, 1.0);
+    }
+
+    /// [`AdamW::step`] with the gradients multiplied by `grad_mul` (to undo a loss scale) and,
+    /// with `apply`, kept on the device as a condition: where it is false (an overflowed f16
+    /// step) factors and moments keep their old values, with no host sync.
+    pub fn step_where(
+        &mut self,
+        model: &mut Llama,
+        grads: &[(String, Tensor<2>)],
+        apply: Option<&Tensor<1, Bool>>,
+        grad_mul: f64,
+    ) {
         self.step += 1;
         let grads: HashMap<&str, &Tensor<2>> = grads.iter().map(|(n, g)| (n.as_str(), g)).collect();
         let bc1 = 1.0 - self.beta1.powi(self.step);
@@ -281,29 +277,46 @@ impl AdamW {
             let Some(g) = grads.get(name.as_str()) else {
                 return;
             };
-            let g = (*g).clone().inner().cast(DType::F32);
-            let strategy = p.gradient_checkpointing_strategy();
-            let mut w = p.clone().inner();
+            let mut g = (*g).clone().inner().cast(DType::F32);
+            if grad_mul != 1.0 {
+                g = g.mul_scalar(grad_mul);
+            }
+            let old = p.clone().inner();
+            let mut w = old.clone();
             if wd != 0.0 {
                 w = w.mul_scalar(1.0 - lr * wd);
             }
-            let (m, v) = moments
+            let (m0, v0) = moments
                 .remove(&name)
                 .unwrap_or_else(|| (g.zeros_like(), g.zeros_like()));
-            let m = m.mul_scalar(b1) + g.clone().mul_scalar(1.0 - b1);
-            let v = v.mul_scalar(b2) + g.square().mul_scalar(1.0 - b2);
+            let m = m0.clone().mul_scalar(b1) + g.clone().mul_scalar(1.0 - b1);
+            let v = v0.clone().mul_scalar(b2) + g.square().mul_scalar(1.0 - b2);
             let denom = v.clone().div_scalar(bc2).sqrt().add_scalar(eps);
             w = w - m.clone().div_scalar(bc1).div(denom).mul_scalar(lr);
-            moments.insert(name, (m, v));
-            *p = match strategy {
-                Some(s) => leaf(w, s),
-                None => w,
+            let (w, m, v) = match apply {
+                None => (w, m, v),
+                Some(ok) => {
+                    let keep = ok.clone().bool_not().reshape([1, 1]).expand(w.dims());
+                    (
+                        w.mask_where(keep.clone(), old),
+                        m.mask_where(keep.clone(), m0),
+                        v.mask_where(keep, v0),
+                    )
+                }
             };
+            moments.insert(name, (m, v));
+            *p = w;
         };
         for_each_branch(model, |name, br| {
             update(format!("{name}.lora_A.weight"), &mut br.a);
             update(format!("{name}.lora_B.weight"), &mut br.b);
         });
+    }
+
+    /// Takes back the step count of a step that [`AdamW::step_where`] skipped on the device
+    /// (its bias correction then matches PyTorch's, which never counts a skipped step).
+    pub fn uncount_skipped(&mut self) {
+        self.step -= 1;
     }
 }
 

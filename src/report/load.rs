@@ -24,6 +24,7 @@ pub const METRICS: &[&str] = &[
     "task_score",
     "tokens_per_s",
     "peak_mem_mb",
+    "gpu_mem_mb",
     "wall_s",
 ];
 

@@ -54,7 +54,11 @@ pub struct RunMetrics {
     pub test_loss: Option<f64>,
     pub test_ppl: Option<f64>,
     pub tokens_per_s: Option<f64>,
+    /// Peak host RSS of the process.
     pub peak_mem_mb: Option<f64>,
+    /// Device memory the GPU allocator held at the end of training (None on the CPU).
+    #[serde(default)]
+    pub gpu_mem_mb: Option<f64>,
     pub wall_s: Option<f64>,
     pub backend: Option<String>,
     pub device: Option<String>,
@@ -84,6 +88,7 @@ impl RunMetrics {
             ("test_ppl", f(self.test_ppl)),
             ("tokens_per_s", f(self.tokens_per_s)),
             ("peak_mem_mb", f(self.peak_mem_mb)),
+            ("gpu_mem_mb", f(self.gpu_mem_mb)),
             ("wall_s", f(self.wall_s)),
             ("task_metric", self.task_metric.clone()),
             ("task_score", f(self.task_score)),

@@ -74,3 +74,11 @@ pub fn peak_rss_mb() -> Option<f64> {
     let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb / 1024.0)
 }
+
+/// Device memory the GPU allocator holds, in MiB (its reserved pages: what `nvidia-smi` sees
+/// of this process, less the driver's context). `None` on the CPU.
+pub fn device_mem_mb(device: &burn::tensor::Device) -> Option<f64> {
+    device
+        .memory_pool_usage()
+        .map(|u| u.bytes_reserved as f64 / (1024.0 * 1024.0))
+}

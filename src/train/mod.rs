@@ -4,6 +4,7 @@ pub mod bench;
 pub mod checkpoint;
 pub mod metrics;
 pub mod settings;
+pub mod step;
 pub mod trainer;
 
 use crate::sweep::Trainer;

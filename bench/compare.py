@@ -1,0 +1,123 @@
+#!/usr/bin/env python3
+"""Runs `tuna bench train` and its PyTorch + PEFT peer (bench/peer_peft.py) on the same GPU,
+one case after the other, and prints tuna's figures as ratios to the peer's.
+
+    python3 bench/compare.py --tuna target/release/tuna [--cases all|NAME,NAME] [--out DIR]
+
+GPU memory is nvidia-smi's memory.used peak while each program runs, minus what was in use
+before it started, sampled every 50 ms for both sides alike. Every speed figure in the README
+comes from one run of this script on one machine.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+# name: (tuna bench train args, peer args). Same workload on both sides.
+CASES = {
+    "tinyllama-f16": (["--shape", "tinyllama-1.1b", "--dtype", "f16"],
+                      ["--shape", "tinyllama-1.1b", "--dtype", "f16"]),
+    "smollm2-f16": (["--shape", "smollm2-135m", "--dtype", "f16"],
+                    ["--shape", "smollm2-135m", "--dtype", "f16"]),
+    "tinyllama-f16-gc": (["--shape", "tinyllama-1.1b", "--dtype", "f16", "--grad-checkpoint"],
+                         ["--shape", "tinyllama-1.1b", "--dtype", "f16", "--grad-checkpoint"]),
+    # Seed 004's setting: batch 1 x 512, the last 16 layers, gradient checkpointing.
+    "seed004": (["--shape", "tinyllama-1.1b", "--dtype", "f16", "--batch", "1",
+                 "--num-layers", "16", "--grad-checkpoint", "--steps", "30"],
+                ["--shape", "tinyllama-1.1b", "--dtype", "f16", "--batch", "1",
+                 "--num-layers", "16", "--grad-checkpoint", "--steps", "30"]),
+    "tinyllama-f32": (["--shape", "tinyllama-1.1b", "--dtype", "f32"],
+                      ["--shape", "tinyllama-1.1b", "--dtype", "f32"]),
+}
+
+
+def gpu_mem_mb():
+    out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+                         capture_output=True, text=True).stdout.split()
+    return max(int(x) for x in out) if out else 0
+
+
+def run(cmd, log, timeout):
+    """Runs cmd, returns (last JSON line of stdout, peak GPU MiB above the idle level)."""
+    idle = gpu_mem_mb()
+    peak = [idle]
+    done = threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], gpu_mem_mb())
+            time.sleep(0.05)
+
+    th = threading.Thread(target=sample, daemon=True)
+    th.start()
+    t0 = time.time()
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        done.set()
+        th.join()
+        log.write(f"$ {' '.join(cmd)}\nTIMEOUT after {timeout} s\n{e.stdout or ''}{e.stderr or ''}\n")
+        return {"error": [f"timeout after {timeout} s"]}, peak[0] - idle, time.time() - t0
+    wall = time.time() - t0
+    done.set()
+    th.join()
+    log.write(f"$ {' '.join(cmd)}\n{p.stdout}{p.stderr}\n")
+    log.flush()
+    if p.returncode != 0:
+        return {"error": (p.stderr or p.stdout).strip().splitlines()[-1:]}, 0, wall
+    line = [ln for ln in p.stdout.splitlines() if ln.startswith("{")][-1]
+    return json.loads(line), peak[0] - idle, wall
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tuna", required=True, help="path to the tuna binary")
+    ap.add_argument("--cases", default="all")
+    ap.add_argument("--device", default="vulkan")
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--skip-peer", action="store_true")
+    ap.add_argument("--tuna-extra", default="", help="extra args for tuna bench train")
+    ap.add_argument("--timeout", type=float, default=300, help="seconds per program run")
+    a = ap.parse_args()
+    names = list(CASES) if a.cases == "all" else a.cases.split(",")
+    gpu = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
+                         capture_output=True, text=True).stdout.strip()
+    results = []
+    with open(os.path.join(a.out, "compare.log"), "w") as log:
+        for name in names:
+            targs, pargs = CASES[name]
+            tcmd = [a.tuna, "bench", "train", "--device", a.device, *targs, *a.tuna_extra.split()]
+            t, tmem, twall = run(tcmd, log, a.timeout)
+            p, pmem, pwall = ({}, 0, 0) if a.skip_peer else run(
+                [sys.executable, os.path.join(HERE, "peer_peft.py"), *pargs], log, a.timeout)
+            row = {"case": name, "tuna": t, "tuna_gpu_mb": tmem, "tuna_wall_s": twall,
+                   "peer": p, "peer_gpu_mb": pmem, "peer_wall_s": pwall}
+            results.append(row)
+            print(json.dumps(row), flush=True)
+    with open(os.path.join(a.out, "compare.json"), "w") as f:
+        json.dump({"gpu": gpu, "results": results}, f, indent=1)
+    print(f"\nGPU: {gpu}")
+    print(f"{'case':<18} {'tuna tok/s':>11} {'peer tok/s':>11} {'speed':>6} "
+          f"{'tuna MiB':>9} {'peer MiB':>9} {'mem':>5} {'tuna RSS':>9} {'warmup s':>8}")
+    for r in results:
+        t, p = r["tuna"], r["peer"]
+        ts, ps = t.get("tokens_per_s", 0), p.get("tokens_per_s", 0)
+        speed = f"{ts / ps:.2f}" if ps and ts else "-"
+        mem = f"{r['tuna_gpu_mb'] / r['peer_gpu_mb']:.2f}" if r["peer_gpu_mb"] and r["tuna_gpu_mb"] else "-"
+        print(f"{r['case']:<18} {ts:>11.0f} {ps:>11.0f} {speed:>6} {r['tuna_gpu_mb']:>9} "
+              f"{r['peer_gpu_mb']:>9} {mem:>5} {t.get('peak_rss_mb', 0):>9.0f} "
+              f"{t.get('warmup_s', 0):>8.1f}")
+        if "error" in t:
+            print(f"  tuna error: {t['error']}")
+        if "error" in p:
+            print(f"  peer error: {p['error']}")
+
+
+if __name__ == "__main__":
+    main()
