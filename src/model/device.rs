@@ -98,23 +98,8 @@ mod gpu {
         }
     }
 
-    /// Keeps burn's autotune results (and compiled-kernel records) under tuna's cache folder,
-    /// `kernels/`, so every process and run of a sweep reuses what the first one tuned.
-    fn persist_tuning() {
-        static ONCE: std::sync::Once = std::sync::Once::new();
-        ONCE.call_once(|| {
-            if std::env::var_os("CUBECL_ENVIRONMENT").is_some() {
-                return; // the user chose an environment of their own
-            }
-            if let Ok(dir) = crate::model::source::tuna_cache_dir() {
-                cubecl_environment::environment::set_root(dir.join("kernels"));
-            }
-        });
-    }
-
     /// `kind`: 0 = wgpu's default pick (may be a software adapter), 1 = discrete, 2 = integrated.
     pub fn try_init(choice: DeviceChoice, kind: u8) -> Result<Device, String> {
-        persist_tuning();
         let cache = CACHE.get_or_init(|| Mutex::new(HashMap::new()));
         let mut cache = cache.lock().unwrap_or_else(|e| e.into_inner());
         cache

@@ -497,8 +497,17 @@ impl Llama {
     }
 
     /// The attention core: fused for plain causal masks, explicit for additive ones.
+    /// `TUNA_ATTENTION=explicit` takes the explicit path for causal masks too (matmul-based, it
+    /// stores `[B, H, T, S]` scores for backward; kept to compare the two in `tuna bench`).
     pub fn attend(&self, q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, mask: &Mask) -> Tensor<3> {
+        static EXPLICIT: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        let explicit = *EXPLICIT
+            .get_or_init(|| std::env::var("TUNA_ATTENTION").is_ok_and(|v| v == "explicit"));
         match mask {
+            Mask::Causal if explicit => {
+                let (t, s) = (q.dims()[2], k.dims()[2]);
+                attend_explicit(q, k, v, self.causal_mask(t, s))
+            }
             Mask::Causal => attend_fused(q, k, v),
             Mask::Additive(m) => attend_explicit(q, k, v, m.clone()),
         }
