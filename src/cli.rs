@@ -109,9 +109,11 @@ pub enum Command {
 #[derive(Subcommand, Debug)]
 pub enum BenchCommand {
     /// LoRA training tokens/s on a model shape with random weights.
-    Train(crate::train::bench::BenchTrainArgs),
+    Train(crate::bench::train::BenchTrainArgs),
     /// Prompt and generation tokens/s.
-    Generate(crate::generate::bench::BenchGenerateArgs),
+    Generate(crate::bench::generate::BenchGenerateArgs),
+    /// Seconds to read a model into host weights (best of a few).
+    Load(crate::bench::load::BenchLoadArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -214,8 +216,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             mask_prompt,
             device,
         } => {
-            let base = crate::model::base::load_base(&model)?;
-            let sel = crate::train::trainer::device_for(&device, "auto")?;
+            let base = crate::source::base::load_base(&model)?;
+            let sel = crate::model::device::device_for(&device, "auto")?;
             let mut m = crate::model::load::build_model(
                 &base.config,
                 &base.weights,
@@ -231,6 +233,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 &base.tokenizer,
                 max_seq_length,
                 mask_prompt,
+                base.config.vocab_size,
             )?;
             let pad = base
                 .tokenizer
@@ -255,8 +258,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             adapter,
             out,
         } => {
-            let base = crate::model::base::load_base(&model)?;
-            crate::model::fuse::fuse(&base, &adapter, &out)?;
+            let base = crate::source::base::load_base(&model)?;
+            crate::export::fuse::fuse(&base, &adapter, &out)?;
             if base.dequantized {
                 eprintln!(
                     "note: the base model was quantized (GGUF); it was dequantized and the fused weights are f32"
@@ -266,19 +269,25 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Bench {
+            command: BenchCommand::Load(a),
+        } => {
+            println!("{}", crate::bench::load::bench_load(&a)?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench {
             command: BenchCommand::Train(a),
         } => {
-            println!("{}", crate::train::bench::bench_train(&a)?);
+            println!("{}", crate::bench::train::bench_train(&a)?);
             Ok(ExitCode::SUCCESS)
         }
         Command::Bench {
             command: BenchCommand::Generate(a),
         } => {
-            println!("{}", crate::generate::bench::bench_generate(&a)?);
+            println!("{}", crate::bench::generate::bench_generate(&a)?);
             Ok(ExitCode::SUCCESS)
         }
         Command::Convert { gguf, out } => {
-            crate::model::convert::convert_gguf_to_hf(&gguf, &out)?;
+            crate::export::convert::convert_gguf_to_hf(&gguf, &out)?;
             eprintln!("wrote {}", out.display());
             Ok(ExitCode::SUCCESS)
         }
@@ -339,16 +348,22 @@ fn sweep_runs(exp: &config::Experiment, runs: &[config::RunPlan]) -> anyhow::Res
     })
 }
 
-/// The first Ctrl-C asks the current run to checkpoint and stop; a second one exits at once.
+/// The first Ctrl-C (or SIGTERM) asks the current run to checkpoint and stop; a second one
+/// marks the run interrupted and exits at once.
 fn install_ctrl_c() -> Arc<AtomicBool> {
     let flag = Arc::new(AtomicBool::new(false));
     let f = flag.clone();
+    // With ctrlc's `termination` feature this also catches SIGTERM (a scheduler's kill, `kill`)
+    // and SIGHUP, which then checkpoint the same way.
     let _ = ctrlc::set_handler(move || {
         if f.swap(true, Ordering::SeqCst) {
-            eprintln!("\nsecond Ctrl-C: exiting now");
+            eprintln!("\nsecond interrupt: marking the run interrupted and exiting now");
+            crate::sweep::executor::abort_current_run();
             std::process::exit(130);
         }
-        eprintln!("\nCtrl-C: stopping after the current step (press again to exit now)");
+        eprintln!(
+            "\ninterrupt (Ctrl-C or SIGTERM): stopping after the current step (press Ctrl-C again to exit now)"
+        );
     });
     flag
 }

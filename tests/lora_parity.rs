@@ -10,13 +10,16 @@ use std::time::Instant;
 
 use burn::module::{Lora, Module};
 use burn::nn::LinearConfig;
-use burn::tensor::{DType, Device, Distribution, Tensor, TensorData};
+use burn::tensor::{DType, Device, Distribution, Tensor};
 use safetensors::SafeTensors;
 use tuna::data::dataset::Batch;
-use tuna::model::llama::{Linear, Llama, LoraBranch, causal_lm_loss};
+use tuna::model::llama::{Linear, Llama, LoraBranch};
 use tuna::model::load::load_model;
-use tuna::model::lora::{AdamW, load_peft_adapter, lora_parameters, merge_lora, save_peft_adapter};
-use tuna::train::step::{StepGrads, StepOptions, loss_and_grads};
+use tuna::model::lora;
+use tuna::model::lora::{load_peft_adapter, lora_parameters, merge_lora, save_peft_adapter};
+use tuna::optim::AdamW;
+use tuna::train::checkpoint::{self, Checkpoint};
+use tuna::train::step::{StepGrads, StepOptions, eval_loss, loss_and_grads, update_adapters};
 
 fn read_tensors(path: &std::path::Path) -> Vec<(String, Vec<usize>, Vec<u8>, safetensors::Dtype)> {
     let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
@@ -58,13 +61,9 @@ fn example(exp: &Expected, prefix: &str) -> Example {
     Example { ids, mask }
 }
 
+/// The loss evaluation computes (`tuna eval`, validation): mean NLL over the target tokens.
 fn loss(model: &Llama, ex: &Example) -> Tensor<1> {
-    let ids = model.ids_tensor(&ex.ids, 1);
-    let mask = Tensor::<2>::from_data(
-        TensorData::new(ex.mask.clone(), [1, ex.ids.len()]),
-        &model.device,
-    );
-    causal_lm_loss(model.forward(ids.clone(), None), ids, mask)
+    eval_loss(model, &batch(ex)).0
 }
 
 /// The example as the trainer's one-row batch.
@@ -167,7 +166,7 @@ fn check(prefix: &str) {
     for _ in 0..want.len() {
         let sg = step(&model, &ex, &StepOptions::default());
         traj.push(scalar(sg.loss));
-        opt.step(&mut model, &sg.grads);
+        update_adapters(&mut model, &mut opt, &sg.grads, None, 1.0).unwrap();
     }
     println!("{prefix}: adamw losses {traj:?} vs {want:?}");
     for (g, w) in traj.iter().zip(&want) {
@@ -340,17 +339,33 @@ fn checkpointing_scaling_and_optimizer_state_round_trip() {
     }
 
     let mut opt = AdamW::new(1e-2, 0.1);
-    opt.step(&mut m, &plain.grads);
-    let path = std::env::temp_dir().join(format!("tuna-adamw-{}.safetensors", std::process::id()));
-    opt.save_state(&path).unwrap();
-    let mut opt2 = AdamW::new(1e-2, 0.1);
-    opt2.load_state(&path, &Device::flex()).unwrap();
-    std::fs::remove_file(&path).ok();
-    assert_eq!(opt2.steps_taken(), 1);
+    update_adapters(&mut m, &mut opt, &plain.grads, None, 1.0).unwrap();
+    // Through the run folder's checkpoint, as a resumed run reads it: adapters and moments.
+    let run_dir = tempfile::tempdir().unwrap();
+    let state = Checkpoint {
+        step: 1,
+        run_id: "r".into(),
+        trained_tokens: 0,
+        best_val_loss: None,
+        last_val_loss: None,
+        last_train_loss: None,
+        seed: 0,
+        batches_per_epoch: 1,
+    };
+    checkpoint::save(run_dir.path(), &m, &opt, &state).unwrap();
     let mut m2 = m.clone();
+    lora::apply_lora(&mut m2, &lora::LoraConfig::default(), 99).unwrap();
+    let mut opt2 = AdamW::new(1e-2, 0.1);
+    let back = checkpoint::load(run_dir.path(), &mut m2, &mut opt2, "r").unwrap();
+    assert_eq!(back, Some(state));
+    assert_eq!(opt2.steps_taken(), 1);
+    assert!(
+        checkpoint::load(run_dir.path(), &mut m2, &mut opt2, "other").is_err(),
+        "another run's checkpoint is refused"
+    );
     let g = step(&m, &ex, &opts(false, 1.0)).grads;
-    opt.step(&mut m, &g);
-    opt2.step(&mut m2, &g);
+    update_adapters(&mut m, &mut opt, &g, None, 1.0).unwrap();
+    update_adapters(&mut m2, &mut opt2, &g, None, 1.0).unwrap();
     for ((n, x), (_, y)) in lora_parameters(&m).iter().zip(&lora_parameters(&m2)) {
         assert_eq!(values(x), values(y), "{n} after restored optimizer step");
     }
@@ -370,7 +385,7 @@ fn skipped_step_keeps_the_adapters() {
     let norm = tuna::optim::global_norm_sq(&grads).unwrap();
     let ok = tuna::optim::finite(&norm);
     let mut opt = AdamW::new(1e-2, 0.0);
-    opt.step_where(&mut m, &grads, Some(&ok), 1.0);
+    update_adapters(&mut m, &mut opt, &grads, Some(&ok), 1.0).unwrap();
     let after: Vec<Vec<f32>> = lora_parameters(&m).iter().map(|(_, t)| values(t)).collect();
     assert_eq!(
         before, after,
@@ -379,12 +394,13 @@ fn skipped_step_keeps_the_adapters() {
     // The next finite step moves them.
     let good = step(&m, &ex, &StepOptions::default()).grads;
     let ok = tuna::optim::finite(&tuna::optim::global_norm_sq(&good).unwrap());
-    opt.step_where(&mut m, &good, Some(&ok), 1.0);
+    update_adapters(&mut m, &mut opt, &good, Some(&ok), 1.0).unwrap();
     let moved: Vec<Vec<f32>> = lora_parameters(&m).iter().map(|(_, t)| values(t)).collect();
     assert_ne!(before, moved);
 }
 
-/// LoRA dropout acts only in training mode, on the adapter input.
+/// LoRA dropout acts only in a training step (seeded), on the adapter input; evaluation and
+/// a step without a dropout seed see none.
 #[test]
 fn lora_dropout_only_in_training() {
     use tuna::model::lora::{LoraConfig, apply_lora};
@@ -416,7 +432,18 @@ fn lora_dropout_only_in_training() {
     let eval1 = scalar(loss(&m, &ex));
     let eval2 = scalar(loss(&m, &ex));
     assert_eq!(eval1, eval2);
-    m.training = true;
-    let train = scalar(loss(&m, &ex));
+    let train = scalar(
+        step(
+            &m,
+            &ex,
+            &StepOptions {
+                dropout_seed: Some(7),
+                ..Default::default()
+            },
+        )
+        .loss,
+    );
     assert_ne!(train, eval1, "dropout must change the training forward");
+    let plain = scalar(step(&m, &ex, &StepOptions::default()).loss);
+    assert!((plain - eval1).abs() < 1e-5, "{plain} vs {eval1}");
 }

@@ -205,7 +205,7 @@ fn paths_resolve_relative_to_the_file_that_names_them() {
     let data = e.base["data"].as_str().unwrap();
     let resolved = std::env::current_dir().unwrap().join(data);
     assert_eq!(
-        config::spec::normalize(&resolved),
+        config::paths::normalize(&resolved),
         dir.path().join("datasets/x")
     );
     assert_eq!(
@@ -855,5 +855,67 @@ fn leaderboard_survives_concurrent_writers() {
             .file_name()
             .to_string_lossy()
             .ends_with(".tmp"))
+    );
+}
+
+// ---- checks that need the whole config, and bookkeeping failures ----
+
+#[test]
+fn adam_betas_must_be_below_one() {
+    let e = err("train:\n  beta2: 1.0\n");
+    assert_names(
+        &e,
+        "exp.yaml",
+        7,
+        Some("train.beta2"),
+        &["expected a number in [0, 1)"],
+    );
+}
+
+#[test]
+fn weight_decay_needs_adamw() {
+    let e = err("train:\n  optimizer: adam\n  weight_decay: 0.01\n");
+    assert_names(
+        &e,
+        "exp.yaml",
+        8,
+        Some("train.weight_decay"),
+        &["has no weight decay", "optimizer: adamw"],
+    );
+    assert_eq!(
+        plan("train:\n  optimizer: adamw\n  weight_decay: 0.01\n").len(),
+        1
+    );
+}
+
+#[test]
+fn a_run_whose_status_cannot_be_written_fails_alone() {
+    let (d, p) = experiment("grid:\n  lora.rank: [1, 2, 4]\n");
+    let exp = load_experiment(&p, &[]).unwrap();
+    let runs = config::expand(&exp).unwrap();
+    // The second run's status.json is a folder that is not empty: every write of it fails,
+    // as it would on a full or read-only disk.
+    let blocked = d
+        .path()
+        .join("results/t")
+        .join(&runs[1].id)
+        .join("status.json");
+    std::fs::create_dir_all(blocked.join("x")).unwrap();
+    let t = Double {
+        calls: Mutex::new(vec![]),
+        fail: vec![],
+        panic_on: None,
+    };
+    let o = run_sweep(&exp, &runs, &t, &AtomicBool::new(false), |_| {}).unwrap();
+    assert_eq!(o.done, vec![runs[0].id.clone(), runs[2].id.clone()]);
+    assert_eq!(o.failed.len(), 1, "{o:?}");
+    assert!(o.failed[0].1.contains("status.json"), "{o:?}");
+    let names: Vec<String> = std::fs::read_dir(blocked.parent().unwrap())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        names.iter().all(|n| !n.ends_with(".tmp")),
+        "no temporary files left: {names:?}"
     );
 }

@@ -7,7 +7,8 @@ use common::reference_dir;
 use std::path::PathBuf;
 
 use serde_json::{Value, json};
-use tuna::model::tokenizer::{CivilTime, Tokenizer, civil_from_unix, strftime};
+use tuna::tokenizer::Tokenizer;
+use tuna::tokenizer::chat_template::strftime_now;
 
 fn expected() -> Value {
     let p = reference_dir().join("expected.json");
@@ -40,7 +41,11 @@ fn token_ids_and_decoding_match_transformers() {
             "ids of {text:?} (no specials)"
         );
         let decoded = case["decoded"].as_str().unwrap();
-        assert_eq!(tok.decode(&ids, false), decoded, "decoding of {text:?}");
+        assert_eq!(
+            tok.decode(&ids, false).unwrap(),
+            decoded,
+            "decoding of {text:?}"
+        );
     }
 }
 
@@ -73,7 +78,7 @@ fn special_tokens_from_config_files() {
     // Skipping special tokens drops them.
     let ids = tok.encode("<|im_start|>user\nHi<|im_end|>", false);
     assert_eq!(ids[0], 1);
-    assert_eq!(tok.decode(&ids, true), "user\nHi");
+    assert_eq!(tok.decode(&ids, true).unwrap(), "user\nHi");
 }
 
 fn folder_with(files: &[(&str, &str)]) -> PathBuf {
@@ -199,28 +204,39 @@ fn errors_name_the_file() {
 }
 
 #[test]
-fn strftime_formats_utc_dates() {
-    // 2024-02-29 13:05:09 UTC was a Thursday, day 60 of the year.
-    let t = civil_from_unix(1_709_211_909);
-    assert_eq!(
-        t,
-        CivilTime {
-            year: 2024,
-            month: 2,
-            day: 29,
-            hour: 13,
-            minute: 5,
-            second: 9,
-            weekday: 3,
-            yday: 60
-        }
+fn strftime_now_formats_the_current_utc_date() {
+    let year: i32 = strftime_now("%Y").unwrap().parse().unwrap();
+    assert!((2024..3000).contains(&year), "{year}");
+    let day = strftime_now("%-d").unwrap();
+    assert!(
+        !day.starts_with('0') && (1..=31).contains(&day.parse::<u32>().unwrap()),
+        "{day}"
     );
-    assert_eq!(strftime("%d %B %Y", t), "29 February 2024");
-    assert_eq!(
-        strftime("%a %b %-d %H:%M:%S %p %j %%", t),
-        "Thu Feb 29 13:05:09 PM 060 %"
+    let long = strftime_now("%d %B %Y").unwrap();
+    let parts: Vec<&str> = long.split(' ').collect();
+    assert_eq!(parts.len(), 3, "{long}");
+    assert_eq!(parts[0].len(), 2, "zero-padded day: {long}");
+    assert!(
+        [
+            "January",
+            "February",
+            "March",
+            "April",
+            "May",
+            "June",
+            "July",
+            "August",
+            "September",
+            "October",
+            "November",
+            "December"
+        ]
+        .contains(&parts[1]),
+        "{long}"
     );
-    assert_eq!(strftime("%F", civil_from_unix(0)), "1970-01-01");
+    assert_eq!(strftime_now("%j").unwrap().len(), 3);
+    // An unknown directive is a template error, not a panic.
+    assert!(strftime_now("%J").is_err(), "{:?}", strftime_now("%J"));
 }
 
 /// A Qwen-style tool-calling template (namespace, reversed slices, `is string`, `tojson`,

@@ -10,9 +10,9 @@ use std::time::{Duration, Instant};
 use burn::tensor::{DType, Device};
 use common::{Expected, reference_dir};
 use tuna::data::dataset::{Tokenized, collate};
-use tuna::model::base::load_base;
 use tuna::model::load::build_model;
 use tuna::model::lora::load_peft_adapter;
+use tuna::source::base::load_base;
 use tuna::train::step::eval_loss;
 
 fn loss_of(model: &tuna::model::llama::Llama, exp: &Expected, prefix: &str) -> f64 {
@@ -45,7 +45,7 @@ fn trainer_loss_and_fuse_match_peft() {
 
         // tuna fuse writes an HF folder whose plain forward gives PEFT's merged loss.
         let out = tempfile::tempdir().unwrap();
-        tuna::model::fuse::fuse(&base, &dir.join(format!("{name}-lora")), out.path()).unwrap();
+        tuna::export::fuse::fuse(&base, &dir.join(format!("{name}-lora")), out.path()).unwrap();
         let fused = load_base(out.path().to_str().unwrap()).unwrap();
         let model =
             build_model(&fused.config, &fused.weights, &Device::flex(), DType::F32).unwrap();

@@ -5,7 +5,7 @@
 use serde_json::{Value as J, json};
 
 use super::doc::{Node, Value};
-use super::schedule::Schedule;
+use crate::optim::schedule::Schedule;
 
 /// What a key accepts.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -163,12 +163,12 @@ pub static CATALOG: &[KeyInfo] = &[
         "adam",
         "Optimizer."
     ),
-    k!("train.beta1", Kind::Float { min: 0.0 }, 0.9, "Adam beta1."),
+    k!("train.beta1", Kind::Fraction, 0.9, "Adam beta1, in [0, 1)."),
     k!(
         "train.beta2",
-        Kind::Float { min: 0.0 },
+        Kind::Fraction,
         0.999,
-        "Adam beta2."
+        "Adam beta2, in [0, 1)."
     ),
     k!("train.eps", Kind::Float { min: 0.0 }, 1e-8, "Adam epsilon."),
     k!(

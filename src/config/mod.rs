@@ -4,9 +4,11 @@ pub mod doc;
 pub mod error;
 pub mod grid;
 pub mod keys;
+pub mod layer;
+pub mod paths;
 pub mod recipe;
-pub mod schedule;
 pub mod spec;
+pub mod vary;
 
 pub use error::ConfigError;
 pub use grid::{RunPlan, expand, run_id};

@@ -5,7 +5,8 @@ use std::path::PathBuf;
 
 use super::doc::Doc;
 use super::error::ConfigError;
-use super::spec::{Layer, Role, normalize, validate};
+use super::layer::{Layer, Role, validate};
+use super::paths::normalize;
 
 /// The recipes `start` names, transitively, ordered from the root parent to the nearest.
 pub fn load_chain(start: &Layer) -> Result<Vec<Layer>, ConfigError> {

@@ -13,7 +13,7 @@ use anyhow::{Result, bail};
 use serde_json::{Value, json};
 
 use super::jsonl::{Example, Format, read_split};
-use crate::model::tokenizer::Tokenizer;
+use crate::tokenizer::Tokenizer;
 
 /// One tokenized example; the loss covers tokens at positions `>= prompt_len`.
 #[derive(Debug, Clone, PartialEq)]
@@ -42,11 +42,14 @@ pub struct DataSet {
 
 /// Reads and tokenizes `dir/{train,valid,test}.jsonl`. Missing or empty train/valid
 /// splits fail here, before any model is loaded or trained.
+/// `vocab_size` is the model's: a tokenizer whose ids reach past it (a tokenizer from another
+/// model) fails here, naming the example, instead of indexing out of the embedding.
 pub fn load(
     dir: &Path,
     tok: &Tokenizer,
     max_seq_length: usize,
     mask_prompt: bool,
+    vocab_size: usize,
 ) -> Result<DataSet> {
     if !dir.is_dir() {
         bail!(
@@ -64,16 +67,12 @@ pub fn load(
         }
         Ok(p)
     };
-    let train = tokenize_split(&need("train.jsonl")?, tok, max_seq_length, mask_prompt)?;
-    let valid = tokenize_split(&need("valid.jsonl")?, tok, max_seq_length, mask_prompt)?;
+    let split = |p: &Path| tokenize_split(p, tok, max_seq_length, mask_prompt, vocab_size);
+    let train = split(&need("train.jsonl")?)?;
+    let valid = split(&need("valid.jsonl")?)?;
     let test_path = dir.join("test.jsonl");
     let test = if test_path.is_file() {
-        Some(tokenize_split(
-            &test_path,
-            tok,
-            max_seq_length,
-            mask_prompt,
-        )?)
+        Some(split(&test_path)?)
     } else {
         None
     };
@@ -86,6 +85,7 @@ pub fn tokenize_split(
     tok: &Tokenizer,
     max_seq_length: usize,
     mask_prompt: bool,
+    vocab_size: usize,
 ) -> Result<Split> {
     let (format, examples) = read_split(path)?;
     if mask_prompt && format == Format::Text {
@@ -100,6 +100,14 @@ pub fn tokenize_split(
     for (i, ex) in examples.iter().enumerate() {
         let mut t = tokenize(ex, tok, mask_prompt)
             .map_err(|e| anyhow::anyhow!("{}: example {}: {e:#}", path.display(), i + 1))?;
+        if let Some(&id) = t.ids.iter().find(|&&id| id as usize >= vocab_size) {
+            bail!(
+                "{}: example {}: token id {id} is outside the model's vocabulary of {vocab_size}; \
+                 the tokenizer does not belong to this model",
+                path.display(),
+                i + 1
+            );
+        }
         if t.ids.len() > max_seq_length {
             t.ids.truncate(max_seq_length);
             truncated += 1;

@@ -12,7 +12,7 @@ use serde_json::{Value, json};
 use super::{GenerateConfig, generate};
 use crate::data::jsonl::{Example, read_split};
 use crate::model::llama::Llama;
-use crate::model::tokenizer::Tokenizer;
+use crate::tokenizer::Tokenizer;
 
 /// One prompt to answer, with the reference answer when the data has one.
 #[derive(Debug, Clone, PartialEq)]
@@ -123,11 +123,12 @@ pub fn answer(
         let ids = tok.try_encode(&q.input, false)?;
         let t0 = Instant::now();
         let g = generate(model, &ids, &config, Some(&decode), &mut |_| true)?;
-        let output = g
-            .text
-            .unwrap_or_else(|| decode(&g.tokens))
-            .trim()
-            .to_string();
+        let output = match g.text {
+            Some(t) => t,
+            None => decode(&g.tokens)?,
+        }
+        .trim()
+        .to_string();
         out.push(Answer {
             prompt: q.prompt.clone(),
             reference: q.reference.clone(),
@@ -219,7 +220,7 @@ pub fn write(path: &Path, answers: &[Answer]) -> Result<()> {
         .iter()
         .map(|a| serde_json::to_string(a).map(|s| s + "\n"))
         .collect::<Result<_, _>>()?;
-    crate::sweep::run_dir::write_atomic(path, text.as_bytes())
+    crate::files::write_atomic(path, text.as_bytes())
 }
 
 /// Reads answers written by [`write`].
@@ -235,7 +236,7 @@ pub fn read(path: &Path) -> Result<Vec<Answer>> {
 /// The task score recorded next to base answers.
 pub fn write_score(path: &Path, metric: &TaskMetric, score: Option<f64>) -> Result<()> {
     let v: Value = json!({"task_metric": metric.name(), "task_score": score});
-    crate::sweep::run_dir::write_atomic(path, serde_json::to_string_pretty(&v)?.as_bytes())
+    crate::files::write_atomic(path, serde_json::to_string_pretty(&v)?.as_bytes())
 }
 
 #[cfg(test)]

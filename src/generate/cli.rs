@@ -8,10 +8,10 @@ use anyhow::Result;
 use serde_json::json;
 
 use super::{GenerateConfig, SamplingConfig, generate};
-use crate::model::base::load_base;
+use crate::model::device::device_for;
 use crate::model::load::build_model;
 use crate::model::lora::load_peft_adapter;
-use crate::train::trainer::device_for;
+use crate::source::base::load_base;
 
 /// `tuna generate`'s arguments (clap reads them straight into this struct).
 #[derive(clap::Args, Debug, Clone)]

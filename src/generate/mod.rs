@@ -4,7 +4,6 @@
 //! caller-supplied `decode` callback; without one, only token ids are produced.
 
 pub mod answers;
-pub mod bench;
 pub mod cli;
 pub mod sampling;
 
@@ -78,7 +77,7 @@ pub struct TokenEvent<'a> {
 }
 
 /// Turns generated ids into text (the tokenizer's decode).
-pub type Decode<'a> = &'a dyn Fn(&[u32]) -> String;
+pub type Decode<'a> = &'a dyn Fn(&[u32]) -> Result<String>;
 
 /// Length of the longest suffix of `text` that is a proper prefix of some stop string.
 fn held_back(text: &str, stops: &[String]) -> usize {
@@ -128,7 +127,7 @@ pub fn generate(
         let mut delta = "";
         let mut hit_stop: Option<usize> = None;
         if let Some(decode) = decode {
-            text = decode(&tokens);
+            text = decode(&tokens)?;
             let found = config
                 .stop_strings
                 .iter()

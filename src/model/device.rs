@@ -174,6 +174,26 @@ pub fn select_device(choice: DeviceChoice) -> Result<SelectedDevice> {
     }
 }
 
+/// Picks the device and float type a config asks for.
+pub fn device_for(device: &str, dtype: &str) -> Result<SelectedDevice> {
+    let choice: DeviceChoice = device.parse()?;
+    let mut sel = select_device(choice)?;
+    sel.dtype = match dtype {
+        "f32" => DType::F32,
+        "f16" => DType::F16,
+        "bf16" => DType::BF16,
+        _ => sel.dtype,
+    };
+    if !sel.device.supports_dtype(sel.dtype) {
+        bail!(
+            "dtype {:?} is not supported on the {} device; use dtype: auto",
+            sel.dtype,
+            sel.kind
+        );
+    }
+    Ok(sel)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

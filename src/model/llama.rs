@@ -364,8 +364,6 @@ pub struct Llama {
     pub dtype: DType,
     /// The (non-autodiff) device holding the base weights.
     pub device: Device,
-    /// Enables LoRA dropout in [`Llama::forward`] (drawn from fresh seeds each call).
-    pub training: bool,
     inv_freq: Vec<f64>,
     tables: Arc<Mutex<PositionTables>>,
 }
@@ -391,7 +389,6 @@ impl Llama {
             lm_head,
             dtype,
             device,
-            training: false,
             inv_freq,
             tables: Arc::default(),
         }
@@ -560,8 +557,8 @@ impl Llama {
     ) -> Tensor<3> {
         let [_, t] = ids.dims();
         let start = cache.as_ref().map_or(0, |c| c.len);
-        let seed = self.training.then(rand::random::<u64>);
-        let pass = self.pass(start, t, attention_mask, seed);
+        // No dropout: training draws its masks through `train::step` with a seed.
+        let pass = self.pass(start, t, attention_mask, None);
         let mut h = self.embed(ids);
         if let Some(c) = cache.as_deref_mut() {
             c.layers.resize(self.layers.len(), None);
@@ -649,24 +646,4 @@ impl Llama {
         let data: Vec<i64> = ids.iter().map(|&x| x as i64).collect();
         Tensor::<2, Int>::from_data(TensorData::new(data, [batch, t]), &self.device)
     }
-}
-
-/// Mean next-token NLL over unmasked targets, shifted as transformers does: `logits[:, t]`
-/// predicts `ids[:, t + 1]`, counted when `loss_mask[:, t + 1]` is 1. `logits`: `[B, T, V]`,
-/// `ids`: `[B, T]`, `loss_mask`: `[B, T]` of 0/1. Returns a `[1]` tensor (f32).
-pub fn causal_lm_loss(logits: Tensor<3>, ids: Tensor<2, Int>, loss_mask: Tensor<2>) -> Tensor<1> {
-    let [b, t, v] = logits.dims();
-    let logits = logits.slice([0..b, 0..t - 1, 0..v]);
-    let logits = if logits.dtype() != DType::F32 {
-        logits.cast(DType::F32)
-    } else {
-        logits
-    };
-    let targets = ids.slice([0..b, 1..t]).reshape([b, t - 1, 1]);
-    let mask = loss_mask.slice([0..b, 1..t]).cast(DType::F32);
-    let logp = activation::log_softmax(logits, 2)
-        .gather(2, targets)
-        .reshape([b, t - 1]);
-    let total = mask.clone().sum();
-    (logp * mask).sum().neg() / total.clamp_min(1.0)
 }

@@ -1,96 +1,17 @@
-//! Safetensors checkpoints -> [`RawWeights`] -> [`Llama`] on a device.
+//! [`RawWeights`] -> [`Llama`] on a device.
 //!
-//! `build_model` only sees HF-named f32 host arrays, so safetensors and GGUF (`model::gguf`)
+//! `build_model` only sees HF-named f32 host arrays, so safetensors and GGUF (`formats`)
 //! share it; the float dtype is the caller's choice per device (see `model::device`).
 
-use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::{Context, Result, anyhow, bail};
 use burn::tensor::{DType, Device, Tensor, TensorData};
-use safetensors::{Dtype, SafeTensors};
 
+use crate::formats::safetensors;
+use crate::formats::weights::{RawTensor, RawWeights};
 use crate::model::config::ModelConfig;
 use crate::model::llama::{Attention, DecoderLayer, Linear, Llama, Mlp, RmsNorm};
-use crate::model::weights::{RawTensor, RawWeights};
-
-/// Decodes one safetensors tensor to f32 (F32, F16, BF16, F64 accepted).
-pub fn tensor_to_f32(name: &str, dtype: Dtype, bytes: &[u8]) -> Result<Vec<f32>> {
-    Ok(match dtype {
-        Dtype::F32 => bytes
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect(),
-        Dtype::F16 => bytes
-            .chunks_exact(2)
-            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
-            .collect(),
-        Dtype::BF16 => bytes
-            .chunks_exact(2)
-            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
-            .collect(),
-        Dtype::F64 => bytes
-            .chunks_exact(8)
-            .map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")) as f32)
-            .collect(),
-        other => bail!("tensor `{name}` has unsupported dtype {other:?} (expected F32/F16/BF16)"),
-    })
-}
-
-/// Reads every tensor of one `.safetensors` file.
-pub fn read_safetensors_file(path: &Path) -> Result<RawWeights> {
-    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    let st = SafeTensors::deserialize(&bytes)
-        .with_context(|| format!("parsing safetensors {}", path.display()))?;
-    let mut out = RawWeights::new();
-    for (name, view) in st.iter() {
-        let data = tensor_to_f32(name, view.dtype(), view.data())
-            .with_context(|| format!("in {}", path.display()))?;
-        out.insert(
-            name.to_string(),
-            RawTensor {
-                shape: view.shape().to_vec(),
-                data,
-            },
-        );
-    }
-    Ok(out)
-}
-
-/// The weight files of a checkpoint directory: the shards of `model.safetensors.index.json`
-/// if present, else `model.safetensors`.
-pub fn checkpoint_files(dir: &Path) -> Result<Vec<PathBuf>> {
-    let index = dir.join("model.safetensors.index.json");
-    if index.exists() {
-        let text = std::fs::read_to_string(&index)
-            .with_context(|| format!("reading {}", index.display()))?;
-        let v: serde_json::Value =
-            serde_json::from_str(&text).with_context(|| format!("parsing {}", index.display()))?;
-        let map = v
-            .get("weight_map")
-            .and_then(|m| m.as_object())
-            .with_context(|| format!("{}: no `weight_map` object", index.display()))?;
-        let shards: BTreeSet<&str> = map.values().filter_map(|f| f.as_str()).collect();
-        return Ok(shards.into_iter().map(|f| dir.join(f)).collect());
-    }
-    let single = dir.join("model.safetensors");
-    if single.exists() {
-        return Ok(vec![single]);
-    }
-    bail!(
-        "no model.safetensors or model.safetensors.index.json in {}",
-        dir.display()
-    )
-}
-
-/// Reads all weights of a checkpoint directory (single file or sharded).
-pub fn load_safetensors_dir(dir: &Path) -> Result<RawWeights> {
-    let mut all = RawWeights::new();
-    for file in checkpoint_files(dir)? {
-        all.extend(read_safetensors_file(&file)?);
-    }
-    Ok(all)
-}
 
 struct Builder<'a> {
     weights: &'a RawWeights,
@@ -226,8 +147,8 @@ pub fn build_model(
 /// Loads `config.json` and the safetensors weights of an HF checkpoint directory.
 pub fn load_model(dir: &Path, device: &Device, dtype: DType) -> Result<Llama> {
     let config = ModelConfig::from_file(dir.join("config.json"))?;
-    let weights = load_safetensors_dir(dir)?;
-    let files: Vec<String> = checkpoint_files(dir)?
+    let weights = safetensors::read_dir(dir)?;
+    let files: Vec<String> = safetensors::checkpoint_files(dir)?
         .iter()
         .map(|f| f.display().to_string())
         .collect();

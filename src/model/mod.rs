@@ -1,14 +1,8 @@
-//! Llama-family models: configuration, weight loading (safetensors, GGUF), tokenizers, chat templates.
+//! The network: llama-family configuration, the decoder on burn, LoRA adapters, device and
+//! dtype choice, and building the model from host weights.
 
-pub mod base;
 pub mod config;
-pub mod convert;
 pub mod device;
-pub mod fuse;
-pub mod gguf;
 pub mod llama;
 pub mod load;
 pub mod lora;
-pub mod source;
-pub mod tokenizer;
-pub mod weights;

@@ -337,7 +337,7 @@ fn read_folder(run: &mut Run, notes: &mut Vec<String>) {
     let log = run.dir.join("metrics.jsonl");
     if log.is_file() {
         run.has_log = true;
-        for e in crate::train::metrics::read(&log) {
+        for e in crate::sweep::metrics_log::read(&log) {
             let Some(step) = e["step"].as_f64() else {
                 continue;
             };

@@ -3,6 +3,7 @@
 
 use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
@@ -88,7 +89,36 @@ pub fn cell(v: &J) -> String {
     }
 }
 
-/// Runs every planned run that is not already done.
+/// What the process should do to its current run if it must exit at once (a second Ctrl-C):
+/// mark it `interrupted` in its folder and the leaderboard, so it does not read `running`.
+static ON_ABORT: Mutex<Option<Box<dyn Fn() + Send>>> = Mutex::new(None);
+
+/// Marks the run in progress, if any, as interrupted. Called from the signal handler before
+/// the process exits without waiting for the trainer.
+pub fn abort_current_run() {
+    if let Ok(guard) = ON_ABORT.lock()
+        && let Some(f) = guard.as_ref()
+    {
+        f();
+    }
+}
+
+fn set_on_abort(f: Option<Box<dyn Fn() + Send>>) {
+    if let Ok(mut guard) = ON_ABORT.lock() {
+        *guard = f;
+    }
+}
+
+/// How one run ended.
+enum RunEnd {
+    Done,
+    Interrupted,
+    Failed(String),
+}
+
+/// Runs every planned run that is not already done. A run whose training fails, or whose
+/// bookkeeping (status, metrics, leaderboard) cannot be written, fails alone: the sweep goes
+/// on with the next run.
 pub fn run_sweep(
     exp: &Experiment,
     runs: &[RunPlan],
@@ -104,12 +134,14 @@ pub fn run_sweep(
         let prefix = format!("[{}/{}] run {}", i + 1, runs.len(), plan.id);
         if dir.status().is_some_and(|s| s.state == State::Done) {
             log(&format!("{prefix}: done already, skipped"));
-            board.upsert(&row(
+            if let Err(e) = board.upsert(&row(
                 exp,
                 plan,
                 State::Done,
                 dir.metrics().unwrap_or_default(),
-            ))?;
+            )) {
+                log(&format!("{prefix}: cannot update the leaderboard: {e:#}"));
+            }
             outcome.skipped.push(plan.id.clone());
             continue;
         }
@@ -117,61 +149,107 @@ pub fn run_sweep(
             outcome.interrupted = true;
             break;
         }
-        dir.create()?;
-        dir.write_config(plan)?;
-        dir.set_status(State::Running, None)?;
-        board.upsert(&row(exp, plan, State::Running, RunMetrics::default()))?;
         log(&format!("{prefix}: training"));
         let started = Instant::now();
-        let ctx = RunContext {
-            experiment: &exp.name,
-            plan,
-            dir: &dir,
-            cancel,
-        };
-        let result = std::panic::catch_unwind(AssertUnwindSafe(|| trainer.train(&ctx)))
-            .unwrap_or_else(|p| Err(anyhow::anyhow!("the trainer panicked: {}", panic_text(&p))));
-        match result {
-            Ok(mut metrics) => {
-                metrics
-                    .wall_s
-                    .get_or_insert(started.elapsed().as_secs_f64());
-                dir.write_metrics(&metrics)?;
-                dir.set_status(State::Done, None)?;
-                board.upsert(&row(exp, plan, State::Done, metrics))?;
+        {
+            let (dir, board) = (dir.clone(), board.clone());
+            let aborted = row(exp, plan, State::Interrupted, RunMetrics::default());
+            set_on_abort(Some(Box::new(move || {
+                let _ = dir.set_status(
+                    State::Interrupted,
+                    Some("stopped by a second Ctrl-C; `tuna sweep` resumes it".into()),
+                );
+                let _ = board.upsert(&aborted);
+            })));
+        }
+        let end = run_one(exp, plan, &dir, &board, trainer, cancel);
+        set_on_abort(None);
+        match end {
+            RunEnd::Done => {
                 log(&format!(
                     "{prefix}: done in {:.1} s",
                     started.elapsed().as_secs_f64()
                 ));
                 outcome.done.push(plan.id.clone());
             }
-            Err(e) if e.is::<Interrupted>() || cancel.load(Ordering::SeqCst) => {
-                dir.set_status(
-                    State::Interrupted,
-                    Some("stopped by Ctrl-C; `tuna sweep` resumes it".into()),
-                )?;
-                board.upsert(&row(
-                    exp,
-                    plan,
-                    State::Interrupted,
-                    dir.metrics().unwrap_or_default(),
-                ))?;
+            RunEnd::Interrupted => {
                 log(&format!(
                     "{prefix}: interrupted; run `tuna sweep` again to resume"
                 ));
                 outcome.interrupted = true;
                 break;
             }
-            Err(e) => {
-                let msg = format!("{e:#}");
-                dir.set_status(State::Failed, Some(msg.clone()))?;
-                board.upsert(&row(exp, plan, State::Failed, RunMetrics::default()))?;
+            RunEnd::Failed(msg) => {
                 log(&format!("{prefix}: FAILED: {msg}"));
                 outcome.failed.push((plan.id.clone(), msg));
             }
         }
     }
     Ok(outcome)
+}
+
+/// Trains one run and records how it ended in its folder and the leaderboard.
+fn run_one(
+    exp: &Experiment,
+    plan: &RunPlan,
+    dir: &RunDir,
+    board: &Leaderboard,
+    trainer: &dyn Trainer,
+    cancel: &AtomicBool,
+) -> RunEnd {
+    let started = Instant::now();
+    let prepared = (|| -> Result<()> {
+        dir.create()?;
+        dir.write_config(plan)?;
+        dir.set_status(State::Running, None)?;
+        board.upsert(&row(exp, plan, State::Running, RunMetrics::default()))
+    })();
+    let result = prepared.and_then(|()| {
+        let ctx = RunContext {
+            experiment: &exp.name,
+            plan,
+            dir,
+            cancel,
+        };
+        std::panic::catch_unwind(AssertUnwindSafe(|| trainer.train(&ctx)))
+            .unwrap_or_else(|p| Err(anyhow::anyhow!("the trainer panicked: {}", panic_text(&p))))
+    });
+    let end = match result {
+        Ok(mut metrics) => {
+            metrics
+                .wall_s
+                .get_or_insert(started.elapsed().as_secs_f64());
+            let recorded = (|| -> Result<()> {
+                dir.write_metrics(&metrics)?;
+                dir.set_status(State::Done, None)?;
+                board.upsert(&row(exp, plan, State::Done, metrics.clone()))
+            })();
+            match recorded {
+                Ok(()) => return RunEnd::Done,
+                Err(e) => RunEnd::Failed(format!("trained, but cannot record it: {e:#}")),
+            }
+        }
+        Err(e) if e.is::<Interrupted>() || cancel.load(Ordering::SeqCst) => {
+            let _ = dir.set_status(
+                State::Interrupted,
+                Some("stopped by Ctrl-C; `tuna sweep` resumes it".into()),
+            );
+            let _ = board.upsert(&row(
+                exp,
+                plan,
+                State::Interrupted,
+                dir.metrics().unwrap_or_default(),
+            ));
+            return RunEnd::Interrupted;
+        }
+        Err(e) => RunEnd::Failed(format!("{e:#}")),
+    };
+    if let RunEnd::Failed(msg) = &end {
+        // Best effort: the disk may be what failed.
+        let _ = dir.set_status(State::Failed, Some(msg.clone()));
+        let _ = board.upsert(&row(exp, plan, State::Failed, RunMetrics::default()));
+    }
+    end
 }
 
 fn panic_text(p: &Box<dyn std::any::Any + Send>) -> String {

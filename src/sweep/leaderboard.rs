@@ -3,13 +3,12 @@
 //! row. Columns are the union over every experiment that wrote to it.
 
 use std::collections::BTreeMap;
-use std::fs::OpenOptions;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
-use fs4::fs_std::FileExt;
 
-use super::run_dir::{RunMetrics, State, write_atomic};
+use super::run_dir::{RunMetrics, State};
+use crate::files::{lock_exclusive, write_atomic};
 
 /// Columns before the varied keys.
 pub const HEAD: &[&str] = &["run_id", "experiment", "status"];
@@ -48,6 +47,7 @@ impl Row {
     }
 }
 
+#[derive(Debug, Clone)]
 pub struct Leaderboard {
     pub path: PathBuf,
 }
@@ -71,17 +71,8 @@ impl Leaderboard {
         let dir = self.path.parent().unwrap_or(Path::new("."));
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
         let lock_path = self.path.with_extension("csv.lock");
-        let lock = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&lock_path)
-            .with_context(|| format!("cannot open lock file {}", lock_path.display()))?;
-        lock.lock_exclusive()
-            .with_context(|| format!("cannot lock {}", lock_path.display()))?;
-        let result = self.upsert_locked(row);
-        let _ = FileExt::unlock(&lock);
-        result
+        let _lock = lock_exclusive(&lock_path)?;
+        self.upsert_locked(row)
     }
 
     fn upsert_locked(&self, row: &Row) -> Result<()> {

@@ -2,6 +2,7 @@
 
 pub mod executor;
 pub mod leaderboard;
+pub mod metrics_log;
 pub mod run_dir;
 
 pub use executor::{RunContext, SweepOutcome, Trainer, run_sweep};

@@ -11,7 +11,8 @@ use serde_json::Value as J;
 
 use crate::config::RunPlan;
 use crate::config::keys::{self, CATALOG, Kind};
-use crate::config::spec::{normalize, relative_to};
+use crate::config::paths::{normalize, relative_to};
+use crate::files::write_atomic;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -186,17 +187,4 @@ pub fn rebase_paths(config: &J, from: &Path, to: &Path) -> J {
         }
     }
     out
-}
-
-/// Writes a file so that a reader never sees half of it: a temporary file, then a rename.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let tmp = dir.join(format!(
-        ".{}.{}.tmp",
-        path.file_name().and_then(|n| n.to_str()).unwrap_or("file"),
-        std::process::id()
-    ));
-    std::fs::write(&tmp, bytes).with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot replace {}", path.display()))
 }

@@ -3,16 +3,18 @@
 //! and the step, so step + seed are all a resumed run needs to see the same batches.
 //! A checkpoint is written to `checkpoint.tmp/` and renamed, so a kill never leaves half of one.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use burn::tensor::{DType, Tensor, TensorData};
-use safetensors::{Dtype, SafeTensors, tensor::TensorView};
 use serde::{Deserialize, Serialize};
 
+use crate::files::write_atomic;
+use crate::formats::safetensors;
+use crate::formats::weights::{RawTensor, RawWeights};
 use crate::model::llama::Llama;
-use crate::model::lora::{self, AdamW};
+use crate::model::lora;
+use crate::optim::AdamW;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Checkpoint {
@@ -31,39 +33,42 @@ fn dir_of(run_dir: &Path) -> PathBuf {
     run_dir.join("checkpoint")
 }
 
-/// Writes a checkpoint atomically (temporary folder, then rename).
+/// Writes a checkpoint atomically (temporary folder, then rename); a failed write (a full
+/// disk) removes the temporary folder and keeps the previous checkpoint.
 pub fn save(run_dir: &Path, model: &Llama, opt: &AdamW, c: &Checkpoint) -> Result<()> {
     let tmp = run_dir.join("checkpoint.tmp");
     let _ = std::fs::remove_dir_all(&tmp);
-    lora::save_peft_adapter(model, &tmp, None)?;
-    let (step, moments) = opt.export_state();
-    let mut bufs: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
-    for (name, m, v) in moments {
-        for (suffix, t) in [("m", m), ("v", v)] {
-            let shape = t.dims().to_vec();
-            let data: Vec<f32> = t
-                .cast(DType::F32)
-                .into_data()
-                .try_into_vec::<f32>()
-                .map_err(|e| anyhow::anyhow!("{e:?}"))?;
-            bufs.push((
-                format!("{name}.{suffix}"),
-                shape,
-                data.iter().flat_map(|x| x.to_le_bytes()).collect(),
-            ));
-        }
+    let written = write_into(&tmp, model, opt, c);
+    if written.is_err() {
+        let _ = std::fs::remove_dir_all(&tmp);
     }
-    let views: Vec<(String, TensorView)> = bufs
-        .iter()
-        .map(|(n, s, b)| Ok((n.clone(), TensorView::new(Dtype::F32, s.clone(), b)?)))
-        .collect::<Result<_, safetensors::SafeTensorError>>()?;
-    let meta: HashMap<String, String> = [("adam_step".to_string(), step.to_string())].into();
-    safetensors::serialize_to_file(views, Some(meta), &tmp.join("optimizer.safetensors"))?;
-    std::fs::write(tmp.join("state.json"), serde_json::to_string_pretty(c)?)?;
+    written?;
     let final_dir = dir_of(run_dir);
     let _ = std::fs::remove_dir_all(&final_dir);
     std::fs::rename(&tmp, &final_dir)
         .with_context(|| format!("cannot move checkpoint into {}", final_dir.display()))
+}
+
+fn write_into(tmp: &Path, model: &Llama, opt: &AdamW, c: &Checkpoint) -> Result<()> {
+    lora::save_peft_adapter(model, tmp, None)?;
+    let (step, moments) = opt.export_state();
+    let mut tensors = RawWeights::new();
+    for (name, m, v) in moments {
+        for (suffix, t) in [("m", m), ("v", v)] {
+            let shape = t.dims().to_vec();
+            let data = t.cast(DType::F32).try_into_vec_as::<f32>()?;
+            tensors.insert(format!("{name}.{suffix}"), RawTensor { shape, data });
+        }
+    }
+    safetensors::write_f32(
+        &tensors,
+        &[("adam_step", step.to_string())],
+        &tmp.join("optimizer.safetensors"),
+    )?;
+    write_atomic(
+        &tmp.join("state.json"),
+        serde_json::to_string_pretty(c)?.as_bytes(),
+    )
 }
 
 /// Loads the run's checkpoint into `model` and `opt`, if there is one.
@@ -89,36 +94,38 @@ pub fn load(
     }
     lora::load_peft_adapter(model, &dir)?;
     let path = dir.join("optimizer.safetensors");
-    let bytes = std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
-    let (_, meta) = SafeTensors::read_metadata(&bytes)?;
+    let (mut tensors, meta) = safetensors::read_file_with_metadata(&path)?;
     let step: i32 = meta
-        .metadata()
-        .as_ref()
-        .and_then(|m| m.get("adam_step"))
+        .get("adam_step")
         .and_then(|s| s.parse().ok())
-        .with_context(|| format!("{}: no adam_step", path.display()))?;
-    let st = SafeTensors::deserialize(&bytes)?;
-    let mut moments = Vec::new();
-    let names: Vec<String> = st
-        .names()
-        .iter()
+        .with_context(|| format!("{}: no adam_step in its metadata", path.display()))?;
+    let names: Vec<String> = tensors
+        .keys()
         .filter_map(|n| n.strip_suffix(".m").map(String::from))
         .collect();
+    let mut moments = Vec::new();
     for name in names {
-        let get = |suffix: &str| -> Result<Tensor<2>> {
-            let v = st.tensor(&format!("{name}.{suffix}"))?;
-            let data: Vec<f32> = v
-                .data()
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect();
-            let shape = [v.shape()[0], v.shape()[1]];
+        let mut get = |suffix: &str| -> Result<Tensor<2>> {
+            let key = format!("{name}.{suffix}");
+            let t = tensors
+                .remove(&key)
+                .with_context(|| format!("{}: `{key}` is missing", path.display()))?;
+            let [rows, cols] = t.shape[..] else {
+                bail!(
+                    "{}: `{key}` has shape {:?}; optimizer moments are 2-D",
+                    path.display(),
+                    t.shape
+                );
+            };
             Ok(Tensor::from_data(
-                TensorData::new(data, shape),
+                TensorData::new(t.data, [rows, cols]),
                 (&model.device, DType::F32),
             ))
         };
         moments.push((name.clone(), get("m")?, get("v")?));
+    }
+    if let Some(extra) = tensors.keys().next() {
+        bail!("{}: unexpected tensor `{extra}`", path.display());
     }
     opt.import_state(step, moments);
     Ok(Some(c))

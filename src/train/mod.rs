@@ -1,8 +1,6 @@
 //! Training: the LoRA trainer behind `tuna train` and `tuna sweep`.
 
-pub mod bench;
 pub mod checkpoint;
-pub mod metrics;
 pub mod settings;
 pub mod step;
 pub mod trainer;

@@ -4,8 +4,8 @@
 use serde_json::Value as J;
 
 use crate::config::grid::lr_schedule;
-use crate::config::schedule::LrSchedule;
 use crate::model::lora::LoraConfig;
+use crate::optim::schedule::LrSchedule;
 
 #[derive(Debug, Clone)]
 pub struct TrainSettings {

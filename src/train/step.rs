@@ -14,11 +14,13 @@
 
 use std::collections::HashMap;
 
-use burn::tensor::{DType, Int, Tensor, TensorData, activation};
+use anyhow::Result;
+use burn::tensor::{Bool, DType, Int, Tensor, TensorData, activation};
 
 use crate::data::dataset::Batch;
 use crate::model::llama::Llama;
 use crate::model::lora::{self, lora_parameters};
+use crate::optim::AdamW;
 
 /// Logits computed at once in the head: about 2^25 f32 values (128 MB) per chunk.
 const HEAD_CHUNK_VALUES: usize = 1 << 25;
@@ -210,4 +212,18 @@ pub fn loss_and_grads(model: &Llama, b: &Batch, o: &StepOptions) -> StepGrads {
         targets: n,
         grads,
     }
+}
+
+/// One optimizer update of the model's adapters from `grads`: [`AdamW::step_where`] on the
+/// factors, written back into the model. `apply` and `grad_mul` as there.
+pub fn update_adapters(
+    model: &mut Llama,
+    opt: &mut AdamW,
+    grads: &[(String, Tensor<2>)],
+    apply: Option<&Tensor<1, Bool>>,
+    grad_mul: f64,
+) -> Result<()> {
+    let mut params = lora_parameters(model);
+    opt.step_where(&mut params, grads, apply, grad_mul);
+    lora::set_lora_parameters(model, params)
 }

@@ -13,19 +13,21 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 
 use super::checkpoint::{self, Checkpoint};
-use super::metrics::{MetricsLog, device_mem_mb, peak_rss_mb};
 use super::settings::TrainSettings;
-use super::step::{self, StepOptions};
+use super::step::{self, StepOptions, update_adapters};
 use crate::data::dataset::{self, DataSet, Order, Split, Tokenized};
 use crate::generate::answers::{self, TaskMetric};
-use crate::model::base::{BaseModel, load_base};
-use crate::model::device::{DeviceChoice, SelectedDevice, select_device};
+use crate::memory::{device_mem_mb, peak_rss_mb};
+use crate::model::device::{SelectedDevice, device_for};
 use crate::model::llama::Llama;
 use crate::model::load::build_model;
-use crate::model::lora::{self, AdamW};
+use crate::model::lora;
+use crate::optim::AdamW;
 use crate::optim::{self, LossScaler};
+use crate::source::base::{BaseModel, load_base};
 use crate::sweep::RunMetrics;
 use crate::sweep::executor::{Interrupted, RunContext, Trainer};
+use crate::sweep::metrics_log::MetricsLog;
 
 /// Sequence lengths are padded to a multiple of this: fewer distinct shapes, fewer GPU
 /// kernel compiles and autotune runs across the steps and runs of a sweep.
@@ -60,36 +62,17 @@ impl LoraTrainer {
     }
 }
 
-/// Picks the device and float type a config asks for.
-pub fn device_for(device: &str, dtype: &str) -> Result<SelectedDevice> {
-    let choice: DeviceChoice = device.parse()?;
-    let mut sel = select_device(choice)?;
-    sel.dtype = match dtype {
-        "f32" => DType::F32,
-        "f16" => DType::F16,
-        "bf16" => DType::BF16,
-        _ => sel.dtype,
-    };
-    if !sel.device.supports_dtype(sel.dtype) {
-        bail!(
-            "dtype {:?} is not supported on the {} device; use dtype: auto",
-            sel.dtype,
-            sel.kind
-        );
-    }
-    Ok(sel)
-}
-
 impl Trainer for LoraTrainer {
     fn train(&self, ctx: &RunContext) -> Result<RunMetrics> {
         let s = TrainSettings::from_config(&ctx.plan.config)?;
         let base = self.base(&s.model)?;
-        check_layers(&s, &base)?;
+        check_against_model(&s, &base)?;
         let data = dataset::load(
             Path::new(&s.data),
             &base.tokenizer,
             s.max_seq_length,
             s.mask_prompt,
+            base.config.vocab_size,
         )?;
         for split in [Some(&data.train), Some(&data.valid), data.test.as_ref()]
             .into_iter()
@@ -160,12 +143,21 @@ impl Trainer for LoraTrainer {
     }
 }
 
-fn check_layers(s: &TrainSettings, base: &BaseModel) -> Result<()> {
+fn check_against_model(s: &TrainSettings, base: &BaseModel) -> Result<()> {
     let n = base.config.num_hidden_layers as i64;
     if s.lora.num_layers > n {
         bail!(
             "lora.num_layers is {} but {} has {n} layers; use a number up to {n}, or -1 for all",
             s.lora.num_layers,
+            s.model
+        );
+    }
+    let positions = base.config.max_position_embeddings;
+    if s.max_seq_length > positions {
+        bail!(
+            "train.max_seq_length is {} but {} has {positions} positions \
+             (max_position_embeddings); use train.max_seq_length: {positions} or less",
+            s.max_seq_length,
             s.model
         );
     }
@@ -215,7 +207,6 @@ impl Run<'_> {
                 self.ctx.plan.id, c.step
             );
         }
-        model.training = false;
         let mut scaler = (model.dtype == DType::F16).then(LossScaler::for_f16);
 
         let pb = progress(s.iters, start, self.quiet);
@@ -287,7 +278,7 @@ impl Run<'_> {
                 let unscaled = n.clone().div_scalar(loss_scale * loss_scale);
                 optim::clip_to_norm(&mut grads, &unscaled, max_norm);
             }
-            opt.step_where(model, &grads, finite.as_ref(), 1.0 / loss_scale);
+            update_adapters(model, &mut opt, &grads, finite.as_ref(), 1.0 / loss_scale)?;
             let done = step + 1;
             window.push(
                 done,

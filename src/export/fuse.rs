@@ -6,56 +6,47 @@ use std::path::Path;
 
 use anyhow::{Context, Result, bail};
 use rayon::prelude::*;
-use safetensors::SafeTensors;
 
-use super::base::BaseModel;
-use super::convert::write_safetensors_f32;
-use super::load::tensor_to_f32;
-use super::lora::read_peft_config;
-use super::weights::RawWeights;
+use crate::formats::peft::{self, Factor};
+use crate::formats::safetensors;
+use crate::formats::weights::RawWeights;
+use crate::source::base::BaseModel;
 
 /// Merges the adapter in `adapter_dir` into a copy of the base weights.
 pub fn merged_weights(base: &BaseModel, adapter_dir: &Path) -> Result<RawWeights> {
-    let (config, _) = read_peft_config(&adapter_dir.join("adapter_config.json"))?;
+    let (config, tensors) = peft::read_adapter(adapter_dir)?;
     let file = adapter_dir.join("adapter_model.safetensors");
-    let bytes = std::fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?;
-    let st = SafeTensors::deserialize(&bytes)
-        .with_context(|| format!("{}: not a safetensors file", file.display()))?;
     let mut weights = base.weights.clone();
     let mut merged = 0;
-    for name in st.names() {
-        let Some(module) = name.strip_suffix(".lora_A.weight") else {
+    for (name, a) in &tensors {
+        let Some((layer, module, Factor::A)) = peft::parse_tensor_name(name) else {
             continue;
         };
-        let b_name = format!("{module}.lora_B.weight");
-        let a = st.tensor(name)?;
-        let b = st
-            .tensor(&b_name)
+        let b_name = peft::tensor_name(layer, module, Factor::B);
+        let b = tensors
+            .get(&b_name)
             .with_context(|| format!("{}: `{b_name}` is missing", file.display()))?;
-        let hf = format!(
-            "{}.weight",
-            module.strip_prefix("base_model.model.").unwrap_or(module)
-        );
+        let hf = format!("model.layers.{layer}.{module}.weight");
         let w = weights.get_mut(&hf).with_context(|| {
             format!(
                 "{}: adapts `{hf}`, which the base model does not have",
                 file.display()
             )
         })?;
-        let (r, d_in) = (a.shape()[0], a.shape()[1]);
-        let d_out = b.shape()[0];
-        if w.shape != [d_out, d_in] || b.shape()[1] != r {
+        // Both factors are 2-D (checked on read); they must chain into the weight's shape.
+        let (r, d_in) = (a.shape[0], a.shape[1]);
+        let d_out = b.shape[0];
+        if w.shape != [d_out, d_in] || b.shape[1] != r {
             bail!(
-                "{}: `{module}` has A {:?} and B {:?}, which do not fit `{hf}` {:?}",
+                "{}: layer {layer} `{module}` has A {:?} and B {:?}, which do not fit `{hf}` {:?}",
                 file.display(),
-                a.shape(),
-                b.shape(),
+                a.shape,
+                b.shape,
                 w.shape
             );
         }
-        let a = tensor_to_f32(name, a.dtype(), a.data())?;
-        let b = tensor_to_f32(&b_name, b.dtype(), b.data())?;
         let scale = config.scale as f32;
+        let (a, b) = (&a.data, &b.data);
         w.data
             .par_chunks_mut(d_in)
             .enumerate()
@@ -86,7 +77,7 @@ pub fn fuse(base: &BaseModel, adapter_dir: &Path, out: &Path) -> Result<()> {
         out.join("config.json"),
         serde_json::to_string_pretty(&config)?,
     )?;
-    write_safetensors_f32(&weights, &out.join("model.safetensors"))?;
+    safetensors::write_f32(&weights, &[], &out.join("model.safetensors"))?;
     base.tokenizer.save_folder(out)?;
     Ok(())
 }

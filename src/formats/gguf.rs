@@ -17,8 +17,8 @@ use std::path::{Path, PathBuf};
 use rayon::prelude::*;
 use serde_json::{Value, json};
 
-use crate::model::tokenizer::{SpecialTokens, Tokenizer};
-use crate::model::weights::{RawTensor, RawWeights};
+use crate::formats::weights::{RawTensor, RawWeights};
+use crate::tokenizer::{SpecialTokens, Tokenizer};
 
 /// GGUF files start with these four bytes.
 pub const GGUF_MAGIC: [u8; 4] = *b"GGUF";

@@ -1,0 +1,96 @@
+//! `tuna bench`: speed and memory of training, generation and loading, on model *shapes* with
+//! random weights (no download needed) or on a real model. Warmup (autotune, shader compiles)
+//! is run first and kept out of the timing. Timings live here, never in tests.
+
+pub mod generate;
+pub mod load;
+pub mod train;
+
+use anyhow::{Result, bail};
+use rayon::prelude::*;
+use serde_json::{Value, json};
+
+use crate::data::dataset::SplitMix64;
+use crate::formats::weights::{RawTensor, RawWeights};
+use crate::model::config::ModelConfig;
+
+/// HF `config.json` contents of the shapes we benchmark.
+pub fn shape_config(shape: &str) -> Result<Value> {
+    Ok(match shape {
+        "smollm2-135m" => {
+            json!({"model_type": "llama", "hidden_size": 576, "intermediate_size": 1536,
+            "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3, "vocab_size": 49152,
+            "rms_norm_eps": 1e-5, "rope_theta": 100000.0, "tie_word_embeddings": true, "max_position_embeddings": 8192})
+        }
+        "tinyllama-1.1b" => {
+            json!({"model_type": "llama", "hidden_size": 2048, "intermediate_size": 5632,
+            "num_hidden_layers": 22, "num_attention_heads": 32, "num_key_value_heads": 4, "vocab_size": 32000,
+            "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": false, "max_position_embeddings": 2048})
+        }
+        "tiny" => json!({"model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 1024,
+            "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": true, "max_position_embeddings": 2048}),
+        other => bail!("unknown shape `{other}`; use smollm2-135m, tinyllama-1.1b or tiny"),
+    })
+}
+
+/// Random weights (normal-ish, std 0.02; norms at 1) for every tensor the shape needs.
+pub fn random_weights(c: &ModelConfig, seed: u64) -> RawWeights {
+    let (d, hd, h, kv, inter) = (
+        c.hidden_size,
+        c.head_dim,
+        c.num_attention_heads,
+        c.num_key_value_heads,
+        c.intermediate_size,
+    );
+    let mut shapes: Vec<(String, Vec<usize>)> = vec![
+        ("model.embed_tokens.weight".into(), vec![c.vocab_size, d]),
+        ("model.norm.weight".into(), vec![d]),
+    ];
+    if !c.tie_word_embeddings {
+        shapes.push(("lm_head.weight".into(), vec![c.vocab_size, d]));
+    }
+    for i in 0..c.num_hidden_layers {
+        let p = format!("model.layers.{i}");
+        shapes.extend([
+            (format!("{p}.input_layernorm.weight"), vec![d]),
+            (format!("{p}.post_attention_layernorm.weight"), vec![d]),
+            (format!("{p}.self_attn.q_proj.weight"), vec![h * hd, d]),
+            (format!("{p}.self_attn.k_proj.weight"), vec![kv * hd, d]),
+            (format!("{p}.self_attn.v_proj.weight"), vec![kv * hd, d]),
+            (format!("{p}.self_attn.o_proj.weight"), vec![d, h * hd]),
+            (format!("{p}.mlp.gate_proj.weight"), vec![inter, d]),
+            (format!("{p}.mlp.up_proj.weight"), vec![inter, d]),
+            (format!("{p}.mlp.down_proj.weight"), vec![d, inter]),
+        ]);
+        if c.qkv_bias {
+            shapes.extend([
+                (format!("{p}.self_attn.q_proj.bias"), vec![h * hd]),
+                (format!("{p}.self_attn.k_proj.bias"), vec![kv * hd]),
+                (format!("{p}.self_attn.v_proj.bias"), vec![kv * hd]),
+            ]);
+        }
+    }
+    shapes
+        .into_par_iter()
+        .enumerate()
+        .map(|(k, (name, shape))| {
+            let n: usize = shape.iter().product();
+            let data = if shape.len() == 1 {
+                vec![1.0; n]
+            } else {
+                let mut rng = SplitMix64(seed ^ (k as u64).wrapping_mul(0x2545_F491_4F6C_DD1D));
+                // Sum of two uniforms: cheap, zero-mean, std ≈ 0.02.
+                (0..n)
+                    .map(|_| {
+                        ((rng.next() >> 40) as f32 / (1u64 << 24) as f32
+                            + (rng.next() >> 40) as f32 / (1u64 << 24) as f32
+                            - 1.0)
+                            * 0.049
+                    })
+                    .collect()
+            };
+            (name, RawTensor { shape, data })
+        })
+        .collect()
+}

@@ -1,0 +1,149 @@
+//! `tuna bench train`: LoRA training speed and memory on a model *shape* with random weights,
+//! so that a benchmark needs no download. Warmup steps (autotune, shader compiles) are run
+//! first and kept out of the timing.
+
+use std::time::Instant;
+
+use anyhow::Result;
+use serde_json::{Value, json};
+
+use burn::tensor::{DType, Tensor};
+
+use super::{random_weights, shape_config};
+use crate::data::dataset::{SplitMix64, Tokenized, collate};
+use crate::memory::{device_mem_mb, peak_rss_mb};
+use crate::model::config::ModelConfig;
+use crate::model::device::device_for;
+use crate::model::load::build_model;
+use crate::model::lora::{self, LoraConfig};
+use crate::optim::{self, AdamW, LossScaler};
+use crate::train::step::{self, StepOptions};
+
+/// `tuna bench train`'s arguments (clap reads them straight into this struct).
+#[derive(clap::Args, Debug, Clone)]
+pub struct BenchTrainArgs {
+    /// smollm2-135m, tinyllama-1.1b or tiny.
+    #[arg(long, default_value = "smollm2-135m")]
+    pub shape: String,
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    #[arg(long, default_value = "auto")]
+    pub dtype: String,
+    #[arg(long, default_value_t = 8)]
+    pub batch: usize,
+    #[arg(long, default_value_t = 512)]
+    pub seq: usize,
+    #[arg(long, default_value_t = 10)]
+    pub steps: usize,
+    #[arg(long, default_value_t = 3)]
+    pub warmup: usize,
+    #[arg(long, default_value_t = 8)]
+    pub rank: usize,
+    #[arg(long, value_delimiter = ',', default_value = "q_proj,v_proj")]
+    pub keys: Vec<String>,
+    /// Adapt the last N layers; -1 = all.
+    #[arg(long, default_value_t = -1, allow_hyphen_values = true)]
+    pub num_layers: i64,
+    #[arg(long)]
+    pub grad_checkpoint: bool,
+    /// Time forward+backward and the optimizer separately: synchronizes after each phase, so
+    /// the whole step gets slightly slower.
+    #[arg(long)]
+    pub profile: bool,
+}
+
+/// Runs the benchmark and returns its result as one JSON object (also printed by the CLI).
+/// Steps are the trainer's own (`train::step`, the loss scaler in f16, AdamW on the device);
+/// the host waits for the GPU only at the end of the warmup and of the timed steps.
+pub fn bench_train(a: &BenchTrainArgs) -> Result<Value> {
+    let config = ModelConfig::from_json(&shape_config(&a.shape)?, &a.shape)?;
+    let t0 = Instant::now();
+    let weights = random_weights(&config, 0);
+    let sel = device_for(&a.device, &a.dtype)?;
+    let mut model = build_model(&config, &weights, &sel.device, sel.dtype)?;
+    drop(weights);
+    let load_s = t0.elapsed().as_secs_f64();
+    let lcfg = LoraConfig {
+        rank: a.rank,
+        scale: 2.0,
+        dropout: 0.0,
+        keys: a.keys.clone(),
+        num_layers: a.num_layers,
+    };
+    lora::apply_lora(&mut model, &lcfg, 0)?;
+    let mut opt = AdamW::new(1e-4, 0.0);
+    let scaler = (model.dtype == DType::F16).then(LossScaler::for_f16);
+    let mut rng = SplitMix64(7);
+    let mut phases = [0.0f64; 2];
+    let sync = |model: &crate::model::llama::Llama| {
+        let _ = model.device.sync();
+    };
+    let mut step =
+        |model: &mut crate::model::llama::Llama, phases: &mut [f64; 2]| -> Result<Tensor<1>> {
+            let examples: Vec<Tokenized> = (0..a.batch)
+                .map(|_| Tokenized {
+                    ids: (0..a.seq)
+                        .map(|_| (rng.next() % config.vocab_size as u64) as u32)
+                        .collect(),
+                    prompt_len: 0,
+                })
+                .collect();
+            let refs: Vec<&Tokenized> = examples.iter().collect();
+            let b = collate(&refs, 0, 1);
+            let loss_scale = scaler.as_ref().map_or(1.0, |s| s.scale);
+            let opts = StepOptions {
+                checkpoint: a.grad_checkpoint,
+                dropout_seed: None,
+                loss_scale,
+            };
+            let t = Instant::now();
+            let sg = step::loss_and_grads(model, &b, &opts);
+            if a.profile {
+                sync(model);
+                phases[0] += t.elapsed().as_secs_f64();
+            }
+            let t = Instant::now();
+            let finite = match (&scaler, optim::global_norm_sq(&sg.grads)) {
+                (Some(_), Some(n)) => Some(optim::finite(&n)),
+                _ => None,
+            };
+            step::update_adapters(
+                model,
+                &mut opt,
+                &sg.grads,
+                finite.as_ref(),
+                1.0 / loss_scale,
+            )?;
+            if a.profile {
+                sync(model);
+                phases[1] += t.elapsed().as_secs_f64();
+            }
+            Ok(sg.loss)
+        };
+    let tw = Instant::now();
+    for _ in 0..a.warmup {
+        step(&mut model, &mut phases)?;
+    }
+    sync(&model);
+    phases = [0.0; 2];
+    let warmup_s = tw.elapsed().as_secs_f64();
+    let tm = Instant::now();
+    let mut losses = Vec::new();
+    for _ in 0..a.steps {
+        losses.push(step(&mut model, &mut phases)?);
+    }
+    let losses: Vec<f32> = Tensor::cat(losses, 0).try_into_vec_as::<f32>()?;
+    let secs = tm.elapsed().as_secs_f64();
+    let tokens = (a.batch * a.seq * a.steps) as f64;
+    Ok(json!({
+        "bench": "train", "shape": a.shape, "device": sel.kind.to_string(), "dtype": format!("{:?}", sel.dtype),
+        "batch": a.batch, "seq": a.seq, "steps": a.steps, "warmup_steps": a.warmup, "rank": a.rank, "keys": a.keys,
+        "num_layers": a.num_layers, "grad_checkpoint": a.grad_checkpoint, "params": model.num_parameters(),
+        "lora_params": lora::num_lora_parameters(&model),
+        "tokens_per_s": tokens / secs, "s_per_step": secs / a.steps as f64, "warmup_s": warmup_s, "load_s": load_s,
+        "first_loss": losses.first(), "last_loss": losses.last(), "peak_rss_mb": peak_rss_mb(),
+        "gpu_reserved_mb": device_mem_mb(&model.device),
+        "profile_s_per_step": a.profile.then(|| json!({"forward_backward": phases[0] / a.steps as f64,
+            "optimizer": phases[1] / a.steps as f64})),
+    }))
+}

@@ -1,0 +1,82 @@
+//! Gradient checks that stay on the device: the global norm, clipping to it, and the
+//! finite flag an f16 step is skipped on, none of which reads a value back to the host.
+
+use burn::tensor::{Bool, DType, Tensor};
+
+/// The squared global L2 norm of all gradients, f32 `[1]`, on the device.
+pub fn global_norm_sq(grads: &[(String, Tensor<2>)]) -> Option<Tensor<1>> {
+    grads
+        .iter()
+        .map(|(_, g)| g.clone().cast(DType::F32).square().sum())
+        .reduce(|a, b| a + b)
+}
+
+/// Scales all gradients so that their global L2 norm (given squared, as from
+/// [`global_norm_sq`]) is at most `max_norm`, without a host sync.
+pub fn clip_to_norm(grads: &mut [(String, Tensor<2>)], norm_sq: &Tensor<1>, max_norm: f64) {
+    // k = min(1, max_norm / (norm + 1e-6)), broadcast to every gradient.
+    let k = norm_sq
+        .clone()
+        .sqrt()
+        .add_scalar(1e-6)
+        .recip()
+        .mul_scalar(max_norm)
+        .clamp_max(1.0);
+    for (_, g) in grads.iter_mut() {
+        let dtype = g.dtype();
+        *g = g.clone() * k.clone().cast(dtype).reshape([1, 1]);
+    }
+}
+
+/// True (on the device) when `norm_sq` is finite: no gradient overflowed to inf or NaN.
+pub fn finite(norm_sq: &Tensor<1>) -> Tensor<1, Bool> {
+    // NaN compares false; inf is not below f32::MAX.
+    norm_sq.clone().lower_elem(f32::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::tensor::{Device, TensorData};
+
+    fn t(v: f32) -> Tensor<1> {
+        Tensor::from_data(TensorData::new(vec![v], [1]), &Device::flex())
+    }
+
+    fn flag(x: Tensor<1, Bool>) -> bool {
+        x.into_data().try_to_vec::<bool>().unwrap()[0]
+    }
+
+    #[test]
+    fn finite_flags_inf_and_nan() {
+        assert!(flag(finite(&t(3.0))));
+        assert!(!flag(finite(&t(f32::INFINITY))));
+        assert!(!flag(finite(&t(f32::NAN))));
+    }
+
+    #[test]
+    fn clipping_scales_to_the_global_norm() {
+        let dev = Device::flex();
+        let mk = |v: f32| {
+            (
+                "g".to_string(),
+                Tensor::<2>::from_data(TensorData::new(vec![v], [1, 1]), &dev),
+            )
+        };
+        let mut g = vec![mk(3.0), mk(4.0)];
+        let n = global_norm_sq(&g).unwrap();
+        clip_to_norm(&mut g, &n, 1.0);
+        let v: Vec<f32> = g
+            .iter()
+            .map(|(_, x)| x.clone().into_scalar::<f32>())
+            .collect();
+        assert!(
+            (v[0] - 0.6).abs() < 1e-5 && (v[1] - 0.8).abs() < 1e-5,
+            "{v:?}"
+        );
+        let mut small = vec![mk(0.3)];
+        let n = global_norm_sq(&small).unwrap();
+        clip_to_norm(&mut small, &n, 1.0);
+        assert!((small[0].1.clone().into_scalar::<f32>() - 0.3).abs() < 1e-6);
+    }
+}
