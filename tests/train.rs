@@ -75,7 +75,7 @@ fn experiment(dir: &Path, extra: &str) -> PathBuf {
         "name: resume\nmodel: {}\ndata: {}\ndevice: cpu\n\
          train:\n  iters: 400\n  batch_size: 2\n  learning_rate: 5e-3\n  optimizer: adamw\n  mask_prompt: true\n  \
          max_seq_length: 128\n  steps_per_report: 50\n  steps_per_eval: 100\n  val_batches: 3\n  save_every: 10\n\
-         lora:\n  num_layers: -1\n  rank: 4\neval:\n  test: true\noutput:\n  dir: {}\n{extra}",
+         lora:\n  num_layers: -1\n  rank: 4\n  dropout: 0.05\neval:\n  test: true\noutput:\n  dir: {}\n{extra}",
         reference_dir().join("tiny-llama").display(),
         root.join("experiments/data/diagnosis").display(),
         dir.join("out").display(),
@@ -211,6 +211,91 @@ fn sweep_learns_and_a_killed_run_resumes_to_the_same_result() {
         .output()
         .unwrap();
     assert!(String::from_utf8_lossy(&out.stderr).contains("done already, skipped"));
+}
+
+/// Waits until the run's checkpoint has reached `step`.
+fn wait_for_checkpoint(exp_dir: &Path, child: &mut std::process::Child, step: u64) {
+    let started = Instant::now();
+    loop {
+        let state = std::fs::read_dir(exp_dir)
+            .ok()
+            .and_then(|mut d| d.next())
+            .and_then(|e| {
+                std::fs::read_to_string(e.unwrap().path().join("checkpoint/state.json")).ok()
+            });
+        if let Some(s) = state
+            && serde_json::from_str::<serde_json::Value>(&s).unwrap()["step"]
+                .as_u64()
+                .unwrap()
+                >= step
+        {
+            return;
+        }
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the run finished before the signal; make it longer"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(300),
+            "no checkpoint appeared"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn signal(child: &std::process::Child, sig: &str) {
+    let ok = Command::new("kill")
+        .args([sig, &child.id().to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill {sig} failed");
+}
+
+#[test]
+fn sigterm_stops_cleanly_and_a_second_interrupt_still_marks_the_run() {
+    let d = tempfile::tempdir().unwrap();
+    let spec = experiment(d.path(), "");
+    let exp_dir = d.path().join("out/resume");
+    let status =
+        || std::fs::read_to_string(run_folder(&d.path().join("out")).join("status.json")).unwrap();
+
+    // SIGTERM (what `kill` and schedulers send): checkpoint, mark interrupted, exit 1.
+    let mut child = tuna()
+        .args(["sweep", spec.to_str().unwrap()])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for_checkpoint(&exp_dir, &mut child, 20);
+    signal(&child, "-TERM");
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("interrupted; run `tuna sweep` again"), "{err}");
+    assert!(status().contains("interrupted"), "{}", status());
+
+    // Two Ctrl-Cs in a row exit at once (130), and the run still reads `interrupted`, not
+    // `running`. If the first one already finished the step, the exit is the clean one (1);
+    // `tests/spec.rs` checks the exit-at-once path deterministically.
+    let mut child = tuna()
+        .args(["sweep", spec.to_str().unwrap()])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for_checkpoint(&exp_dir, &mut child, 40);
+    signal(&child, "-INT");
+    signal(&child, "-INT");
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.code() == Some(130) || out.status.code() == Some(1),
+        "{:?}: {err}",
+        out.status
+    );
+    assert!(status().contains("interrupted"), "{}", status());
+    let board = std::fs::read_to_string(d.path().join("out/leaderboard.csv")).unwrap();
+    assert!(board.contains("interrupted"), "{board}");
+    assert!(!board.contains("running"), "{board}");
 }
 
 #[test]

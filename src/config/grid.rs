@@ -49,7 +49,11 @@ pub fn expand(exp: &Experiment) -> Result<Vec<RunPlan>, ConfigError> {
             continue;
         }
         let seeds = if exp.vary.seeds.is_empty() {
-            vec![config["train"]["seed"].as_i64().unwrap_or(0)]
+            vec![
+                keys::Resolved(&config)
+                    .i64("train.seed")
+                    .unwrap_or_default(),
+            ]
         } else {
             exp.vary.seeds.clone()
         };
@@ -90,8 +94,9 @@ fn check_run(exp: &Experiment, c: &J, point: &[(String, J)]) -> Result<(), Confi
         };
         ConfigError::at(&file, line, format!("{msg}{at_point}")).key("train.lr_schedule")
     })?;
-    let wd = c["train"]["weight_decay"].as_f64().unwrap_or(0.0);
-    if c["train"]["optimizer"] == "adam" && wd != 0.0 {
+    let r = keys::Resolved(c);
+    let wd = r.f64("train.weight_decay").unwrap_or_default();
+    if r.str("train.optimizer").unwrap_or_default() == "adam" && wd != 0.0 {
         let (file, line) = exp.origin("train.weight_decay");
         return Err(ConfigError::at(
             &file,
@@ -106,14 +111,15 @@ fn check_run(exp: &Experiment, c: &J, point: &[(String, J)]) -> Result<(), Confi
 
 /// The learning-rate schedule of a resolved config.
 pub fn lr_schedule(c: &J) -> Result<LrSchedule, String> {
-    let t = &c["train"];
-    let s = Schedule::parse(t["lr_schedule"].as_str().unwrap_or("constant"))?;
+    let r = keys::Resolved(c);
+    let e = |e: anyhow::Error| e.to_string();
+    let s = Schedule::parse(&r.str("train.lr_schedule").map_err(e)?)?;
     LrSchedule::new(
         s,
-        t["learning_rate"].as_f64().unwrap_or(1e-5),
-        t["final_lr"].as_f64().unwrap_or(0.0),
-        t["warmup"].as_u64().unwrap_or(0),
-        t["iters"].as_u64().unwrap_or(1000),
+        r.f64("train.learning_rate").map_err(e)?,
+        r.f64("train.final_lr").map_err(e)?,
+        r.u64("train.warmup").map_err(e)?,
+        r.u64("train.iters").map_err(e)?,
     )
 }
 

@@ -334,6 +334,73 @@ pub fn defaults() -> J {
     root
 }
 
+/// Typed reads of a resolved config. A resolved config holds every key (defaults are merged
+/// in when it is built); one written by an older tuna may lack a newer key, which then reads as
+/// the catalog's default, so defaults live in the catalog and nowhere else.
+pub struct Resolved<'a>(pub &'a J);
+
+impl Resolved<'_> {
+    /// The value of `key`: the config's, else the catalog default.
+    pub fn get(&self, key: &str) -> anyhow::Result<J> {
+        if let Some(v) = get_path(self.0, key) {
+            return Ok(v.clone());
+        }
+        match info(key).and_then(|i| i.default) {
+            Some(d) => Ok(d()),
+            None => anyhow::bail!("the resolved config has no `{key}` and it has no default"),
+        }
+    }
+
+    fn typed<T>(&self, key: &str, what: &str, f: impl Fn(&J) -> Option<T>) -> anyhow::Result<T> {
+        let v = self.get(key)?;
+        f(&v).ok_or_else(|| anyhow::anyhow!("`{key}` is {v}, expected {what}"))
+    }
+
+    pub fn str(&self, key: &str) -> anyhow::Result<String> {
+        self.typed(key, "a string", |v| v.as_str().map(String::from))
+    }
+
+    pub fn u64(&self, key: &str) -> anyhow::Result<u64> {
+        self.typed(key, "a whole number", J::as_u64)
+    }
+
+    pub fn usize(&self, key: &str) -> anyhow::Result<usize> {
+        Ok(self.u64(key)? as usize)
+    }
+
+    pub fn i64(&self, key: &str) -> anyhow::Result<i64> {
+        self.typed(key, "a whole number", J::as_i64)
+    }
+
+    pub fn f64(&self, key: &str) -> anyhow::Result<f64> {
+        self.typed(key, "a number", J::as_f64)
+    }
+
+    /// A number, or `None` where the key is null (off).
+    pub fn opt_f64(&self, key: &str) -> anyhow::Result<Option<f64>> {
+        self.typed(key, "a number or null", |v| {
+            if v.is_null() {
+                Some(None)
+            } else {
+                v.as_f64().map(Some)
+            }
+        })
+    }
+
+    pub fn bool(&self, key: &str) -> anyhow::Result<bool> {
+        self.typed(key, "true or false", J::as_bool)
+    }
+
+    pub fn strings(&self, key: &str) -> anyhow::Result<Vec<String>> {
+        self.typed(key, "a list of strings", |v| {
+            v.as_array()?
+                .iter()
+                .map(|x| x.as_str().map(String::from))
+                .collect()
+        })
+    }
+}
+
 /// Sets `a.b.c` in a nested JSON object, creating sections as needed.
 pub fn set_path(root: &mut J, key: &str, value: J) {
     let mut cur = root;

@@ -50,7 +50,12 @@ pub struct SweepOutcome {
 
 /// The output folder of an experiment's resolved config.
 pub fn output_dir(base: &J) -> PathBuf {
-    PathBuf::from(base["output"]["dir"].as_str().unwrap_or("results"))
+    // A config without `output.dir` reads the catalog's default.
+    PathBuf::from(
+        crate::config::keys::Resolved(base)
+            .str("output.dir")
+            .unwrap_or_else(|_| "results".into()),
+    )
 }
 
 /// The leaderboard every experiment under `output_dir` shares.

@@ -1,9 +1,10 @@
 //! The typed view of a resolved run config that the trainer reads. The catalog in
-//! `config/keys.rs` has already checked every value, so reading cannot fail here.
+//! `config/keys.rs` has already checked every value and holds every default.
 
 use serde_json::Value as J;
 
 use crate::config::grid::lr_schedule;
+use crate::config::keys::Resolved;
 use crate::model::lora::LoraConfig;
 use crate::optim::schedule::LrSchedule;
 
@@ -43,62 +44,76 @@ pub struct TrainSettings {
 
 impl TrainSettings {
     pub fn from_config(c: &J) -> anyhow::Result<Self> {
-        let t = &c["train"];
-        let l = &c["lora"];
-        let s = |v: &J| v.as_str().unwrap_or_default().to_string();
-        let u = |v: &J, d: u64| v.as_u64().unwrap_or(d);
-        let f = |v: &J, d: f64| v.as_f64().unwrap_or(d);
+        let r = Resolved(c);
         Ok(TrainSettings {
-            model: s(&c["model"]),
-            data: s(&c["data"]),
-            device: c["device"].as_str().unwrap_or("auto").to_string(),
-            dtype: c["dtype"].as_str().unwrap_or("auto").to_string(),
-            iters: u(&t["iters"], 1000),
-            batch_size: u(&t["batch_size"], 4) as usize,
+            model: r.str("model")?,
+            data: r.str("data")?,
+            device: r.str("device")?,
+            dtype: r.str("dtype")?,
+            iters: r.u64("train.iters")?,
+            batch_size: r.usize("train.batch_size")?,
             schedule: lr_schedule(c).map_err(|e| anyhow::anyhow!("train.lr_schedule: {e}"))?,
-            optimizer: t["optimizer"].as_str().unwrap_or("adam").to_string(),
-            beta1: f(&t["beta1"], 0.9),
-            beta2: f(&t["beta2"], 0.999),
-            eps: f(&t["eps"], 1e-8),
-            weight_decay: f(&t["weight_decay"], 0.0),
-            grad_clip: t["grad_clip"].as_f64(),
-            grad_accumulation: u(&t["grad_accumulation"], 1),
-            grad_checkpoint: t["grad_checkpoint"].as_bool().unwrap_or(false),
-            max_seq_length: u(&t["max_seq_length"], 2048) as usize,
-            mask_prompt: t["mask_prompt"].as_bool().unwrap_or(false),
-            steps_per_report: u(&t["steps_per_report"], 10),
-            steps_per_eval: u(&t["steps_per_eval"], 200),
-            val_batches: t["val_batches"].as_i64().unwrap_or(25),
-            save_every: u(&t["save_every"], 100),
-            seed: u(&t["seed"], 0),
+            optimizer: r.str("train.optimizer")?,
+            beta1: r.f64("train.beta1")?,
+            beta2: r.f64("train.beta2")?,
+            eps: r.f64("train.eps")?,
+            weight_decay: r.f64("train.weight_decay")?,
+            grad_clip: r.opt_f64("train.grad_clip")?,
+            grad_accumulation: r.u64("train.grad_accumulation")?,
+            grad_checkpoint: r.bool("train.grad_checkpoint")?,
+            max_seq_length: r.usize("train.max_seq_length")?,
+            mask_prompt: r.bool("train.mask_prompt")?,
+            steps_per_report: r.u64("train.steps_per_report")?,
+            steps_per_eval: r.u64("train.steps_per_eval")?,
+            val_batches: r.i64("train.val_batches")?,
+            save_every: r.u64("train.save_every")?,
+            seed: r.u64("train.seed")?,
             lora: LoraConfig {
-                rank: u(&l["rank"], 8) as usize,
-                scale: f(&l["scale"], 20.0),
-                dropout: f(&l["dropout"], 0.0),
-                keys: l["keys"]
-                    .as_array()
-                    .map(|a| {
-                        a.iter()
-                            .filter_map(|k| k.as_str().map(String::from))
-                            .collect()
-                    })
-                    .unwrap_or_else(|| vec!["q_proj".into(), "v_proj".into()]),
-                num_layers: l["num_layers"].as_i64().unwrap_or(16),
+                rank: r.usize("lora.rank")?,
+                scale: r.f64("lora.scale")?,
+                dropout: r.f64("lora.dropout")?,
+                keys: r.strings("lora.keys")?,
+                num_layers: r.i64("lora.num_layers")?,
             },
-            test: c["eval"]["test"].as_bool().unwrap_or(true),
-            test_batches: c["eval"]["test_batches"].as_i64().unwrap_or(-1),
-            generate: u(&c["eval"]["generate"], 0) as usize,
-            prompts: c["eval"]["prompts"]
-                .as_array()
-                .map(|a| {
-                    a.iter()
-                        .filter_map(|p| p.as_str().map(String::from))
-                        .collect()
-                })
-                .unwrap_or_default(),
-            max_tokens: u(&c["eval"]["max_tokens"], 64) as usize,
-            metric: c["eval"]["metric"].as_str().unwrap_or("none").to_string(),
-            regex: c["eval"]["regex"].as_str().unwrap_or("").to_string(),
+            test: r.bool("eval.test")?,
+            test_batches: r.i64("eval.test_batches")?,
+            generate: r.usize("eval.generate")?,
+            prompts: r.strings("eval.prompts")?,
+            max_tokens: r.usize("eval.max_tokens")?,
+            metric: r.str("eval.metric")?,
+            regex: r.str("eval.regex")?,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::keys::{CATALOG, defaults, set_path};
+
+    /// A config that lacks any defaulted key reads the catalog's default: there is no second
+    /// copy of a default here that could drift from the catalog.
+    #[test]
+    fn missing_keys_read_the_catalog_defaults() {
+        let mut full = defaults();
+        set_path(&mut full, "model", J::from("m"));
+        set_path(&mut full, "data", J::from("d"));
+        let want = format!("{:?}", TrainSettings::from_config(&full).unwrap());
+        for k in CATALOG.iter().filter(|k| k.default.is_some()) {
+            let mut c = full.clone();
+            let (section, leaf) = match k.key.split_once('.') {
+                Some((s, l)) => (Some(s), l),
+                None => (None, k.key),
+            };
+            let holder = match section {
+                Some(s) => &mut c[s],
+                None => &mut c,
+            };
+            if let J::Object(m) = holder {
+                m.remove(leaf);
+            }
+            let got = format!("{:?}", TrainSettings::from_config(&c).unwrap());
+            assert_eq!(got, want, "without `{}`", k.key);
+        }
     }
 }
