@@ -44,27 +44,7 @@ pub enum Command {
         sets: Vec<String>,
     },
     /// Test loss and perplexity of a model (with an optional adapter) on a data folder.
-    Eval {
-        #[arg(long)]
-        model: String,
-        /// A PEFT adapter folder (a run's `adapter/`).
-        #[arg(long)]
-        adapter: Option<PathBuf>,
-        /// Folder with test.jsonl (or the split named by --split).
-        #[arg(long)]
-        data: PathBuf,
-        #[arg(long, default_value = "test")]
-        split: String,
-        #[arg(long, default_value_t = 4)]
-        batch_size: usize,
-        #[arg(long, default_value_t = 2048)]
-        max_seq_length: usize,
-        /// Loss on the answers only.
-        #[arg(long)]
-        mask_prompt: bool,
-        #[arg(long, default_value = "auto")]
-        device: String,
-    },
+    Eval(crate::train::eval::EvalArgs),
     /// Generate text, streaming it to stdout.
     Generate(crate::generate::cli::GenerateArgs),
     /// Merge an adapter into the base weights and write a Hugging Face folder (f32).
@@ -206,47 +186,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             sweep_runs(&exp, &runs)
         }
-        Command::Eval {
-            model,
-            adapter,
-            data,
-            split,
-            batch_size,
-            max_seq_length,
-            mask_prompt,
-            device,
-        } => {
-            let base = crate::source::base::load_base(&model)?;
-            let sel = crate::model::device::device_for(&device, "auto")?;
-            let mut m = crate::model::load::build_model(
-                &base.config,
-                &base.weights,
-                &sel.device,
-                sel.dtype,
-            )?;
-            if let Some(a) = &adapter {
-                crate::model::lora::load_peft_adapter(&mut m, a)?;
-            }
-            let file = data.join(format!("{split}.jsonl"));
-            let split = crate::data::dataset::tokenize_split(
-                &file,
-                &base.tokenizer,
-                max_seq_length,
-                mask_prompt,
-                base.config.vocab_size,
-            )?;
-            let pad = base
-                .tokenizer
-                .pad_token_id()
-                .or(base.tokenizer.eos_token_id())
-                .unwrap_or(0);
-            let loss = crate::train::trainer::split_loss(&m, &split, batch_size, pad, -1)?;
-            println!(
-                "{}: loss {loss:.4}, perplexity {:.3} ({} examples)",
-                file.display(),
-                loss.exp(),
-                split.examples.len()
-            );
+        Command::Eval(args) => {
+            crate::train::eval::run(&args)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Generate(args) => {

@@ -76,8 +76,13 @@ impl Linear {
             if let Some(seed) = dropout_seed
                 && lora.dropout > 0.0
             {
-                xin.device().seed(seed);
-                let keep = xin.random_like(Distribution::Bernoulli(1.0 - lora.dropout));
+                // The backend's random generator is shared by the process: seeding and drawing
+                // must not interleave with another thread's (parallel runs, parallel tests).
+                let keep = {
+                    let _one_at_a_time = DROPOUT_RNG.lock().unwrap_or_else(|p| p.into_inner());
+                    xin.device().seed(seed);
+                    xin.random_like(Distribution::Bernoulli(1.0 - lora.dropout))
+                };
                 xin = xin * keep / (1.0 - lora.dropout);
             }
             let (a, lb) = (lora.a.clone(), lora.b.clone());
@@ -94,6 +99,9 @@ impl Linear {
         y.reshape([b, t, out])
     }
 }
+
+/// Serializes seeding and drawing LoRA dropout masks (see [`Linear::forward`]).
+static DROPOUT_RNG: Mutex<()> = Mutex::new(());
 
 /// RMSNorm computed in f32 whatever the model dtype, as transformers does.
 #[derive(Debug, Clone)]

@@ -1,6 +1,7 @@
 //! Training: the LoRA trainer behind `tuna train` and `tuna sweep`.
 
 pub mod checkpoint;
+pub mod eval;
 pub mod settings;
 pub mod step;
 pub mod trainer;

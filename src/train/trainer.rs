@@ -179,51 +179,41 @@ impl Run<'_> {
         split_loss(model, split, self.s.batch_size, self.pad, max_batches)
     }
 
+    /// AdamW with the run's settings; plain Adam is AdamW without decay.
+    fn optimizer(&self) -> AdamW {
+        let s = self.s;
+        let decay = if s.optimizer == "adamw" {
+            s.weight_decay
+        } else {
+            0.0
+        };
+        let mut opt = AdamW::new(s.schedule.learning_rate, decay);
+        opt.beta1 = s.beta1;
+        opt.beta2 = s.beta2;
+        opt.eps = s.eps;
+        opt
+    }
+
     fn train(&self, model: &mut Llama) -> Result<RunMetrics> {
         let s = self.s;
         let dir = &self.ctx.dir.path;
         let order = Order::new(&self.data.train.examples, s.batch_size, s.seed);
-        let mut opt = AdamW::new(
-            s.schedule.learning_rate,
-            if s.optimizer == "adamw" {
-                s.weight_decay
-            } else {
-                0.0
-            },
-        );
-        opt.beta1 = s.beta1;
-        opt.beta2 = s.beta2;
-        opt.eps = s.eps;
-
+        let mut opt = self.optimizer();
         let resumed = checkpoint::load(dir, model, &mut opt, self.ctx.plan.id.as_str())?;
         let start = resumed.as_ref().map_or(0, |c| c.step);
         let log = MetricsLog::open(dir, resumed.as_ref().map(|c| c.step))?;
-        let mut best_val = resumed.as_ref().and_then(|c| c.best_val_loss);
-        let mut last_val = resumed.as_ref().and_then(|c| c.last_val_loss);
-        let mut trained_tokens = resumed.as_ref().map_or(0, |c| c.trained_tokens);
         if let Some(c) = &resumed {
             eprintln!(
                 "resuming run {} from its checkpoint at step {}",
                 self.ctx.plan.id, c.step
             );
         }
-        let mut scaler = (model.dtype == DType::F16).then(LossScaler::for_f16);
-
+        let mut st = LoopState::new(resumed.as_ref(), model.dtype);
         let pb = progress(s.iters, start, self.quiet);
         let started = Instant::now();
-        let mut window = Window::default();
-        let mut last_train_loss = resumed.as_ref().and_then(|c| c.last_train_loss);
-        let mut speed_tokens = 0usize;
-        let mut speed_time = 0.0f64;
-
         if start == 0 {
-            let v = self.evaluate(model, &self.data.valid, s.val_batches)?;
-            log.log("val", 0, json!({"val_loss": v}))?;
-            say(&pb, self.quiet, &format!("step 0: val loss {v:.4}"));
-            best_val = Some(v);
-            last_val = Some(v);
+            self.validate(model, &log, &pb, &mut st, 0)?;
         }
-
         for step in start..s.iters {
             if self.ctx.cancel.load(Ordering::SeqCst) {
                 pb.abandon();
@@ -232,45 +222,10 @@ impl Run<'_> {
             let t0 = Instant::now();
             let lr = s.schedule.lr_at(step);
             opt.lr = lr;
-            let loss_scale = scaler.as_ref().map_or(1.0, |sc| sc.scale);
-            let mut grads: Option<Vec<(String, Tensor<2>)>> = None;
-            let mut loss_sum: Option<Tensor<1>> = None;
-            let (mut targets, mut tokens) = (0usize, 0usize);
-            for micro in 0..s.grad_accumulation {
-                let idx = order.at(step * s.grad_accumulation + micro);
-                let exs: Vec<&Tokenized> =
-                    idx.iter().map(|&i| &self.data.train.examples[i]).collect();
-                let b = dataset::collate(&exs, self.pad, SEQ_ROUND);
-                let opts = StepOptions {
-                    checkpoint: s.grad_checkpoint,
-                    dropout_seed: Some(dropout_seed(s.seed, step, micro)),
-                    loss_scale,
-                };
-                let sg = step::loss_and_grads(model, &b, &opts);
-                let weighted = sg.loss.mul_scalar(sg.targets as f64);
-                loss_sum = Some(match loss_sum {
-                    None => weighted,
-                    Some(l) => l + weighted,
-                });
-                targets += sg.targets;
-                tokens += b.tokens();
-                let k = 1.0 / s.grad_accumulation as f64;
-                grads = Some(match grads {
-                    None => sg
-                        .grads
-                        .into_iter()
-                        .map(|(n, g)| (n, g.mul_scalar(k)))
-                        .collect(),
-                    Some(acc) => acc
-                        .into_iter()
-                        .zip(sg.grads)
-                        .map(|((n, a), (_, g))| (n, a + g.mul_scalar(k)))
-                        .collect(),
-                });
-            }
-            let mut grads = grads.unwrap_or_default();
+            let loss_scale = st.scaler.as_ref().map_or(1.0, |sc| sc.scale);
+            let (mut grads, loss, tokens) = self.micro_batches(model, &order, step, loss_scale);
             let norm_sq = optim::global_norm_sq(&grads);
-            let finite = match (&scaler, &norm_sq) {
+            let finite = match (&st.scaler, &norm_sq) {
                 (Some(_), Some(n)) => Some(optim::finite(n)),
                 _ => None,
             };
@@ -280,91 +235,38 @@ impl Run<'_> {
             }
             update_adapters(model, &mut opt, &grads, finite.as_ref(), 1.0 / loss_scale)?;
             let done = step + 1;
-            window.push(
-                done,
-                loss_sum.map(|l| l.div_scalar(targets.max(1) as f64)),
-                finite,
-            );
-            trained_tokens += tokens as u64;
-            speed_tokens += tokens;
-            speed_time += t0.elapsed().as_secs_f64();
+            st.window.push(done, loss, finite);
+            st.trained_tokens += tokens as u64;
+            st.speed_tokens += tokens;
+            st.speed_time += t0.elapsed().as_secs_f64();
             pb.set_position(done);
 
             // Values come back to the host only here: at report steps, and every step until the
             // loss scaler has seen a finite step.
-            let calibrating = scaler.is_some() && window.steps_seen_ok == 0;
+            let calibrating = st.scaler.is_some() && st.window.steps_seen_ok == 0;
             let report = done % s.steps_per_report == 0 || done == s.iters;
             if report || calibrating {
-                let read = window.read(scaler.as_mut(), &mut opt)?;
-                if let Some(loss) = read.last_loss {
-                    last_train_loss = Some(loss);
-                    pb.set_message(format!("loss {loss:.3}"));
-                }
-                for skipped in &read.skipped {
-                    say(
-                        &pb,
-                        self.quiet,
-                        &format!(
-                            "step {skipped}: gradients overflowed in f16; step skipped, loss scale now {}",
-                            scaler.as_ref().map_or(1.0, |sc| sc.scale)
-                        ),
-                    );
-                }
-                if let Some(bad) = read.non_finite {
-                    bail!(
-                        "the training loss became {} at step {bad} (lr {lr:.2e}); lower train.learning_rate or set train.grad_clip",
-                        read.bad_value
-                    );
-                }
+                self.read_losses(&mut st, &mut opt, &pb, lr)?;
             }
             if report {
-                let avg = window.take();
-                let tps = speed_tokens as f64 / speed_time.max(1e-9);
                 let its = (done - start) as f64 / started.elapsed().as_secs_f64().max(1e-9);
-                log.log(
-                    "train",
-                    done,
-                    json!({"train_loss": avg, "lr": lr, "it_per_s": its, "tokens_per_s": tps,
-                           "trained_tokens": trained_tokens, "peak_mem_mb": peak_rss_mb(),
-                           "gpu_mem_mb": device_mem_mb(&model.device),
-                           "loss_scale": scaler.as_ref().map(|sc| sc.scale),
-                           "skipped_steps": scaler.as_ref().map(|sc| sc.skipped)}),
-                )?;
-                say(
-                    &pb,
-                    self.quiet,
-                    &format!(
-                        "step {done}: train loss {avg:.4}, lr {lr:.2e}, {its:.2} it/s, {tps:.0} tok/s, {trained_tokens} tokens, peak mem {:.0} MB",
-                        peak_rss_mb().unwrap_or(0.0)
-                    ),
-                );
+                self.report(model, &log, &pb, &mut st, done, lr, its)?;
             }
             if done % s.steps_per_eval == 0 || done == s.iters {
-                let v = self.evaluate(model, &self.data.valid, s.val_batches)?;
-                log.log("val", done, json!({"val_loss": v}))?;
-                say(&pb, self.quiet, &format!("step {done}: val loss {v:.4}"));
-                best_val = Some(best_val.map_or(v, |b: f64| b.min(v)));
-                last_val = Some(v);
+                self.validate(model, &log, &pb, &mut st, done)?;
             }
             let stopping = self.ctx.cancel.load(Ordering::SeqCst);
             if (done % s.save_every == 0 || stopping) && done < s.iters {
                 // A checkpoint must not hold a diverged adapter: check the steps since the
                 // last report first.
-                let read = window.read(scaler.as_mut(), &mut opt)?;
-                if let Some(bad) = read.non_finite {
-                    bail!(
-                        "the training loss became {} at step {bad} (lr {lr:.2e}); lower train.learning_rate or set train.grad_clip",
-                        read.bad_value
-                    );
-                }
-                last_train_loss = read.last_loss.or(last_train_loss);
+                self.read_losses(&mut st, &mut opt, &pb, lr)?;
                 let c = Checkpoint {
                     step: done,
                     run_id: self.ctx.plan.id.clone(),
-                    trained_tokens,
-                    best_val_loss: best_val,
-                    last_val_loss: last_val,
-                    last_train_loss,
+                    trained_tokens: st.trained_tokens,
+                    best_val_loss: st.best_val,
+                    last_val_loss: st.last_val,
+                    last_train_loss: st.last_train_loss,
                     seed: s.seed,
                     batches_per_epoch: order.batches_per_epoch(),
                 };
@@ -373,13 +275,158 @@ impl Run<'_> {
                     say(
                         &pb,
                         self.quiet,
-                        &format!("Ctrl-C: checkpoint saved at step {done}"),
+                        &format!("interrupt: checkpoint saved at step {done}"),
                     );
                 }
             }
         }
         pb.finish_and_clear();
+        self.finish(model, &log, &pb, st)
+    }
 
+    /// One optimizer step's gradients, averaged over `grad_accumulation` micro-batches, with
+    /// the target-weighted mean loss (on the device) and the tokens seen.
+    fn micro_batches(
+        &self,
+        model: &Llama,
+        order: &Order,
+        step: u64,
+        loss_scale: f64,
+    ) -> (Vec<(String, Tensor<2>)>, Option<Tensor<1>>, usize) {
+        let s = self.s;
+        let mut grads: Option<Vec<(String, Tensor<2>)>> = None;
+        let mut loss_sum: Option<Tensor<1>> = None;
+        let (mut targets, mut tokens) = (0usize, 0usize);
+        let k = 1.0 / s.grad_accumulation as f64;
+        for micro in 0..s.grad_accumulation {
+            let idx = order.at(step * s.grad_accumulation + micro);
+            let exs: Vec<&Tokenized> = idx.iter().map(|&i| &self.data.train.examples[i]).collect();
+            let b = dataset::collate(&exs, self.pad, SEQ_ROUND);
+            let opts = StepOptions {
+                checkpoint: s.grad_checkpoint,
+                dropout_seed: Some(dropout_seed(s.seed, step, micro)),
+                loss_scale,
+            };
+            let sg = step::loss_and_grads(model, &b, &opts);
+            let weighted = sg.loss.mul_scalar(sg.targets as f64);
+            loss_sum = Some(match loss_sum {
+                None => weighted,
+                Some(l) => l + weighted,
+            });
+            targets += sg.targets;
+            tokens += b.tokens();
+            grads = Some(match grads {
+                None => sg
+                    .grads
+                    .into_iter()
+                    .map(|(n, g)| (n, g.mul_scalar(k)))
+                    .collect(),
+                Some(acc) => acc
+                    .into_iter()
+                    .zip(sg.grads)
+                    .map(|((n, a), (_, g))| (n, a + g.mul_scalar(k)))
+                    .collect(),
+            });
+        }
+        let loss = loss_sum.map(|l| l.div_scalar(targets.max(1) as f64));
+        (grads.unwrap_or_default(), loss, tokens)
+    }
+
+    /// Brings the pending losses and overflow flags to the host: logs skipped f16 steps and
+    /// fails the run on a loss that is not finite.
+    fn read_losses(
+        &self,
+        st: &mut LoopState,
+        opt: &mut AdamW,
+        pb: &ProgressBar,
+        lr: f64,
+    ) -> Result<()> {
+        let read = st.window.read(st.scaler.as_mut(), opt)?;
+        if let Some(loss) = read.last_loss {
+            st.last_train_loss = Some(loss);
+            pb.set_message(format!("loss {loss:.3}"));
+        }
+        for skipped in &read.skipped {
+            say(
+                pb,
+                self.quiet,
+                &format!(
+                    "step {skipped}: gradients overflowed in f16; step skipped, loss scale now {}",
+                    st.scaler.as_ref().map_or(1.0, |sc| sc.scale)
+                ),
+            );
+        }
+        if let Some(bad) = read.non_finite {
+            bail!(
+                "the training loss became {} at step {bad} (lr {lr:.2e}); lower train.learning_rate or set train.grad_clip",
+                read.bad_value
+            );
+        }
+        Ok(())
+    }
+
+    /// A `train` line in the log and on the terminal.
+    #[allow(clippy::too_many_arguments)]
+    fn report(
+        &self,
+        model: &Llama,
+        log: &MetricsLog,
+        pb: &ProgressBar,
+        st: &mut LoopState,
+        done: u64,
+        lr: f64,
+        its: f64,
+    ) -> Result<()> {
+        let avg = st.window.take();
+        let tps = st.speed_tokens as f64 / st.speed_time.max(1e-9);
+        let trained_tokens = st.trained_tokens;
+        log.log(
+            "train",
+            done,
+            json!({"train_loss": avg, "lr": lr, "it_per_s": its, "tokens_per_s": tps,
+                   "trained_tokens": trained_tokens, "peak_mem_mb": peak_rss_mb(),
+                   "gpu_mem_mb": device_mem_mb(&model.device),
+                   "loss_scale": st.scaler.as_ref().map(|sc| sc.scale),
+                   "skipped_steps": st.scaler.as_ref().map(|sc| sc.skipped)}),
+        )?;
+        say(
+            pb,
+            self.quiet,
+            &format!(
+                "step {done}: train loss {avg:.4}, lr {lr:.2e}, {its:.2} it/s, {tps:.0} tok/s, {trained_tokens} tokens, peak mem {:.0} MB",
+                peak_rss_mb().unwrap_or(0.0)
+            ),
+        );
+        Ok(())
+    }
+
+    /// Validation loss at `step`, logged and folded into the best and last values.
+    fn validate(
+        &self,
+        model: &Llama,
+        log: &MetricsLog,
+        pb: &ProgressBar,
+        st: &mut LoopState,
+        step: u64,
+    ) -> Result<()> {
+        let v = self.evaluate(model, &self.data.valid, self.s.val_batches)?;
+        log.log("val", step, json!({"val_loss": v}))?;
+        say(pb, self.quiet, &format!("step {step}: val loss {v:.4}"));
+        st.best_val = Some(st.best_val.map_or(v, |b: f64| b.min(v)));
+        st.last_val = Some(v);
+        Ok(())
+    }
+
+    /// After the last step: the adapter, the test evaluation, and the run's summary.
+    fn finish(
+        &self,
+        model: &Llama,
+        log: &MetricsLog,
+        pb: &ProgressBar,
+        st: LoopState,
+    ) -> Result<RunMetrics> {
+        let s = self.s;
+        let dir = &self.ctx.dir.path;
         lora::save_peft_adapter(model, &dir.join("adapter"), Some(&s.model))?;
         let (test_loss, test_ppl) = match (&self.data.test, s.test) {
             (Some(test), true) => {
@@ -390,7 +437,7 @@ impl Run<'_> {
                     json!({"test_loss": t, "test_ppl": t.exp()}),
                 )?;
                 say(
-                    &pb,
+                    pb,
                     self.quiet,
                     &format!("test loss {t:.4}, perplexity {:.3}", t.exp()),
                 );
@@ -400,12 +447,12 @@ impl Run<'_> {
         };
         checkpoint::remove(dir);
         Ok(RunMetrics {
-            final_train_loss: last_train_loss,
-            best_val_loss: best_val,
-            final_val_loss: last_val,
+            final_train_loss: st.last_train_loss,
+            best_val_loss: st.best_val,
+            final_val_loss: st.last_val,
             test_loss,
             test_ppl,
-            tokens_per_s: (speed_time > 0.0).then(|| speed_tokens as f64 / speed_time),
+            tokens_per_s: (st.speed_time > 0.0).then(|| st.speed_tokens as f64 / st.speed_time),
             peak_mem_mb: peak_rss_mb(),
             gpu_mem_mb: device_mem_mb(&model.device),
             wall_s: None,
@@ -414,6 +461,33 @@ impl Run<'_> {
             task_metric: None,
             task_score: None,
         })
+    }
+}
+
+/// What the training loop carries from step to step; a checkpoint restores the first four.
+struct LoopState {
+    best_val: Option<f64>,
+    last_val: Option<f64>,
+    trained_tokens: u64,
+    last_train_loss: Option<f64>,
+    speed_tokens: usize,
+    speed_time: f64,
+    window: Window,
+    scaler: Option<LossScaler>,
+}
+
+impl LoopState {
+    fn new(resumed: Option<&Checkpoint>, dtype: DType) -> Self {
+        Self {
+            best_val: resumed.and_then(|c| c.best_val_loss),
+            last_val: resumed.and_then(|c| c.last_val_loss),
+            trained_tokens: resumed.map_or(0, |c| c.trained_tokens),
+            last_train_loss: resumed.and_then(|c| c.last_train_loss),
+            speed_tokens: 0,
+            speed_time: 0.0,
+            window: Window::default(),
+            scaler: (dtype == DType::F16).then(LossScaler::for_f16),
+        }
     }
 }
 
