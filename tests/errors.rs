@@ -22,6 +22,18 @@ fn copy_dir(from: &Path, to: &Path) {
     }
 }
 
+/// The tiny reference model with fresh default adapters.
+fn adapted_model() -> tuna::model::llama::Llama {
+    let mut m = load_model(
+        &reference_dir().join("tiny-llama"),
+        &Device::flex(),
+        DType::F32,
+    )
+    .unwrap();
+    apply_lora(&mut m, &LoraConfig::default(), 0).unwrap();
+    m
+}
+
 /// The reference adapter with one factor flattened to 1-D.
 fn adapter_with_a_1d_factor(dir: &Path) {
     copy_dir(&reference_dir().join("tiny-llama-lora"), dir);
@@ -61,22 +73,12 @@ fn fuse_rejects_a_factor_that_is_not_2d() {
 #[test]
 fn a_checkpoint_with_malformed_optimizer_state_is_an_error() {
     let tmp = tempfile::tempdir().unwrap();
-    let mut m = load_model(
-        &reference_dir().join("tiny-llama"),
-        &Device::flex(),
-        DType::F32,
-    )
-    .unwrap();
-    apply_lora(&mut m, &LoraConfig::default(), 0).unwrap();
+    let mut m = adapted_model();
     let state = checkpoint::Checkpoint {
         step: 3,
         run_id: "r".into(),
-        trained_tokens: 0,
-        best_val_loss: None,
-        last_val_loss: None,
-        last_train_loss: None,
-        seed: 0,
         batches_per_epoch: 1,
+        ..Default::default()
     };
     let mut opt = AdamW::new(1e-3, 0.0);
     let grads = tuna::model::lora::lora_parameters(&m);
@@ -145,13 +147,7 @@ fn a_decoder_error_during_generation_is_returned() {
 
 #[test]
 fn adapter_names_that_the_model_lacks_are_refused() {
-    let mut m = load_model(
-        &reference_dir().join("tiny-llama"),
-        &Device::flex(),
-        DType::F32,
-    )
-    .unwrap();
-    apply_lora(&mut m, &LoraConfig::default(), 0).unwrap();
+    let mut m = adapted_model();
     let mut params = tuna::model::lora::lora_parameters(&m);
     params[0].0 = "base_model.model.model.layers.99.self_attn.q_proj.lora_A.weight".into();
     let e = tuna::model::lora::set_lora_parameters(&mut m, params).unwrap_err();

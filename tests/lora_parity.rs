@@ -345,12 +345,8 @@ fn checkpointing_scaling_and_optimizer_state_round_trip() {
     let state = Checkpoint {
         step: 1,
         run_id: "r".into(),
-        trained_tokens: 0,
-        best_val_loss: None,
-        last_val_loss: None,
-        last_train_loss: None,
-        seed: 0,
         batches_per_epoch: 1,
+        ..Default::default()
     };
     checkpoint::save(run_dir.path(), &m, &opt, &state).unwrap();
     let mut m2 = m.clone();

@@ -146,33 +146,7 @@ fn sweep_learns_and_a_killed_run_resumes_to_the_same_result() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let started = Instant::now();
-    let exp_dir = b.path().join("out/resume");
-    loop {
-        let state = std::fs::read_dir(&exp_dir)
-            .ok()
-            .and_then(|mut d| d.next())
-            .and_then(|e| {
-                std::fs::read_to_string(e.unwrap().path().join("checkpoint/state.json")).ok()
-            });
-        if let Some(s) = state {
-            let step = serde_json::from_str::<serde_json::Value>(&s).unwrap()["step"]
-                .as_u64()
-                .unwrap();
-            if step >= 30 {
-                break;
-            }
-        }
-        assert!(
-            child.try_wait().unwrap().is_none(),
-            "the run finished before it could be killed; make it longer"
-        );
-        assert!(
-            started.elapsed() < Duration::from_secs(300),
-            "no checkpoint appeared"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    wait_for_checkpoint(&b.path().join("out/resume"), &mut child, 30);
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
     let run_b = run_folder(&b.path().join("out"));

@@ -501,13 +501,22 @@ impl Llama {
         }
     }
 
-    /// The attention core: fused for plain causal masks, explicit for additive ones.
-    /// `TUNA_ATTENTION=explicit` takes the explicit path for causal masks too (matmul-based, it
-    /// stores `[B, H, T, S]` scores for backward; kept to compare the two in `tuna bench`).
+    /// The attention core. Causal attention is fused (flash forward, no scores stored) where no
+    /// gradient flows through it: evaluation, generation, and layers below the first adapter.
+    /// Where one does (training), it is explicit (matmuls and an f32 softmax), because burn
+    /// 0.23.0-pre.1's fused backward gives wrong gradients on Vulkan for real batches
+    /// (measured on an H100: a padded batch-4 LoRA run learned far slower than on the CPU in
+    /// f32 and overflowed in f16 at every loss scale, while the explicit path matched the CPU).
+    /// `TUNA_ATTENTION=fused` or `=explicit` forces one path everywhere, to compare them.
     pub fn attend(&self, q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, mask: &Mask) -> Tensor<3> {
-        static EXPLICIT: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        let explicit = *EXPLICIT
-            .get_or_init(|| std::env::var("TUNA_ATTENTION").is_ok_and(|v| v == "explicit"));
+        static FORCED: std::sync::OnceLock<Option<bool>> = std::sync::OnceLock::new();
+        let forced = *FORCED.get_or_init(|| match std::env::var("TUNA_ATTENTION").as_deref() {
+            Ok("explicit") => Some(true),
+            Ok("fused") => Some(false),
+            _ => None,
+        });
+        let tracked = q.is_tracked() || k.is_tracked() || v.is_tracked();
+        let explicit = forced.unwrap_or(tracked);
         match mask {
             Mask::Causal if explicit => {
                 let (t, s) = (q.dims()[2], k.dims()[2]);

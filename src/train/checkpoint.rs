@@ -16,7 +16,7 @@ use crate::model::llama::Llama;
 use crate::model::lora;
 use crate::optim::AdamW;
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Checkpoint {
     /// Steps completed.
     pub step: u64,

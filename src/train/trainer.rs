@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
-use burn::tensor::{Bool, DType, Tensor};
+use burn::tensor::{DType, Tensor};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 
@@ -235,7 +235,9 @@ impl Run<'_> {
             }
             update_adapters(model, &mut opt, &grads, finite.as_ref(), 1.0 / loss_scale)?;
             let done = step + 1;
-            st.window.push(done, loss, finite);
+            // The host learns of an overflow from the squared norm (an f32, which every backend
+            // reads back alike), never from the boolean flag the device used to skip the step.
+            st.window.push(done, loss, finite.is_some().then_some(norm_sq).flatten());
             st.trained_tokens += tokens as u64;
             st.speed_tokens += tokens;
             st.speed_time += t0.elapsed().as_secs_f64();
@@ -544,11 +546,11 @@ pub fn device_name(device: &burn::tensor::Device) -> String {
     }
 }
 
-/// Train losses (and f16 finite flags) of the steps since the last read, kept on the device
-/// until the trainer needs them, so that a step never waits for the GPU.
+/// Train losses (and in f16 the squared gradient norms) of the steps since the last read, kept
+/// on the device until the trainer needs them, so that a step never waits for the GPU.
 #[derive(Default)]
 struct Window {
-    pending: Vec<(u64, Option<Tensor<1>>, Option<Tensor<1, Bool>>)>,
+    pending: Vec<(u64, Option<Tensor<1>>, Option<Tensor<1>>)>,
     sum: f64,
     n: usize,
     /// Steps whose gradients the loss scaler has seen finite.
@@ -567,8 +569,8 @@ struct WindowRead {
 }
 
 impl Window {
-    fn push(&mut self, step: u64, loss: Option<Tensor<1>>, finite: Option<Tensor<1, Bool>>) {
-        self.pending.push((step, loss, finite));
+    fn push(&mut self, step: u64, loss: Option<Tensor<1>>, norm_sq: Option<Tensor<1>>) {
+        self.pending.push((step, loss, norm_sq));
     }
 
     /// Reads every pending step in one sync; feeds the loss scaler and takes skipped steps
@@ -585,14 +587,16 @@ impl Window {
         } else {
             Tensor::cat(losses, 0).try_into_vec_as::<f32>()?
         };
-        let flags: Vec<Tensor<1, Bool>> = pending.iter().filter_map(|p| p.2.clone()).collect();
-        let flags: Vec<bool> = if flags.is_empty() {
+        let norms: Vec<Tensor<1>> = pending.iter().filter_map(|p| p.2.clone()).collect();
+        let flags: Vec<bool> = if norms.is_empty() {
             Vec::new()
         } else {
-            Tensor::cat(flags, 0)
-                .into_data()
-                .try_to_vec::<bool>()
-                .map_err(|e| anyhow::anyhow!("reading overflow flags: {e:?}"))?
+            // Finite exactly where `optim::finite` let the device apply the step.
+            Tensor::cat(norms, 0)
+                .try_into_vec_as::<f32>()?
+                .into_iter()
+                .map(|n| n < f32::MAX)
+                .collect()
         };
         let (mut li, mut fi) = (0, 0);
         for (step, loss, flag) in &pending {
