@@ -7,7 +7,7 @@ use anyhow::{Result, bail};
 
 use super::chart::{Series, line_chart};
 use super::doc::{Block, Table};
-use super::load::{Generation, METRICS, Results, Run, higher_is_better};
+use super::load::{Experiment, Generation, METRICS, Results, Run, higher_is_better};
 use super::stats::{self, Summary};
 
 /// Prompts shown with their answers (the rest are counted, not shown).
@@ -129,86 +129,147 @@ pub fn build(res: &Results, metric: &str, compare: Option<&str>) -> Result<Built
             METRICS.join(", ")
         );
     }
-    let higher = higher_is_better(metric);
-    let dir_word = if higher {
-        "higher is better"
-    } else {
-        "lower is better"
-    };
-    let groups = groups(res);
-    let group_of: BTreeMap<usize, usize> = groups
-        .iter()
-        .enumerate()
-        .flat_map(|(gi, g)| g.runs.iter().map(move |&r| (r, gi)))
-        .collect();
-    let stats_of = |g: &Group, m: &str| stats::summarize(&metric_values(res, &g.runs, m));
+    let r = Ranked::new(res, metric);
+    let exp_names: Vec<&str> = res.experiments.iter().map(|e| e.name.as_str()).collect();
+    let title = format!("tuna report: {}", exp_names.join(", "));
+    let status_line = status_line(res);
+    let winner_line = r.winner_line();
+    let mut blocks = vec![
+        Block::Para(format!(
+            "{status_line}. Runs are grouped by their varied settings (every varied key except the seed); seeds are aggregated as mean ± sample std over finished runs. Ranked by `{metric}` ({}).",
+            r.dir_word()
+        )),
+        Block::Para(winner_line.clone()),
+    ];
+    let missing = missing(res, &r.groups, metric);
+    blocks.extend(missing_section(&missing));
+    blocks.extend(leaderboard(&r));
+    blocks.extend(effects(&r));
+    if let Some((a, b, note)) = ab_sides(&r, compare)? {
+        blocks.extend(ab_section(res, metric, &a, &b, note, compare.is_none()));
+    }
+    blocks.extend(curves(res, &r.groups));
+    blocks.extend(answers(res, &r.groups));
+    blocks.extend(all_runs(res, metric));
+    let summary = terminal_summary(&title, &status_line, &winner_line, &missing);
+    Ok(Built {
+        title,
+        blocks,
+        summary,
+        winner: r.winner.map(|gi| r.groups[gi].label.clone()),
+    })
+}
 
-    // Rank groups: those with the metric first, best first.
-    let mut order: Vec<usize> = (0..groups.len()).collect();
-    let key = |gi: &usize| stats_of(&groups[*gi], metric).map(|s| s.mean);
-    order.sort_by(|a, b| match (key(a), key(b)) {
-        (Some(x), Some(y)) => {
-            let c = x.partial_cmp(&y).unwrap_or(std::cmp::Ordering::Equal);
-            if higher { c.reverse() } else { c }
+/// The groups ranked by the metric, computed once because the leaderboard, the winner line
+/// and the default A/B pair must all agree on the same order.
+struct Ranked<'a> {
+    res: &'a Results,
+    metric: &'a str,
+    higher: bool,
+    groups: Vec<Group>,
+    /// Mean of the metric per group; `None` where no finished run has it.
+    means: Vec<Option<f64>>,
+    /// Group indices: those with the metric first, best first.
+    order: Vec<usize>,
+    winner: Option<usize>,
+}
+
+impl<'a> Ranked<'a> {
+    fn new(res: &'a Results, metric: &'a str) -> Self {
+        let higher = higher_is_better(metric);
+        let groups = groups(res);
+        let means: Vec<Option<f64>> = groups
+            .iter()
+            .map(|g| stats::summarize(&metric_values(res, &g.runs, metric)).map(|s| s.mean))
+            .collect();
+        let mut order: Vec<usize> = (0..groups.len()).collect();
+        order.sort_by(|a, b| match (means[*a], means[*b]) {
+            (Some(x), Some(y)) => {
+                let c = x.partial_cmp(&y).unwrap_or(std::cmp::Ordering::Equal);
+                if higher { c.reverse() } else { c }
+            }
+            (Some(_), None) => std::cmp::Ordering::Less,
+            (None, Some(_)) => std::cmp::Ordering::Greater,
+            (None, None) => std::cmp::Ordering::Equal,
+        });
+        let winner = order.first().copied().filter(|gi| means[*gi].is_some());
+        Self {
+            res,
+            metric,
+            higher,
+            groups,
+            means,
+            order,
+            winner,
         }
-        (Some(_), None) => std::cmp::Ordering::Less,
-        (None, Some(_)) => std::cmp::Ordering::Greater,
-        (None, None) => std::cmp::Ordering::Equal,
-    });
-    let winner = order.first().copied().filter(|gi| key(gi).is_some());
+    }
 
+    fn stats(&self, g: &Group, m: &str) -> Option<Summary> {
+        stats::summarize(&metric_values(self.res, &g.runs, m))
+    }
+
+    fn dir_word(&self) -> &'static str {
+        if self.higher {
+            "higher is better"
+        } else {
+            "lower is better"
+        }
+    }
+
+    /// The headline; it warns about a single seed because a winner without spread may be luck.
+    fn winner_line(&self) -> String {
+        let metric = self.metric;
+        let Some(gi) = self.winner else {
+            return format!("No winner: no finished run has `{metric}`.");
+        };
+        let s = self.stats(&self.groups[gi], metric).unwrap();
+        format!(
+            "**Winner: {}** with {metric} {} (n={} seed(s); {}).{}",
+            self.groups[gi].label,
+            mean_std(&s),
+            s.n,
+            self.dir_word(),
+            if s.n == 1 {
+                " Only one seed: its spread is unknown, so treat the ranking with care."
+            } else {
+                ""
+            }
+        )
+    }
+}
+
+/// How many runs the report rests on, so unfinished ones are never silently dropped.
+fn status_line(res: &Results) -> String {
     let n_runs = res.runs.len();
     let count = |s: &str| res.runs.iter().filter(|r| r.state == s).count();
     let (n_done, n_failed) = (count("done"), count("failed"));
     let n_other = n_runs - n_done - n_failed;
-    let exp_names: Vec<&str> = res.experiments.iter().map(|e| e.name.as_str()).collect();
-    let title = format!("tuna report: {}", exp_names.join(", "));
-
-    let mut blocks: Vec<Block> = Vec::new();
-    let mut status_line = format!(
+    let mut line = format!(
         "{n_runs} run(s) in {} experiment(s): {n_done} done, {n_failed} failed",
-        exp_names.len()
+        res.experiments.len()
     );
     if n_other > 0 {
-        status_line.push_str(&format!(
+        line.push_str(&format!(
             ", {n_other} not finished (running, pending, interrupted or unknown)"
         ));
     }
-    let winner_line = match winner {
-        Some(gi) => {
-            let s = stats_of(&groups[gi], metric).unwrap();
-            format!(
-                "**Winner: {}** with {metric} {} (n={} seed(s); {dir_word}).{}",
-                groups[gi].label,
-                mean_std(&s),
-                s.n,
-                if s.n == 1 {
-                    " Only one seed: its spread is unknown, so treat the ranking with care."
-                } else {
-                    ""
-                }
-            )
-        }
-        None => format!("No winner: no finished run has `{metric}`."),
-    };
-    blocks.push(Block::Para(format!(
-        "{status_line}. Runs are grouped by their varied settings (every varied key except the seed); seeds are aggregated as mean ± sample std over finished runs. Ranked by `{metric}` ({dir_word})."
-    )));
-    blocks.push(Block::Para(winner_line.clone()));
+    line
+}
 
-    // What is missing.
-    let missing = missing(res, &groups, metric);
-    blocks.push(Block::Heading(2, "What is missing".into()));
-    if missing.is_empty() {
-        blocks.push(Block::Para(
-            "Nothing: every run finished with every metric, curves and answers.".into(),
-        ));
+/// Put before the results so a reader knows what the numbers below leave out.
+fn missing_section(missing: &[String]) -> Vec<Block> {
+    let body = if missing.is_empty() {
+        Block::Para("Nothing: every run finished with every metric, curves and answers.".into())
     } else {
-        blocks.push(Block::List(missing.clone()));
-    }
+        Block::List(missing.to_vec())
+    };
+    vec![Block::Heading(2, "What is missing".into()), body]
+}
 
-    // Leaderboard.
-    blocks.push(Block::Heading(2, "Leaderboard".into()));
+/// One row per setting with seeds aggregated, so the winner's margin can be judged against
+/// its spread and against the other metrics.
+fn leaderboard(r: &Ranked) -> Vec<Block> {
+    let (res, metric) = (r.res, r.metric);
     let others: Vec<&str> = METRICS
         .iter()
         .copied()
@@ -235,154 +296,178 @@ pub fn build(res: &Results, metric: &str, compare: Option<&str>) -> Result<Built
     t.header.extend(others.iter().map(|m| m.to_string()));
     t.header.push("seeds".into());
     t.header.push("notes".into());
-    for (rank, &gi) in order.iter().enumerate() {
-        let g = &groups[gi];
-        let mut row = Vec::new();
-        row.push(if Some(gi) == winner {
-            "1 ★ winner".to_string()
-        } else if key(&gi).is_some() {
-            (rank + 1).to_string()
-        } else {
-            "–".into()
-        });
-        if multi {
-            row.push(g.experiment.clone());
-        }
-        row.extend(g.values.iter().cloned());
-        match stats_of(g, metric) {
-            Some(s) => {
-                row.push(mean_std(&s));
-                row.push(s.n.to_string());
-            }
-            None => {
-                row.push("not measured".into());
-                row.push("0".into());
-            }
-        }
-        for m in &others {
-            row.push(stats_of(g, m).map(|s| mean_std(&s)).unwrap_or_default());
-        }
-        let seeds: Vec<String> = g
-            .runs
-            .iter()
-            .map(|&i| &res.runs[i])
-            .map(|r| {
-                let s = r.seed.map(|s| s.to_string()).unwrap_or_else(|| "?".into());
-                if r.done() {
-                    s
-                } else {
-                    format!("{s} ({})", r.state)
-                }
-            })
-            .collect();
-        row.push(seeds.join(", "));
-        row.push(group_notes(res, g, metric));
-        if Some(gi) == winner {
+    for (rank, &gi) in r.order.iter().enumerate() {
+        if Some(gi) == r.winner {
             t.highlight.push(t.rows.len());
         }
-        t.rows.push(row);
+        t.rows.push(leaderboard_row(r, rank, gi, &others));
     }
-    blocks.push(Block::Table(t));
+    vec![Block::Heading(2, "Leaderboard".into()), Block::Table(t)]
+}
 
-    // Effects.
-    blocks.push(Block::Heading(2, format!("Effects on {metric}")));
-    blocks.push(Block::Para(format!(
-        "For each varied key, the mean of `{metric}` over every finished run with that value (marginal over the other keys and seeds)."
-    )));
-    let mut any_effect = false;
-    for (ki, k) in res.keys.iter().enumerate() {
-        let mut values: Vec<String> = Vec::new();
-        for r in &res.runs {
-            let v = &r.values[ki];
-            if !v.is_empty() && !values.contains(v) {
-                values.push(v.clone());
-            }
-        }
-        if values.is_empty() {
-            continue;
-        }
-        any_effect = true;
-        sort_values(&mut values);
-        let rows: Vec<(String, Option<Summary>)> = values
-            .iter()
-            .map(|v| {
-                let runs: Vec<usize> = (0..res.runs.len())
-                    .filter(|&i| &res.runs[i].values[ki] == v)
-                    .collect();
-                (
-                    v.clone(),
-                    stats::summarize(&metric_values(res, &runs, metric)),
-                )
-            })
-            .collect();
-        let best =
-            rows.iter()
-                .filter_map(|(_, s)| s.map(|s| s.mean))
-                .fold(None, |acc: Option<f64>, m| match acc {
-                    None => Some(m),
-                    Some(a) => Some(if (m < a) != higher { m } else { a }),
-                });
-        blocks.push(Block::Heading(3, format!("`{k}`")));
-        let mut t = Table {
-            header: vec![
-                k.clone(),
-                "runs".into(),
-                format!("mean {metric} ± std"),
-                "vs best value".into(),
-            ],
-            class: "effects",
-            ..Default::default()
-        };
-        for (v, s) in rows {
-            if let (Some(s), Some(b)) = (s, best) {
-                if s.mean == b {
-                    t.highlight.push(t.rows.len());
-                }
-                t.rows.push(vec![
-                    v,
-                    s.n.to_string(),
-                    mean_std(&s),
-                    if s.mean == b {
-                        "best".into()
-                    } else {
-                        format!("{:+.4}", s.mean - b)
-                    },
-                ]);
-            } else {
-                t.rows
-                    .push(vec![v, "0".into(), "not measured".into(), String::new()]);
-            }
-        }
-        blocks.push(Block::Table(t));
+/// A row with the seeds listed, unfinished ones marked, so a mean is never taken on trust.
+fn leaderboard_row(r: &Ranked, rank: usize, gi: usize, others: &[&str]) -> Vec<String> {
+    let (res, metric) = (r.res, r.metric);
+    let g = &r.groups[gi];
+    let mut row = Vec::new();
+    row.push(if Some(gi) == r.winner {
+        "1 ★ winner".to_string()
+    } else if r.means[gi].is_some() {
+        (rank + 1).to_string()
+    } else {
+        "–".into()
+    });
+    if res.experiments.len() > 1 {
+        row.push(g.experiment.clone());
     }
-    if !any_effect {
+    row.extend(g.values.iter().cloned());
+    match r.stats(g, metric) {
+        Some(s) => {
+            row.push(mean_std(&s));
+            row.push(s.n.to_string());
+        }
+        None => {
+            row.push("not measured".into());
+            row.push("0".into());
+        }
+    }
+    for m in others {
+        row.push(r.stats(g, m).map(|s| mean_std(&s)).unwrap_or_default());
+    }
+    let seeds: Vec<String> = g
+        .runs
+        .iter()
+        .map(|&i| &res.runs[i])
+        .map(|r| {
+            let s = r.seed.map(|s| s.to_string()).unwrap_or_else(|| "?".into());
+            if r.done() {
+                s
+            } else {
+                format!("{s} ({})", r.state)
+            }
+        })
+        .collect();
+    row.push(seeds.join(", "));
+    row.push(group_notes(res, g, metric));
+    row
+}
+
+/// Marginal means per value of each key: the leaderboard ranks settings, this shows which
+/// key actually moves the metric.
+fn effects(r: &Ranked) -> Vec<Block> {
+    let metric = r.metric;
+    let mut blocks = vec![
+        Block::Heading(2, format!("Effects on {metric}")),
+        Block::Para(format!(
+            "For each varied key, the mean of `{metric}` over every finished run with that value (marginal over the other keys and seeds)."
+        )),
+    ];
+    let before = blocks.len();
+    for (ki, k) in r.res.keys.iter().enumerate() {
+        blocks.extend(key_effect(r, ki, k));
+    }
+    if blocks.len() == before {
         blocks.push(Block::Para("No varied keys: nothing to compare.".into()));
     }
+    blocks
+}
 
-    // A/B.
-    let ab = match compare {
-        Some(spec) => Some(sides(res, &groups, &group_of, spec)?),
-        None => {
-            let ranked: Vec<usize> = order
-                .iter()
-                .copied()
-                .filter(|gi| key(gi).is_some())
-                .collect();
-            (ranked.len() >= 2).then(|| {
-                let side = |gi: usize| Side {
-                    label: groups[gi].label.clone(),
-                    runs: groups[gi].runs.clone(),
-                };
-                (side(ranked[0]), side(ranked[1]), None)
-            })
+/// The table for one key; empty when no run sets it.
+fn key_effect(r: &Ranked, ki: usize, k: &str) -> Vec<Block> {
+    let (res, metric) = (r.res, r.metric);
+    let mut values: Vec<String> = Vec::new();
+    for run in &res.runs {
+        let v = &run.values[ki];
+        if !v.is_empty() && !values.contains(v) {
+            values.push(v.clone());
         }
-    };
-    if let Some((a, b, note)) = ab {
-        blocks.extend(ab_section(res, metric, &a, &b, note, compare.is_none()));
     }
+    if values.is_empty() {
+        return Vec::new();
+    }
+    sort_values(&mut values);
+    let rows: Vec<(String, Option<Summary>)> = values
+        .iter()
+        .map(|v| {
+            let runs: Vec<usize> = (0..res.runs.len())
+                .filter(|&i| &res.runs[i].values[ki] == v)
+                .collect();
+            (
+                v.clone(),
+                stats::summarize(&metric_values(res, &runs, metric)),
+            )
+        })
+        .collect();
+    let best =
+        rows.iter()
+            .filter_map(|(_, s)| s.map(|s| s.mean))
+            .fold(None, |acc: Option<f64>, m| match acc {
+                None => Some(m),
+                Some(a) => Some(if (m < a) != r.higher { m } else { a }),
+            });
+    let mut t = Table {
+        header: vec![
+            k.to_string(),
+            "runs".into(),
+            format!("mean {metric} ± std"),
+            "vs best value".into(),
+        ],
+        class: "effects",
+        ..Default::default()
+    };
+    for (v, s) in rows {
+        if let (Some(s), Some(b)) = (s, best) {
+            if s.mean == b {
+                t.highlight.push(t.rows.len());
+            }
+            t.rows.push(vec![
+                v,
+                s.n.to_string(),
+                mean_std(&s),
+                if s.mean == b {
+                    "best".into()
+                } else {
+                    format!("{:+.4}", s.mean - b)
+                },
+            ]);
+        } else {
+            t.rows
+                .push(vec![v, "0".into(), "not measured".into(), String::new()]);
+        }
+    }
+    vec![Block::Heading(3, format!("`{k}`")), Block::Table(t)]
+}
 
-    // Curves.
-    blocks.push(Block::Heading(2, "Loss curves".into()));
+/// The pair `--compare` names, or else the winner against the runner-up, since that is the
+/// ranking a reader most needs to trust; `None` when fewer than two settings are ranked.
+fn ab_sides(r: &Ranked, compare: Option<&str>) -> Result<Option<(Side, Side, Option<String>)>> {
+    if let Some(spec) = compare {
+        let group_of: BTreeMap<usize, usize> = r
+            .groups
+            .iter()
+            .enumerate()
+            .flat_map(|(gi, g)| g.runs.iter().map(move |&run| (run, gi)))
+            .collect();
+        return sides(r.res, &r.groups, &group_of, spec).map(Some);
+    }
+    let ranked: Vec<usize> = r
+        .order
+        .iter()
+        .copied()
+        .filter(|gi| r.means[*gi].is_some())
+        .collect();
+    Ok((ranked.len() >= 2).then(|| {
+        let side = |gi: usize| Side {
+            label: r.groups[gi].label.clone(),
+            runs: r.groups[gi].runs.clone(),
+        };
+        (side(ranked[0]), side(ranked[1]), None)
+    }))
+}
+
+/// Every run's curve, coloured by setting, so a diverging or noisy seed stands out.
+fn curves(res: &Results, groups: &[Group]) -> Vec<Block> {
+    let mut blocks = vec![Block::Heading(2, "Loss curves".into())];
     for exp in &res.experiments {
         let mut train = Vec::new();
         let mut val = Vec::new();
@@ -426,12 +511,12 @@ pub fn build(res: &Results, metric: &str, compare: Option<&str>) -> Result<Built
             )));
         }
     }
+    blocks
+}
 
-    // Answers.
-    blocks.extend(answers(res, &groups));
-
-    // Every run.
-    blocks.push(Block::Heading(2, "All runs".into()));
+/// Every run, failed ones included, so any number above can be traced to its run folder.
+fn all_runs(res: &Results, metric: &str) -> Vec<Block> {
+    let multi = res.experiments.len() > 1;
     let mut t = Table {
         class: "runs",
         ..Default::default()
@@ -464,9 +549,16 @@ pub fn build(res: &Results, metric: &str, compare: Option<&str>) -> Result<Built
         row.push(r.error.clone().unwrap_or_default());
         t.rows.push(row);
     }
-    blocks.push(Block::Table(t));
+    vec![Block::Heading(2, "All runs".into()), Block::Table(t)]
+}
 
-    // Terminal summary.
+/// The terminal gets the headline and the first gaps only; the report has the rest.
+fn terminal_summary(
+    title: &str,
+    status_line: &str,
+    winner_line: &str,
+    missing: &[String],
+) -> String {
     let mut summary = format!("{}\n{status_line}\n", title);
     summary.push_str(&winner_line.replace("**", ""));
     summary.push('\n');
@@ -484,12 +576,7 @@ pub fn build(res: &Results, metric: &str, compare: Option<&str>) -> Result<Built
             ));
         }
     }
-    Ok(Built {
-        title,
-        blocks,
-        summary,
-        winner: winner.map(|gi| groups[gi].label.clone()),
-    })
+    summary
 }
 
 /// Sorts values numerically when they all are numbers, else as text.
@@ -544,8 +631,16 @@ fn group_notes(res: &Results, g: &Group, metric: &str) -> String {
     notes.join("; ")
 }
 
-/// Everything a reader should know is absent.
+/// Everything a reader should know is absent: a gap named is better than a gap guessed.
 fn missing(res: &Results, groups: &[Group], metric: &str) -> Vec<String> {
+    let mut out = missing_runs(res, groups, metric);
+    out.extend(missing_files(res, metric));
+    out.extend(res.notes.iter().cloned());
+    out
+}
+
+/// Runs that did not finish, lack the metric, or stand alone without a second seed.
+fn missing_runs(res: &Results, groups: &[Group], metric: &str) -> Vec<String> {
     let mut out = Vec::new();
     let gl = |i: usize| {
         groups
@@ -604,6 +699,12 @@ fn missing(res: &Results, groups: &[Group], metric: &str) -> Vec<String> {
             many.join("; ")
         )),
     }
+    out
+}
+
+/// Files whose absence empties a section: loss logs, answers, base-model scores.
+fn missing_files(res: &Results, metric: &str) -> Vec<String> {
+    let mut out = Vec::new();
     let no_log: Vec<String> = res
         .runs
         .iter()
@@ -653,7 +754,6 @@ fn missing(res: &Results, groups: &[Group], metric: &str) -> Vec<String> {
     {
         out.push("no run has a task_score (no task metric was configured or scored)".into());
     }
-    out.extend(res.notes.iter().cloned());
     out
 }
 
@@ -763,6 +863,8 @@ pub fn sides(
     ))
 }
 
+/// Welch's test rather than a bare difference, because two seeds a side can differ by noise
+/// alone; the curves follow so a reader can see where the sides part.
 fn ab_section(
     res: &Results,
     metric: &str,
@@ -789,6 +891,21 @@ fn ab_section(
         intro.push_str(&n);
     }
     blocks.push(Block::Para(intro));
+    let t = ab_table(res, a, b);
+    if t.rows.is_empty() {
+        blocks.push(Block::Para(
+            "Neither side has a finished run with metrics.".into(),
+        ));
+    } else {
+        blocks.push(Block::Table(t));
+    }
+    blocks.extend(ab_charts(res, a, b));
+    blocks
+}
+
+/// One row per metric either side has, so a win on the ranking metric can be weighed
+/// against a loss elsewhere.
+fn ab_table(res: &Results, a: &Side, b: &Side) -> Table {
     let mut t = Table {
         header: vec![
             "metric".into(),
@@ -810,52 +927,56 @@ fn ab_section(
         if va.is_empty() && vb.is_empty() {
             continue;
         }
-        let side = |v: &[f64]| match stats::summarize(v) {
-            Some(s) => format!("{} ({})", mean_std(&s), s.n),
-            None => "not measured".into(),
-        };
-        let mut row = vec![m.to_string(), side(&va), side(&vb)];
-        let (ma, mb) = (stats::mean(&va), stats::mean(&vb));
-        match (ma, mb) {
-            (Some(x), Some(y)) => row.push(format!("{:+.4}", y - x)),
-            _ => row.push(String::new()),
+        t.rows.push(ab_row(m, &va, &vb));
+    }
+    t
+}
+
+/// The "better" column follows each metric's own direction, not the ranking metric's.
+fn ab_row(m: &str, va: &[f64], vb: &[f64]) -> Vec<String> {
+    let side = |v: &[f64]| match stats::summarize(v) {
+        Some(s) => format!("{} ({})", mean_std(&s), s.n),
+        None => "not measured".into(),
+    };
+    let mut row = vec![m.to_string(), side(va), side(vb)];
+    let (ma, mb) = (stats::mean(va), stats::mean(vb));
+    match (ma, mb) {
+        (Some(x), Some(y)) => row.push(format!("{:+.4}", y - x)),
+        _ => row.push(String::new()),
+    }
+    match stats::welch(va, vb) {
+        Some(w) => {
+            row.push(format!("[{}, {}]", num(w.ci_low), num(w.ci_high)));
+            row.push(format!("{:.3}", w.t));
+            row.push(format!("{:.2}", w.df));
+            row.push(p_value(w.p));
         }
-        match stats::welch(&va, &vb) {
-            Some(w) => {
-                row.push(format!("[{}, {}]", num(w.ci_low), num(w.ci_high)));
-                row.push(format!("{:.3}", w.t));
-                row.push(format!("{:.2}", w.df));
-                row.push(p_value(w.p));
-            }
-            None => {
-                let why = if va.len() < 2 || vb.len() < 2 {
-                    "needs ≥2 seeds per side"
-                } else {
-                    "no variance"
-                };
-                row.push(why.into());
-                row.extend([String::new(), String::new(), String::new()]);
-            }
-        }
-        row.push(match (ma, mb) {
-            (Some(x), Some(y)) if x != y => if (y > x) == higher_is_better(m) {
-                "B"
+        None => {
+            let why = if va.len() < 2 || vb.len() < 2 {
+                "needs ≥2 seeds per side"
             } else {
-                "A"
-            }
-            .into(),
-            (Some(_), Some(_)) => "tie".into(),
-            _ => String::new(),
-        });
-        t.rows.push(row);
+                "no variance"
+            };
+            row.push(why.into());
+            row.extend([String::new(), String::new(), String::new()]);
+        }
     }
-    if t.rows.is_empty() {
-        blocks.push(Block::Para(
-            "Neither side has a finished run with metrics.".into(),
-        ));
-    } else {
-        blocks.push(Block::Table(t));
-    }
+    row.push(match (ma, mb) {
+        (Some(x), Some(y)) if x != y => if (y > x) == higher_is_better(m) {
+            "B"
+        } else {
+            "A"
+        }
+        .into(),
+        (Some(_), Some(_)) => "tie".into(),
+        _ => String::new(),
+    });
+    row
+}
+
+/// The two sides' curves in two colours only, so A and B are told apart at a glance.
+fn ab_charts(res: &Results, a: &Side, b: &Side) -> Vec<Block> {
+    let mut blocks = Vec::new();
     for (what, y) in [("train", "train loss"), ("val", "val loss")] {
         let mut series = Vec::new();
         for (ci, s) in [a, b].iter().enumerate() {
@@ -897,6 +1018,11 @@ fn opt(x: Option<f64>) -> String {
     x.map(num).unwrap_or_else(|| "–".into())
 }
 
+/// A model's answers with the label they are shown under (`base` or a run).
+type Answers<'a> = (String, &'a Vec<Generation>);
+
+/// Loss alone does not say whether fine-tuning helped: the task score and the answers
+/// themselves, next to the base model's, do.
 fn answers(res: &Results, groups: &[Group]) -> Vec<Block> {
     let mut blocks = vec![Block::Heading(
         2,
@@ -910,189 +1036,206 @@ fn answers(res: &Results, groups: &[Group]) -> Vec<Block> {
                 Block::Heading(3, what.to_string())
             }
         };
-        blocks.push(sub("Task metric: base vs fine-tuned"));
-        // Task metric: base vs each setting.
-        let metric_name = exp.base_task.as_ref().map(|(m, _)| m.clone()).or_else(|| {
-            res.runs
-                .iter()
-                .filter(|r| r.experiment == exp.name)
-                .find_map(|r| r.task_metric.clone())
-        });
         let exp_groups: Vec<&Group> = groups.iter().filter(|g| g.experiment == exp.name).collect();
-        let base_score = exp.base_task.as_ref().and_then(|(_, s)| *s);
-        let any_score = exp_groups
-            .iter()
-            .any(|g| !metric_values(res, &g.runs, "task_score").is_empty());
-        if base_score.is_some() || any_score {
-            let mut t = Table {
-                header: vec![
-                    "model".into(),
-                    format!(
-                        "task score ({})",
-                        metric_name.clone().unwrap_or("task".into())
-                    ),
-                    "n".into(),
-                    "vs base".into(),
-                ],
-                class: "task",
-                ..Default::default()
-            };
-            t.rows.push(vec![
-                "base".into(),
-                base_score
-                    .map(num)
-                    .unwrap_or_else(|| "missing (no base_metrics.json score)".into()),
-                String::new(),
-                String::new(),
-            ]);
-            for g in &exp_groups {
-                let s = stats::summarize(&metric_values(res, &g.runs, "task_score"));
-                t.rows.push(vec![
-                    g.label.clone(),
-                    s.map(|s| mean_std(&s)).unwrap_or_else(|| "missing".into()),
-                    s.map(|s| s.n.to_string()).unwrap_or_default(),
-                    match (s, base_score) {
-                        (Some(s), Some(b)) => format!("{:+.4}", s.mean - b),
-                        _ => String::new(),
-                    },
-                ]);
-            }
-            blocks.push(Block::Table(t));
-        } else {
-            blocks.push(Block::Para(format!(
-                "{}: no task score for the base model or any run.",
-                exp.name
-            )));
-        }
+        blocks.push(sub("Task metric: base vs fine-tuned"));
+        blocks.push(task_scores(res, exp, &exp_groups));
 
-        // Generation time and length.
         blocks.push(sub("Generation time and length"));
-        let mut tuned: Vec<(String, &Vec<Generation>)> = Vec::new();
+        let mut all: Vec<Answers> = Vec::new();
+        if let Some(b) = &exp.base_generations {
+            all.push(("base".into(), b));
+        }
         for g in &exp_groups {
             for &i in &g.runs {
                 let r = &res.runs[i];
                 if let (true, Some(gens)) = (r.done(), &r.generations) {
-                    tuned.push((run_label(g, r), gens));
+                    all.push((run_label(g, r), gens));
                 }
             }
         }
-        if exp.base_generations.is_none() && tuned.is_empty() {
+        if all.is_empty() {
             blocks.push(Block::Para(format!(
                 "{}: no generations.jsonl or base_generations.jsonl: no answers to show.",
                 exp.name
             )));
             continue;
         }
-        let mut t = Table {
-            header: vec![
-                "model".into(),
-                "answers".into(),
-                "mean seconds".into(),
-                "mean tokens".into(),
-                "tokens/s".into(),
-                "correct".into(),
-            ],
-            class: "speed",
-            ..Default::default()
-        };
-        let correct = |g: &[Generation]| {
-            let scored: Vec<bool> = g.iter().filter_map(|x| x.correct).collect();
-            if scored.is_empty() {
-                "–".to_string()
-            } else {
-                format!("{}/{}", scored.iter().filter(|c| **c).count(), scored.len())
-            }
-        };
-        let mut all: Vec<(String, &Vec<Generation>)> = Vec::new();
-        if let Some(b) = &exp.base_generations {
-            all.push(("base".into(), b));
-        }
-        all.extend(tuned.iter().cloned());
-        for (label, g) in &all {
-            let (s, k, rate) = gen_stats(g);
-            t.rows.push(vec![
-                label.clone(),
-                g.len().to_string(),
-                opt(s),
-                opt(k),
-                opt(rate),
-                correct(g),
-            ]);
-        }
-        blocks.push(Block::Table(t));
+        blocks.push(Block::Table(speed_table(&all)));
         if exp.base_generations.is_none() {
             blocks.push(Block::Para(
                 "No base_generations.jsonl: the base model's answers are missing below.".into(),
             ));
         }
 
-        // Per prompt.
         blocks.push(sub("Answers per prompt"));
-        let mut prompts: Vec<(String, Option<String>)> = Vec::new();
-        for (_, g) in &all {
-            for x in g.iter() {
-                if !prompts.iter().any(|(p, _)| *p == x.prompt) {
-                    prompts.push((x.prompt.clone(), x.reference.clone()));
-                }
-            }
-        }
-        for (pi, (prompt, reference)) in prompts.iter().enumerate().take(MAX_PROMPTS) {
-            blocks.push(Block::Heading(4, format!("Prompt {}", pi + 1)));
-            blocks.push(Block::Quote(prompt.clone()));
-            if let Some(r) = reference {
-                blocks.push(Block::Para(format!("Reference: {r}")));
-            }
-            let mut t = Table {
-                header: vec![
-                    "model".into(),
-                    "answer".into(),
-                    "seconds".into(),
-                    "tokens".into(),
-                    "correct".into(),
-                ],
-                wide: vec![1],
-                class: "answers",
-                ..Default::default()
-            };
-            if exp.base_generations.is_none() {
-                t.rows.push(vec![
-                    "base".into(),
-                    "(missing: no base_generations.jsonl)".into(),
-                    String::new(),
-                    String::new(),
-                    String::new(),
-                ]);
-            }
-            for (label, g) in &all {
-                match g.iter().find(|x| x.prompt == *prompt) {
-                    Some(x) => t.rows.push(vec![
-                        label.clone(),
-                        x.output.clone(),
-                        opt(x.seconds),
-                        opt(x.tokens),
-                        match x.correct {
-                            Some(true) => "yes".into(),
-                            Some(false) => "no".into(),
-                            None => "–".into(),
-                        },
-                    ]),
-                    None => t.rows.push(vec![
-                        label.clone(),
-                        "(no answer to this prompt)".into(),
-                        String::new(),
-                        String::new(),
-                        String::new(),
-                    ]),
-                }
-            }
-            blocks.push(Block::Table(t));
-        }
-        if prompts.len() > MAX_PROMPTS {
-            blocks.push(Block::Para(format!(
-                "{} more prompt(s) not shown; see the generations files.",
-                prompts.len() - MAX_PROMPTS
-            )));
-        }
+        blocks.extend(per_prompt(exp, &all));
     }
     blocks
+}
+
+/// The base model's task score first, so each setting's gain is read against it.
+fn task_scores(res: &Results, exp: &Experiment, exp_groups: &[&Group]) -> Block {
+    let metric_name = exp.base_task.as_ref().map(|(m, _)| m.clone()).or_else(|| {
+        res.runs
+            .iter()
+            .filter(|r| r.experiment == exp.name)
+            .find_map(|r| r.task_metric.clone())
+    });
+    let base_score = exp.base_task.as_ref().and_then(|(_, s)| *s);
+    let any_score = exp_groups
+        .iter()
+        .any(|g| !metric_values(res, &g.runs, "task_score").is_empty());
+    if base_score.is_none() && !any_score {
+        return Block::Para(format!(
+            "{}: no task score for the base model or any run.",
+            exp.name
+        ));
+    }
+    let mut t = Table {
+        header: vec![
+            "model".into(),
+            format!(
+                "task score ({})",
+                metric_name.clone().unwrap_or("task".into())
+            ),
+            "n".into(),
+            "vs base".into(),
+        ],
+        class: "task",
+        ..Default::default()
+    };
+    t.rows.push(vec![
+        "base".into(),
+        base_score
+            .map(num)
+            .unwrap_or_else(|| "missing (no base_metrics.json score)".into()),
+        String::new(),
+        String::new(),
+    ]);
+    for g in exp_groups {
+        let s = stats::summarize(&metric_values(res, &g.runs, "task_score"));
+        t.rows.push(vec![
+            g.label.clone(),
+            s.map(|s| mean_std(&s)).unwrap_or_else(|| "missing".into()),
+            s.map(|s| s.n.to_string()).unwrap_or_default(),
+            match (s, base_score) {
+                (Some(s), Some(b)) => format!("{:+.4}", s.mean - b),
+                _ => String::new(),
+            },
+        ]);
+    }
+    Block::Table(t)
+}
+
+/// Time and length per model: a tuned model that rambles or stalls shows here first.
+fn speed_table(all: &[Answers]) -> Table {
+    let mut t = Table {
+        header: vec![
+            "model".into(),
+            "answers".into(),
+            "mean seconds".into(),
+            "mean tokens".into(),
+            "tokens/s".into(),
+            "correct".into(),
+        ],
+        class: "speed",
+        ..Default::default()
+    };
+    let correct = |g: &[Generation]| {
+        let scored: Vec<bool> = g.iter().filter_map(|x| x.correct).collect();
+        if scored.is_empty() {
+            "–".to_string()
+        } else {
+            format!("{}/{}", scored.iter().filter(|c| **c).count(), scored.len())
+        }
+    };
+    for (label, g) in all {
+        let (s, k, rate) = gen_stats(g);
+        t.rows.push(vec![
+            label.clone(),
+            g.len().to_string(),
+            opt(s),
+            opt(k),
+            opt(rate),
+            correct(g),
+        ]);
+    }
+    t
+}
+
+/// Each prompt with every model's answer side by side, capped at [`MAX_PROMPTS`] to keep
+/// the page readable.
+fn per_prompt(exp: &Experiment, all: &[Answers]) -> Vec<Block> {
+    let mut blocks = Vec::new();
+    let mut prompts: Vec<(String, Option<String>)> = Vec::new();
+    for (_, g) in all {
+        for x in g.iter() {
+            if !prompts.iter().any(|(p, _)| *p == x.prompt) {
+                prompts.push((x.prompt.clone(), x.reference.clone()));
+            }
+        }
+    }
+    for (pi, (prompt, reference)) in prompts.iter().enumerate().take(MAX_PROMPTS) {
+        blocks.push(Block::Heading(4, format!("Prompt {}", pi + 1)));
+        blocks.push(Block::Quote(prompt.clone()));
+        if let Some(r) = reference {
+            blocks.push(Block::Para(format!("Reference: {r}")));
+        }
+        blocks.push(Block::Table(prompt_table(exp, all, prompt)));
+    }
+    if prompts.len() > MAX_PROMPTS {
+        blocks.push(Block::Para(format!(
+            "{} more prompt(s) not shown; see the generations files.",
+            prompts.len() - MAX_PROMPTS
+        )));
+    }
+    blocks
+}
+
+/// A missing answer gets a row saying so, rather than a silently shorter table.
+fn prompt_table(exp: &Experiment, all: &[Answers], prompt: &str) -> Table {
+    let mut t = Table {
+        header: vec![
+            "model".into(),
+            "answer".into(),
+            "seconds".into(),
+            "tokens".into(),
+            "correct".into(),
+        ],
+        wide: vec![1],
+        class: "answers",
+        ..Default::default()
+    };
+    if exp.base_generations.is_none() {
+        t.rows.push(vec![
+            "base".into(),
+            "(missing: no base_generations.jsonl)".into(),
+            String::new(),
+            String::new(),
+            String::new(),
+        ]);
+    }
+    for (label, g) in all {
+        match g.iter().find(|x| x.prompt == prompt) {
+            Some(x) => t.rows.push(vec![
+                label.clone(),
+                x.output.clone(),
+                opt(x.seconds),
+                opt(x.tokens),
+                match x.correct {
+                    Some(true) => "yes".into(),
+                    Some(false) => "no".into(),
+                    None => "–".into(),
+                },
+            ]),
+            None => t.rows.push(vec![
+                label.clone(),
+                "(no answer to this prompt)".into(),
+                String::new(),
+                String::new(),
+                String::new(),
+            ]),
+        }
+    }
+    t
 }
