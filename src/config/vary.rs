@@ -59,175 +59,232 @@ impl Vary {
     /// Reads `grid`, `zip`, `exclude` and `seeds` from an experiment file.
     pub fn parse(doc: &Doc) -> Result<Vary, ConfigError> {
         let dir = doc.path.parent().unwrap_or(Path::new("."));
-        let at = |line: usize, key: &str, msg: String| {
-            ConfigError::at(&doc.path, line, msg).key(key.to_string())
-        };
-        let in_file = |e: ConfigError| ConfigError {
-            file: doc.path.clone(),
-            ..e
-        };
         let mut vary = Vary {
             file: doc.path.clone(),
             ..Default::default()
         };
-
         if let Some(grid) = doc.root.get("grid") {
-            let Some(entries) = grid.as_map() else {
-                return Err(at(
-                    grid.line,
-                    "grid",
-                    format!("expected a mapping `key: [values]`, found {}", grid.kind()),
-                ));
-            };
-            for (key, values) in entries {
-                let key_name = format!("grid.{key}");
-                if NOT_VARIABLE.contains(&key.as_str()) {
-                    let hint = if key == "train.seed" {
-                        "use `seeds: [...]`"
-                    } else {
-                        "a run's experiment name is fixed"
-                    };
-                    return Err(
-                        at(values.line, &key_name, format!("`{key}` cannot be varied")).hint(hint),
-                    );
-                }
-                let items = as_list(values);
-                if items.is_empty() {
-                    return Err(at(
-                        values.line,
-                        &key_name,
-                        "has an empty list: the grid would have no runs".into(),
-                    ));
-                }
-                let mut points = Vec::new();
-                for item in items {
-                    let v = check(key, &item, dir).map_err(|e| in_file(e).key(key_name.clone()))?;
-                    points.push(vec![(key.clone(), v)]);
-                }
-                vary.axes.push(Axis {
-                    points,
-                    line: values.line,
-                });
-            }
+            vary.axes.extend(grid_axes(doc, grid, dir)?);
         }
-
         if let Some(zip) = doc.root.get("zip") {
-            let items = as_list(zip);
-            let nested = items.iter().all(|i| matches!(i.value, Value::Seq(_)));
-            let groups: Vec<Vec<Node>> = if nested && !items.is_empty() {
-                items.iter().map(as_list).collect()
-            } else {
-                vec![items]
-            };
-            for group in groups {
-                if group.is_empty() {
-                    return Err(at(
-                        zip.line,
-                        "zip",
-                        "has an empty list: the grid would have no runs".into(),
-                    ));
-                }
-                let mut points = Vec::new();
-                let mut first_keys: Option<Vec<String>> = None;
-                for entry in &group {
-                    let assignment = parse_assignment(entry, "zip", dir, &doc.path)?;
-                    let ks: Vec<String> = assignment.iter().map(|(k, _)| k.clone()).collect();
-                    match &first_keys {
-                        None => first_keys = Some(ks),
-                        Some(f) if *f != ks => {
-                            return Err(at(
-                                entry.line,
-                                "zip",
-                                format!(
-                                    "every entry of a zip must set the same keys; the first sets {} but this one sets {}",
-                                    f.join(", "),
-                                    ks.join(", ")
-                                ),
-                            ));
-                        }
-                        _ => {}
-                    }
-                    points.push(assignment);
-                }
-                vary.axes.push(Axis {
-                    points,
-                    line: group[0].line,
-                });
-            }
+            vary.axes.extend(zip_axes(doc, zip, dir)?);
         }
-
-        let mut seen: Vec<String> = Vec::new();
-        for axis in &vary.axes {
-            let mut axis_keys: Vec<String> =
-                axis.points[0].iter().map(|(k, _)| k.clone()).collect();
-            axis_keys.dedup();
-            for k in axis_keys {
-                if seen.contains(&k) {
-                    return Err(at(
-                        axis.line,
-                        &k,
-                        "is varied twice (in grid and zip, or in two zips)".into(),
-                    )
-                    .hint("vary each key in one place"));
-                }
-                seen.push(k);
-            }
-        }
-
+        let seen = varied_keys_once(doc, &vary.axes)?;
         if let Some(ex) = doc.root.get("exclude") {
-            for entry in as_list(ex) {
-                let assignment = parse_assignment(&entry, "exclude", dir, &doc.path)?;
-                for (k, _) in &assignment {
-                    if !seen.contains(k) {
-                        return Err(at(
-                            entry.line,
-                            &format!("exclude.{k}"),
-                            "is not varied by `grid` or `zip`".into(),
-                        )
-                        .hint(format!(
-                            "varied keys: {}",
-                            if seen.is_empty() {
-                                "none".into()
-                            } else {
-                                seen.join(", ")
-                            }
-                        )));
-                    }
-                }
-                vary.exclude.push((assignment, entry.line));
-            }
+            vary.exclude = parse_exclude(doc, ex, dir, &seen)?;
         }
-
         if let Some(seeds) = doc.root.get("seeds") {
-            let items = as_list(seeds);
-            if items.is_empty() {
-                return Err(at(seeds.line, "seeds", "is an empty list".into())
-                    .hint("remove it, or list at least one seed"));
-            }
-            for s in items {
-                match s.value {
-                    Value::Int(i) if i >= 0 => {
-                        if vary.seeds.contains(&i) {
-                            return Err(at(s.line, "seeds", format!("seed {i} is listed twice")));
-                        }
-                        vary.seeds.push(i)
-                    }
-                    _ => {
-                        return Err(at(
-                            s.line,
-                            "seeds",
-                            format!(
-                                "expected whole numbers ≥ 0, found {} `{}`",
-                                s.kind(),
-                                keys::short(&s)
-                            ),
-                        ));
-                    }
-                }
-            }
+            vary.seeds = parse_seeds(doc, seeds)?;
         }
         Ok(vary)
     }
+}
+
+/// An error at `line` of the experiment file, attributed to `key`.
+fn err_at(doc: &Doc, line: usize, key: &str, msg: String) -> ConfigError {
+    ConfigError::at(&doc.path, line, msg).key(key.to_string())
+}
+
+/// One axis per `grid` key, each point setting that key alone; keys that name a run or its
+/// seed are refused here because they have their own places (`name`, `seeds`).
+fn grid_axes(doc: &Doc, grid: &Node, dir: &Path) -> Result<Vec<Axis>, ConfigError> {
+    let Some(entries) = grid.as_map() else {
+        return Err(err_at(
+            doc,
+            grid.line,
+            "grid",
+            format!("expected a mapping `key: [values]`, found {}", grid.kind()),
+        ));
+    };
+    let mut axes = Vec::new();
+    for (key, values) in entries {
+        let key_name = format!("grid.{key}");
+        if NOT_VARIABLE.contains(&key.as_str()) {
+            let hint = if key == "train.seed" {
+                "use `seeds: [...]`"
+            } else {
+                "a run's experiment name is fixed"
+            };
+            return Err(err_at(
+                doc,
+                values.line,
+                &key_name,
+                format!("`{key}` cannot be varied"),
+            )
+            .hint(hint));
+        }
+        let items = as_list(values);
+        if items.is_empty() {
+            return Err(err_at(
+                doc,
+                values.line,
+                &key_name,
+                "has an empty list: the grid would have no runs".into(),
+            ));
+        }
+        let mut points = Vec::new();
+        for item in items {
+            let v = check(key, &item, dir).map_err(|e| {
+                ConfigError {
+                    file: doc.path.clone(),
+                    ..e
+                }
+                .key(key_name.clone())
+            })?;
+            points.push(vec![(key.clone(), v)]);
+        }
+        axes.push(Axis {
+            points,
+            line: values.line,
+        });
+    }
+    Ok(axes)
+}
+
+/// The `zip` axes: one list of entries, or a list of such lists (several zipped axes). Every
+/// entry of an axis must set the same keys, or its points would not line up.
+fn zip_axes(doc: &Doc, zip: &Node, dir: &Path) -> Result<Vec<Axis>, ConfigError> {
+    let items = as_list(zip);
+    let nested = items.iter().all(|i| matches!(i.value, Value::Seq(_)));
+    let groups: Vec<Vec<Node>> = if nested && !items.is_empty() {
+        items.iter().map(as_list).collect()
+    } else {
+        vec![items]
+    };
+    let mut axes = Vec::new();
+    for group in groups {
+        if group.is_empty() {
+            return Err(err_at(
+                doc,
+                zip.line,
+                "zip",
+                "has an empty list: the grid would have no runs".into(),
+            ));
+        }
+        let mut points = Vec::new();
+        let mut first_keys: Option<Vec<String>> = None;
+        for entry in &group {
+            let assignment = parse_assignment(entry, "zip", dir, &doc.path)?;
+            let ks: Vec<String> = assignment.iter().map(|(k, _)| k.clone()).collect();
+            match &first_keys {
+                None => first_keys = Some(ks),
+                Some(f) if *f != ks => {
+                    return Err(err_at(
+                        doc,
+                        entry.line,
+                        "zip",
+                        format!(
+                            "every entry of a zip must set the same keys; the first sets {} but this one sets {}",
+                            f.join(", "),
+                            ks.join(", ")
+                        ),
+                    ));
+                }
+                _ => {}
+            }
+            points.push(assignment);
+        }
+        axes.push(Axis {
+            points,
+            line: group[0].line,
+        });
+    }
+    Ok(axes)
+}
+
+/// The varied keys in axis order, failing when one is varied by two axes: the product would
+/// set it twice per run, with no way to say which value wins.
+fn varied_keys_once(doc: &Doc, axes: &[Axis]) -> Result<Vec<String>, ConfigError> {
+    let mut seen: Vec<String> = Vec::new();
+    for axis in axes {
+        let mut axis_keys: Vec<String> = axis.points[0].iter().map(|(k, _)| k.clone()).collect();
+        axis_keys.dedup();
+        for k in axis_keys {
+            if seen.contains(&k) {
+                return Err(err_at(
+                    doc,
+                    axis.line,
+                    &k,
+                    "is varied twice (in grid and zip, or in two zips)".into(),
+                )
+                .hint("vary each key in one place"));
+            }
+            seen.push(k);
+        }
+    }
+    Ok(seen)
+}
+
+/// The `exclude` entries with their lines; an entry may only name varied keys (`seen`), since
+/// any other key is the same in every point and could never tell points apart.
+fn parse_exclude(
+    doc: &Doc,
+    ex: &Node,
+    dir: &Path,
+    seen: &[String],
+) -> Result<Vec<(Vec<(String, J)>, usize)>, ConfigError> {
+    let mut exclude = Vec::new();
+    for entry in as_list(ex) {
+        let assignment = parse_assignment(&entry, "exclude", dir, &doc.path)?;
+        for (k, _) in &assignment {
+            if !seen.contains(k) {
+                return Err(err_at(
+                    doc,
+                    entry.line,
+                    &format!("exclude.{k}"),
+                    "is not varied by `grid` or `zip`".into(),
+                )
+                .hint(format!(
+                    "varied keys: {}",
+                    if seen.is_empty() {
+                        "none".into()
+                    } else {
+                        seen.join(", ")
+                    }
+                )));
+            }
+        }
+        exclude.push((assignment, entry.line));
+    }
+    Ok(exclude)
+}
+
+/// The `seeds` list: whole numbers ≥ 0, each once (a repeated seed would repeat runs).
+fn parse_seeds(doc: &Doc, seeds: &Node) -> Result<Vec<i64>, ConfigError> {
+    let items = as_list(seeds);
+    if items.is_empty() {
+        return Err(err_at(doc, seeds.line, "seeds", "is an empty list".into())
+            .hint("remove it, or list at least one seed"));
+    }
+    let mut out = Vec::new();
+    for s in items {
+        match s.value {
+            Value::Int(i) if i >= 0 => {
+                if out.contains(&i) {
+                    return Err(err_at(
+                        doc,
+                        s.line,
+                        "seeds",
+                        format!("seed {i} is listed twice"),
+                    ));
+                }
+                out.push(i)
+            }
+            _ => {
+                return Err(err_at(
+                    doc,
+                    s.line,
+                    "seeds",
+                    format!(
+                        "expected whole numbers ≥ 0, found {} `{}`",
+                        s.kind(),
+                        keys::short(&s)
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(out)
 }
 
 fn as_list(node: &Node) -> Vec<Node> {

@@ -676,12 +676,28 @@ type Parsed = (
 /// tensor data ranges are checked against `file_len`.
 fn parse(buf: &[u8], file_len: u64) -> KResult<Parsed> {
     let mut r = Reader { buf, pos: 0 };
-    if buf.len() < 4 {
+    let (version, n_tensors, n_kv) = read_preamble(&mut r)?;
+    let metadata = read_metadata(&mut r, n_kv)?;
+    // Each tensor info takes at least 8 (name length) + 4 + 4 + 8 bytes.
+    ensure_room(&r, n_tensors, 24, || format!("{n_tensors} tensor infos"))?;
+    let alignment = alignment_of(&metadata)?;
+    let tensors = read_tensor_infos(&mut r, n_tensors, alignment)?;
+    let pos = r.pos as u64;
+    let data_offset = pos.div_ceil(alignment) * alignment;
+    check_tensor_data(&tensors, data_offset, file_len)?;
+    Ok((version, metadata, tensors, alignment, data_offset))
+}
+
+/// Reads magic, version and the two counts, rejecting other formats and byte orders up front
+/// so that later errors can assume a little-endian GGUF v2/v3 layout.
+/// Returns (version, tensor count, metadata count).
+fn read_preamble(r: &mut Reader) -> KResult<(u32, u64, u64)> {
+    if r.buf.len() < 4 {
         return Err(GgufErrorKind::Truncated {
             what: "magic".into(),
             offset: 0,
             needed: 4,
-            len: buf.len() as u64,
+            len: r.buf.len() as u64,
         });
     }
     let magic = r.take(4, &|| "magic".into())?;
@@ -699,16 +715,34 @@ fn parse(buf: &[u8], file_len: u64) -> KResult<Parsed> {
     }
     let n_tensors = r.u64(&|| "tensor count".into())?;
     let n_kv = r.u64(&|| "metadata count".into())?;
-    // Each metadata pair takes at least 8 (key length) + 4 (type) + 1 bytes, each tensor info
-    // at least 8 + 4 + 4 + 8: reject absurd counts before allocating anything.
-    if n_kv.saturating_mul(13) > r.remaining() as u64 {
+    Ok((version, n_tensors, n_kv))
+}
+
+/// Fails when `count` items of at least `min_bytes` each cannot fit in what is left of the
+/// buffer, so that absurd counts are rejected before anything is allocated for them.
+fn ensure_room(
+    r: &Reader,
+    count: u64,
+    min_bytes: u64,
+    what: impl FnOnce() -> String,
+) -> KResult<()> {
+    if count.saturating_mul(min_bytes) > r.remaining() as u64 {
         return Err(GgufErrorKind::Truncated {
-            what: format!("{n_kv} metadata entries"),
+            what: what(),
             offset: r.pos as u64,
-            needed: n_kv.saturating_mul(13),
-            len: buf.len() as u64,
+            needed: count.saturating_mul(min_bytes),
+            len: r.buf.len() as u64,
         });
     }
+    Ok(())
+}
+
+/// Reads the `n_kv` metadata pairs; a key given twice is an error rather than a silent
+/// overwrite, since either value could be the one the writer meant.
+fn read_metadata(r: &mut Reader, n_kv: u64) -> KResult<BTreeMap<String, GgufValue>> {
+    // Each metadata pair takes at least 8 (key length) + 4 (type) + 1 bytes, each tensor info
+    // at least 8 + 4 + 4 + 8: reject absurd counts before allocating anything.
+    ensure_room(r, n_kv, 13, || format!("{n_kv} metadata entries"))?;
     let mut metadata = BTreeMap::new();
     for i in 0..n_kv {
         let key = r.string(&|| format!("key of metadata entry {i}"))?;
@@ -718,73 +752,87 @@ fn parse(buf: &[u8], file_len: u64) -> KResult<Parsed> {
             return malformed(format!("duplicate metadata key `{key}`"));
         }
     }
-    if n_tensors.saturating_mul(24) > r.remaining() as u64 {
-        return Err(GgufErrorKind::Truncated {
-            what: format!("{n_tensors} tensor infos"),
-            offset: r.pos as u64,
-            needed: n_tensors.saturating_mul(24),
-            len: buf.len() as u64,
-        });
-    }
-    let alignment = match metadata.get("general.alignment") {
-        None => DEFAULT_ALIGNMENT,
+    Ok(metadata)
+}
+
+/// `general.alignment`, or the default; tensor offsets and the data section start are
+/// multiples of it, so anything but a positive power of two is rejected.
+fn alignment_of(metadata: &BTreeMap<String, GgufValue>) -> KResult<u64> {
+    match metadata.get("general.alignment") {
+        None => Ok(DEFAULT_ALIGNMENT),
         Some(v) => match v.as_u64() {
-            Some(a) if a > 0 && a.is_power_of_two() => a,
-            _ => {
-                return malformed(format!(
-                    "general.alignment must be a positive power of two, found {v:?}"
-                ));
-            }
+            Some(a) if a > 0 && a.is_power_of_two() => Ok(a),
+            _ => malformed(format!(
+                "general.alignment must be a positive power of two, found {v:?}"
+            )),
         },
-    };
+    }
+}
+
+/// Reads the `n_tensors` tensor infos; names must be unique since tensors are looked up by name.
+fn read_tensor_infos(
+    r: &mut Reader,
+    n_tensors: u64,
+    alignment: u64,
+) -> KResult<Vec<GgufTensorInfo>> {
     let mut tensors = Vec::with_capacity(n_tensors as usize);
     let mut seen = std::collections::HashSet::new();
     for i in 0..n_tensors {
-        let name = r.string(&|| format!("name of tensor {i}"))?;
-        let what = |field: &str| format!("{field} of tensor `{name}`");
-        let n_dims = r.u32(&|| what("dimension count"))?;
-        if n_dims == 0 || n_dims > MAX_DIMS {
-            return malformed(format!(
-                "tensor `{name}` has {n_dims} dimensions (expected 1 to {MAX_DIMS})"
-            ));
+        let info = read_tensor_info(r, i, alignment)?;
+        if !seen.insert(info.name.clone()) {
+            return malformed(format!("duplicate tensor name `{}`", info.name));
         }
-        let mut dims = Vec::with_capacity(n_dims as usize);
-        for _ in 0..n_dims {
-            dims.push(r.u64(&|| what("dimensions"))?);
-        }
-        let ggml_type = GgmlType(r.u32(&|| what("type"))?);
-        let offset = r.u64(&|| what("data offset"))?;
-        let n: Option<u64> = dims.iter().try_fold(1u64, |acc, &d| acc.checked_mul(d));
-        if n.is_none_or(|n| n > isize::MAX as u64 / 8) {
-            return malformed(format!("tensor `{name}` has absurd dimensions {dims:?}"));
-        }
-        if !offset.is_multiple_of(alignment) {
-            return malformed(format!(
-                "tensor `{name}` data offset {offset} is not a multiple of the alignment {alignment}"
-            ));
-        }
-        if let Some((be, _)) = ggml_type.block_layout()
-            && !dims[0].is_multiple_of(be as u64)
-        {
-            return malformed(format!(
-                "tensor `{name}` of type {ggml_type} has rows of {} elements, not a multiple of the block size {be}",
-                dims[0]
-            ));
-        }
-        if !seen.insert(name.clone()) {
-            return malformed(format!("duplicate tensor name `{name}`"));
-        }
-        tensors.push(GgufTensorInfo {
-            name,
-            dims,
-            ggml_type,
-            offset,
-        });
+        tensors.push(info);
     }
-    let pos = r.pos as u64;
-    let data_offset = pos.div_ceil(alignment) * alignment;
-    let len = file_len;
-    for t in &tensors {
+    Ok(tensors)
+}
+
+/// Reads tensor info number `i` and checks what can be checked without the data: dimension
+/// count, element count, offset alignment and whole quantization blocks per row.
+fn read_tensor_info(r: &mut Reader, i: u64, alignment: u64) -> KResult<GgufTensorInfo> {
+    let name = r.string(&|| format!("name of tensor {i}"))?;
+    let what = |field: &str| format!("{field} of tensor `{name}`");
+    let n_dims = r.u32(&|| what("dimension count"))?;
+    if n_dims == 0 || n_dims > MAX_DIMS {
+        return malformed(format!(
+            "tensor `{name}` has {n_dims} dimensions (expected 1 to {MAX_DIMS})"
+        ));
+    }
+    let mut dims = Vec::with_capacity(n_dims as usize);
+    for _ in 0..n_dims {
+        dims.push(r.u64(&|| what("dimensions"))?);
+    }
+    let ggml_type = GgmlType(r.u32(&|| what("type"))?);
+    let offset = r.u64(&|| what("data offset"))?;
+    let n: Option<u64> = dims.iter().try_fold(1u64, |acc, &d| acc.checked_mul(d));
+    if n.is_none_or(|n| n > isize::MAX as u64 / 8) {
+        return malformed(format!("tensor `{name}` has absurd dimensions {dims:?}"));
+    }
+    if !offset.is_multiple_of(alignment) {
+        return malformed(format!(
+            "tensor `{name}` data offset {offset} is not a multiple of the alignment {alignment}"
+        ));
+    }
+    if let Some((be, _)) = ggml_type.block_layout()
+        && !dims[0].is_multiple_of(be as u64)
+    {
+        return malformed(format!(
+            "tensor `{name}` of type {ggml_type} has rows of {} elements, not a multiple of the block size {be}",
+            dims[0]
+        ));
+    }
+    Ok(GgufTensorInfo {
+        name,
+        dims,
+        ggml_type,
+        offset,
+    })
+}
+
+/// Checks that every tensor's data lies inside a file of `len` bytes, so a truncated file
+/// fails here, naming the tensor, rather than when that tensor is first read.
+fn check_tensor_data(tensors: &[GgufTensorInfo], data_offset: u64, len: u64) -> KResult<()> {
+    for t in tensors {
         if let Some(nb) = t.n_bytes() {
             let end = data_offset
                 .checked_add(t.offset)
@@ -799,7 +847,7 @@ fn parse(buf: &[u8], file_len: u64) -> KResult<Parsed> {
             }
         }
     }
-    Ok((version, metadata, tensors, alignment, data_offset))
+    Ok(())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1482,44 +1530,77 @@ pub fn gguf_tokenizer_json(file: &GgufFile) -> Result<Value, GgufError> {
         .to_string();
     let tokens = string_array(file, "tokenizer.ggml.tokens")?
         .ok_or_else(|| file.err(GgufErrorKind::MissingKey("tokenizer.ggml.tokens".into())))?;
-    let types: Vec<i64> = match number_array(file, "tokenizer.ggml.token_type")? {
-        Some(t) if t.len() == tokens.len() => t.into_iter().map(|x| x as i64).collect(),
-        Some(t) => {
-            return Err(file.err(GgufErrorKind::BadValue {
-                key: "tokenizer.ggml.token_type".into(),
-                msg: format!("{} entries for {} tokens", t.len(), tokens.len()),
-            }));
-        }
-        None => vec![token_type::NORMAL; tokens.len()],
-    };
-    let token_id = |key: &str| -> Result<Option<u32>, GgufError> {
-        match file.meta_u64(key)? {
-            Some(id) if (id as usize) < tokens.len() => Ok(Some(id as u32)),
-            Some(id) => Err(file.err(GgufErrorKind::BadValue {
-                key: key.into(),
-                msg: format!(
-                    "token id {id} is outside the vocabulary of {}",
-                    tokens.len()
-                ),
-            })),
-            None => Ok(None),
-        }
-    };
-    let bos = token_id("tokenizer.ggml.bos_token_id")?;
+    let types = token_types(file, tokens.len())?;
+    let bos = vocab_token_id(file, "tokenizer.ggml.bos_token_id", tokens.len())?;
     let add_bos = file
         .meta_bool("tokenizer.ggml.add_bos_token")?
         .unwrap_or(model == "llama");
-    let unk = token_id("tokenizer.ggml.unknown_token_id")?;
+    let unk = vocab_token_id(file, "tokenizer.ggml.unknown_token_id", tokens.len())?;
 
+    let common = TokenizerParts {
+        vocab: vocab_json(&tokens),
+        added_tokens: added_tokens_json(&tokens, &types, &model),
+        post_processor: post_processor_json(&tokens, add_bos, bos),
+    };
+    match model.as_str() {
+        "gpt2" => bpe_tokenizer_json(file, common),
+        "llama" => spm_tokenizer_json(file, &tokens, unk, common),
+        other => Err(file.err(GgufErrorKind::BadValue {
+            key: "tokenizer.ggml.model".into(),
+            msg: format!("unsupported tokenizer model `{other}` (supported: gpt2, llama)"),
+        })),
+    }
+}
+
+/// The parts of a `tokenizer.json` that do not depend on the tokenizer model.
+struct TokenizerParts {
+    vocab: serde_json::Map<String, Value>,
+    added_tokens: Vec<Value>,
+    post_processor: Value,
+}
+
+/// `tokenizer.ggml.token_type`, one per token; every token is normal when it is absent, and a
+/// length mismatch is an error since types would be attached to the wrong tokens.
+fn token_types(file: &GgufFile, n_tokens: usize) -> Result<Vec<i64>, GgufError> {
+    match number_array(file, "tokenizer.ggml.token_type")? {
+        Some(t) if t.len() == n_tokens => Ok(t.into_iter().map(|x| x as i64).collect()),
+        Some(t) => Err(file.err(GgufErrorKind::BadValue {
+            key: "tokenizer.ggml.token_type".into(),
+            msg: format!("{} entries for {} tokens", t.len(), n_tokens),
+        })),
+        None => Ok(vec![token_type::NORMAL; n_tokens]),
+    }
+}
+
+/// A token id stored under `key`, checked against the vocabulary size so that later indexing
+/// into the token list cannot go out of bounds.
+fn vocab_token_id(file: &GgufFile, key: &str, n_tokens: usize) -> Result<Option<u32>, GgufError> {
+    match file.meta_u64(key)? {
+        Some(id) if (id as usize) < n_tokens => Ok(Some(id as u32)),
+        Some(id) => Err(file.err(GgufErrorKind::BadValue {
+            key: key.into(),
+            msg: format!("token id {id} is outside the vocabulary of {}", n_tokens),
+        })),
+        None => Ok(None),
+    }
+}
+
+/// The model's `vocab` object: token string → id.
+fn vocab_json(tokens: &[&str]) -> serde_json::Map<String, Value> {
     let mut vocab = serde_json::Map::new();
     for (i, t) in tokens.iter().enumerate() {
         // Duplicate strings (rare, e.g. unused slots) keep their first id.
         vocab.entry(t.to_string()).or_insert(json!(i));
     }
+    vocab
+}
 
-    let added_tokens: Vec<Value> = tokens
+/// `added_tokens`: control, user-defined and unknown tokens, which the `tokenizers` crate must
+/// match whole instead of splitting them.
+fn added_tokens_json(tokens: &[&str], types: &[i64], model: &str) -> Vec<Value> {
+    tokens
         .iter()
-        .zip(&types)
+        .zip(types)
         .enumerate()
         .filter(|(_, (_, ty))| {
             matches!(
@@ -1534,9 +1615,13 @@ pub fn gguf_tokenizer_json(file: &GgufFile) -> Result<Value, GgufError> {
                 "special": *ty != token_type::USER_DEFINED,
             })
         })
-        .collect();
+        .collect()
+}
 
-    let post_processor = match (add_bos, bos) {
+/// The `post_processor`: a template that prepends BOS when the file asks for it, so encoding
+/// matches what llama.cpp feeds the model.
+fn post_processor_json(tokens: &[&str], add_bos: bool, bos: Option<u32>) -> Value {
+    match (add_bos, bos) {
         (true, Some(b)) => {
             let bt = tokens[b as usize];
             json!({
@@ -1553,108 +1638,133 @@ pub fn gguf_tokenizer_json(file: &GgufFile) -> Result<Value, GgufError> {
             "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
             "special_tokens": {}
         }),
-    };
+    }
+}
 
-    let doc = match model.as_str() {
-        "gpt2" => {
-            let pre = file.meta_str("tokenizer.ggml.pre")?.unwrap_or("default");
-            let pre_tokenizer = bpe_pre_tokenizer(pre).ok_or_else(|| {
-                file.err(GgufErrorKind::BadValue {
-                    key: "tokenizer.ggml.pre".into(),
-                    msg: format!(
-                        "unsupported pre-tokenizer `{pre}` (supported: default, gpt-2, smollm, starcoder, refact, codeshell, command-r, llama3/llama-bpe, qwen2, ...)"
-                    ),
-                })
-            })?;
-            let merges_raw = string_array(file, "tokenizer.ggml.merges")?.ok_or_else(|| {
-                file.err(GgufErrorKind::MissingKey("tokenizer.ggml.merges".into()))
-            })?;
-            let mut merges = Vec::with_capacity(merges_raw.len());
-            for m in merges_raw {
-                let Some((a, b)) = m.split_once(' ') else {
-                    return Err(file.err(GgufErrorKind::BadValue {
-                        key: "tokenizer.ggml.merges".into(),
-                        msg: format!("merge `{m}` is not two tokens separated by a space"),
-                    }));
-                };
-                merges.push(json!([a, b]));
-            }
-            json!({
-                "version": "1.0",
-                "truncation": null,
-                "padding": null,
-                "added_tokens": added_tokens,
-                "normalizer": null,
-                "pre_tokenizer": pre_tokenizer,
-                "post_processor": post_processor,
-                "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
-                "model": {
-                    "type": "BPE", "dropout": null, "unk_token": null,
-                    "continuing_subword_prefix": null, "end_of_word_suffix": null,
-                    "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
-                    "vocab": vocab, "merges": merges,
-                }
-            })
+/// The document for a `gpt2` (byte-level BPE) model: pre-tokenizer from `tokenizer.ggml.pre`,
+/// merges as stored in the file.
+fn bpe_tokenizer_json(file: &GgufFile, common: TokenizerParts) -> Result<Value, GgufError> {
+    let pre = file.meta_str("tokenizer.ggml.pre")?.unwrap_or("default");
+    let pre_tokenizer = bpe_pre_tokenizer(pre).ok_or_else(|| {
+        file.err(GgufErrorKind::BadValue {
+            key: "tokenizer.ggml.pre".into(),
+            msg: format!(
+                "unsupported pre-tokenizer `{pre}` (supported: default, gpt-2, smollm, starcoder, refact, codeshell, command-r, llama3/llama-bpe, qwen2, ...)"
+            ),
+        })
+    })?;
+    let merges = bpe_merges(file)?;
+    let TokenizerParts {
+        vocab,
+        added_tokens,
+        post_processor,
+    } = common;
+    Ok(json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": added_tokens,
+        "normalizer": null,
+        "pre_tokenizer": pre_tokenizer,
+        "post_processor": post_processor,
+        "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+        "model": {
+            "type": "BPE", "dropout": null, "unk_token": null,
+            "continuing_subword_prefix": null, "end_of_word_suffix": null,
+            "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
+            "vocab": vocab, "merges": merges,
         }
-        "llama" => {
-            let scores = match number_array(file, "tokenizer.ggml.scores")? {
-                Some(s) if s.len() == tokens.len() => s,
-                Some(s) => {
-                    return Err(file.err(GgufErrorKind::BadValue {
-                        key: "tokenizer.ggml.scores".into(),
-                        msg: format!("{} scores for {} tokens", s.len(), tokens.len()),
-                    }));
-                }
-                None => (0..tokens.len()).map(|i| -(i as f64)).collect(),
-            };
-            let merges: Vec<Value> = spm_merges(&tokens, &scores)
-                .into_iter()
-                .map(|(a, b)| json!([a, b]))
-                .collect();
-            let add_space = file
-                .meta_bool("tokenizer.ggml.add_space_prefix")?
-                .unwrap_or(true);
-            let mut normalizers = Vec::new();
-            if add_space {
-                normalizers.push(json!({"type": "Prepend", "prepend": "\u{2581}"}));
-            }
-            normalizers.push(
-                json!({"type": "Replace", "pattern": {"String": " "}, "content": "\u{2581}"}),
-            );
-            let mut decoders = vec![
-                json!({"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "}),
-                json!({"type": "ByteFallback"}),
-                json!({"type": "Fuse"}),
-            ];
-            if add_space {
-                decoders.push(json!({"type": "Strip", "content": " ", "start": 1, "stop": 0}));
-            }
-            json!({
-                "version": "1.0",
-                "truncation": null,
-                "padding": null,
-                "added_tokens": added_tokens,
-                "normalizer": {"type": "Sequence", "normalizers": normalizers},
-                "pre_tokenizer": null,
-                "post_processor": post_processor,
-                "decoder": {"type": "Sequence", "decoders": decoders},
-                "model": {
-                    "type": "BPE", "dropout": null,
-                    "unk_token": unk.map(|u| tokens[u as usize]),
-                    "continuing_subword_prefix": null, "end_of_word_suffix": null,
-                    "fuse_unk": true, "byte_fallback": true, "ignore_merges": false,
-                    "vocab": vocab, "merges": merges,
-                }
-            })
-        }
-        other => {
+    }))
+}
+
+/// `tokenizer.ggml.merges` ("a b" strings) as `[a, b]` pairs; a BPE model cannot do without them.
+fn bpe_merges(file: &GgufFile) -> Result<Vec<Value>, GgufError> {
+    let merges_raw = string_array(file, "tokenizer.ggml.merges")?
+        .ok_or_else(|| file.err(GgufErrorKind::MissingKey("tokenizer.ggml.merges".into())))?;
+    let mut merges = Vec::with_capacity(merges_raw.len());
+    for m in merges_raw {
+        let Some((a, b)) = m.split_once(' ') else {
             return Err(file.err(GgufErrorKind::BadValue {
-                key: "tokenizer.ggml.model".into(),
-                msg: format!("unsupported tokenizer model `{other}` (supported: gpt2, llama)"),
+                key: "tokenizer.ggml.merges".into(),
+                msg: format!("merge `{m}` is not two tokens separated by a space"),
             }));
+        };
+        merges.push(json!([a, b]));
+    }
+    Ok(merges)
+}
+
+/// The document for a `llama` (SentencePiece BPE) model: merges derived from the scores,
+/// `▁` for spaces, byte fallback.
+fn spm_tokenizer_json(
+    file: &GgufFile,
+    tokens: &[&str],
+    unk: Option<u32>,
+    common: TokenizerParts,
+) -> Result<Value, GgufError> {
+    let scores = spm_scores(file, tokens.len())?;
+    let merges: Vec<Value> = spm_merges(tokens, &scores)
+        .into_iter()
+        .map(|(a, b)| json!([a, b]))
+        .collect();
+    let add_space = file
+        .meta_bool("tokenizer.ggml.add_space_prefix")?
+        .unwrap_or(true);
+    let (normalizers, decoders) = spm_normalizers_decoders(add_space);
+    let TokenizerParts {
+        vocab,
+        added_tokens,
+        post_processor,
+    } = common;
+    Ok(json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": added_tokens,
+        "normalizer": {"type": "Sequence", "normalizers": normalizers},
+        "pre_tokenizer": null,
+        "post_processor": post_processor,
+        "decoder": {"type": "Sequence", "decoders": decoders},
+        "model": {
+            "type": "BPE", "dropout": null,
+            "unk_token": unk.map(|u| tokens[u as usize]),
+            "continuing_subword_prefix": null, "end_of_word_suffix": null,
+            "fuse_unk": true, "byte_fallback": true, "ignore_merges": false,
+            "vocab": vocab, "merges": merges,
         }
-    };
-    Ok(doc)
+    }))
+}
+
+/// `tokenizer.ggml.scores`, one per token; when absent, earlier tokens rank higher, which
+/// orders the derived merges by id.
+fn spm_scores(file: &GgufFile, n_tokens: usize) -> Result<Vec<f64>, GgufError> {
+    match number_array(file, "tokenizer.ggml.scores")? {
+        Some(s) if s.len() == n_tokens => Ok(s),
+        Some(s) => Err(file.err(GgufErrorKind::BadValue {
+            key: "tokenizer.ggml.scores".into(),
+            msg: format!("{} scores for {} tokens", s.len(), n_tokens),
+        })),
+        None => Ok((0..n_tokens).map(|i| -(i as f64)).collect()),
+    }
+}
+
+/// SentencePiece's space handling as normalizers and decoders: spaces become `▁` (with a
+/// leading one when `add_space`), and decoding undoes both.
+fn spm_normalizers_decoders(add_space: bool) -> (Vec<Value>, Vec<Value>) {
+    let mut normalizers = Vec::new();
+    if add_space {
+        normalizers.push(json!({"type": "Prepend", "prepend": "\u{2581}"}));
+    }
+    normalizers.push(json!({"type": "Replace", "pattern": {"String": " "}, "content": "\u{2581}"}));
+    let mut decoders = vec![
+        json!({"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "}),
+        json!({"type": "ByteFallback"}),
+        json!({"type": "Fuse"}),
+    ];
+    if add_space {
+        decoders.push(json!({"type": "Strip", "content": " ", "start": 1, "stop": 0}));
+    }
+    (normalizers, decoders)
 }
 
 /// The special tokens (`bos`/`eos`/`pad`/`unk` strings, add_bos) of a GGUF file.

@@ -105,8 +105,28 @@ pub fn load(inputs: &[PathBuf]) -> Result<Results> {
         bail!("give an experiment folder (results/<experiment>) or a leaderboard CSV");
     }
     let mut res = Results::default();
-    // (experiment name, experiment folder, leaderboard rows for it)
-    let mut wanted: Vec<(String, PathBuf, Vec<Row>)> = Vec::new();
+    for (name, dir, rows) in wanted_experiments(inputs, &mut res)? {
+        load_experiment(name, dir, &rows, &mut res);
+    }
+    if res.runs.is_empty() {
+        bail!(no_runs_message(&res.experiments));
+    }
+    // Keys added late (by a later experiment) leave earlier runs short: pad them.
+    let n = res.keys.len();
+    for r in &mut res.runs {
+        r.values.resize(n, String::new());
+    }
+    Ok(res)
+}
+
+/// An experiment to read: its name, its folder and its leaderboard rows.
+type Wanted = (String, PathBuf, Vec<Row>);
+
+/// The experiments the inputs name, each once, in input order. Also sets
+/// `res.default_out` (from the first input), the varied keys the leaderboards fill, and
+/// notes for missing leaderboards.
+fn wanted_experiments(inputs: &[PathBuf], res: &mut Results) -> Result<Vec<Wanted>> {
+    let mut wanted: Vec<Wanted> = Vec::new();
     for (i, input) in inputs.iter().enumerate() {
         if !input.exists() {
             bail!(
@@ -114,20 +134,7 @@ pub fn load(inputs: &[PathBuf]) -> Result<Results> {
                 input.display()
             );
         }
-        let (csv, out, only): (PathBuf, PathBuf, Option<String>) = if input.is_file() {
-            let out = parent(input);
-            (input.clone(), out, None)
-        } else if input.join("leaderboard.csv").is_file() {
-            // The output folder itself: every experiment in its leaderboard.
-            (input.join("leaderboard.csv"), input.clone(), None)
-        } else {
-            let name = input
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default();
-            let out = parent(input);
-            (out.join("leaderboard.csv"), out, Some(name))
-        };
+        let (csv, out, only) = resolve_input(input);
         if i == 0 {
             res.default_out = match &only {
                 Some(_) if inputs.len() == 1 => input.clone(),
@@ -150,19 +157,9 @@ pub fn load(inputs: &[PathBuf]) -> Result<Results> {
         ) {
             header_keys = table.header[s + 1..e].to_vec();
         }
-        let mut names: Vec<String> = match &only {
-            Some(n) => vec![n.clone()],
-            None => {
-                let mut v: Vec<String> = Vec::new();
-                for r in &table.rows {
-                    if let Some(e) = r.get("experiment")
-                        && !v.contains(e)
-                    {
-                        v.push(e.clone());
-                    }
-                }
-                v
-            }
+        let mut names = match only {
+            Some(n) => vec![n],
+            None => experiment_names(&table.rows),
         };
         names.retain(|n| !wanted.iter().any(|(w, _, _)| w == n));
         for name in names {
@@ -183,129 +180,183 @@ pub fn load(inputs: &[PathBuf]) -> Result<Results> {
             wanted.push((name.clone(), out.join(&name), rows));
         }
     }
+    Ok(wanted)
+}
 
-    for (name, dir, rows) in wanted {
-        let mut exp = Experiment {
-            name: name.clone(),
-            dir: dir.clone(),
+/// What an input names: (leaderboard CSV, output folder, the one experiment to read or
+/// `None` for every experiment in the leaderboard). An input is a CSV file, an output folder
+/// holding `leaderboard.csv`, or an experiment folder inside an output folder.
+fn resolve_input(input: &Path) -> (PathBuf, PathBuf, Option<String>) {
+    if input.is_file() {
+        let out = parent(input);
+        (input.to_path_buf(), out, None)
+    } else if input.join("leaderboard.csv").is_file() {
+        // The output folder itself: every experiment in its leaderboard.
+        (input.join("leaderboard.csv"), input.to_path_buf(), None)
+    } else {
+        let name = input
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let out = parent(input);
+        (out.join("leaderboard.csv"), out, Some(name))
+    }
+}
+
+/// The experiments a leaderboard lists, in order of first appearance.
+fn experiment_names(rows: &[Row]) -> Vec<String> {
+    let mut v: Vec<String> = Vec::new();
+    for r in rows {
+        if let Some(e) = r.get("experiment")
+            && !v.contains(e)
+        {
+            v.push(e.clone());
+        }
+    }
+    v
+}
+
+/// Reads one experiment: its baseline files, the runs its leaderboard rows list, then run
+/// folders the leaderboard does not list. Appends to `res` (runs, experiment, keys, notes).
+fn load_experiment(name: String, dir: PathBuf, rows: &[Row], res: &mut Results) {
+    let exp = read_experiment(&name, &dir, &mut res.notes);
+    let mut seen = BTreeSet::new();
+    for row in rows {
+        let mut run = run_from_row(&name, &dir, row, &res.keys);
+        seen.insert(run.run_id.clone());
+        read_folder(&mut run, &mut res.notes);
+        res.runs.push(run);
+    }
+    let extra = unlisted_runs(&name, &dir, &seen, &mut res.notes);
+    if !extra.is_empty() && rows.is_empty() {
+        // No leaderboard rows: the varied keys are the config keys whose values differ.
+        for k in differing_keys(&extra.iter().map(|(_, c)| c.clone()).collect::<Vec<_>>()) {
+            if !res.keys.contains(&k) {
+                res.keys.push(k);
+            }
+        }
+    }
+    for (mut run, config) in extra {
+        run.values = res
+            .keys
+            .iter()
+            .map(|k| {
+                crate::config::keys::get_path(&config, k)
+                    .map(crate::sweep::executor::cell)
+                    .unwrap_or_default()
+            })
+            .collect();
+        res.runs.push(run);
+    }
+    res.experiments.push(exp);
+}
+
+/// An experiment folder's own files: base-model generations and `base_metrics.json`, which
+/// the report compares runs against.
+fn read_experiment(name: &str, dir: &Path, notes: &mut Vec<String>) -> Experiment {
+    let mut exp = Experiment {
+        name: name.to_string(),
+        dir: dir.to_path_buf(),
+        ..Default::default()
+    };
+    let base = dir.join("base_generations.jsonl");
+    if base.is_file() {
+        match read_generations(&base) {
+            Ok(g) => exp.base_generations = Some(g),
+            Err(e) => notes.push(format!("{e:#}")),
+        }
+    }
+    if let Some(j) = read_json(&dir.join("base_metrics.json"), notes) {
+        exp.base_task = Some((
+            j["task_metric"].as_str().unwrap_or("task").to_string(),
+            j["task_score"].as_f64(),
+        ));
+    }
+    exp
+}
+
+/// A run as its leaderboard row describes it (state, seed, metrics, varied-key cells); the
+/// run folder is read afterwards to fill what the row leaves out.
+fn run_from_row(name: &str, dir: &Path, row: &Row, keys: &[String]) -> Run {
+    let id = row.get("run_id").cloned().unwrap_or_default();
+    let mut run = Run {
+        experiment: name.to_string(),
+        dir: dir.join(&id),
+        run_id: id,
+        state: row
+            .get("status")
+            .filter(|s| !s.is_empty())
+            .cloned()
+            .unwrap_or_else(|| "unknown".into()),
+        seed: row.get("seed").and_then(|s| s.parse().ok()),
+        ..Default::default()
+    };
+    for m in METRICS {
+        if let Some(v) = row.get(*m).and_then(|c| c.trim().parse::<f64>().ok())
+            && v.is_finite()
+        {
+            run.metrics.insert(m.to_string(), v);
+        }
+    }
+    run.task_metric = row.get("task_metric").filter(|s| !s.is_empty()).cloned();
+    run.values = keys
+        .iter()
+        .map(|k| row.get(k).cloned().unwrap_or_default())
+        .collect();
+    run
+}
+
+/// Run folders the leaderboard does not list (e.g. no leaderboard at all), in path order,
+/// each with its `config.yaml` (or null) so varied keys can be recovered from configs.
+fn unlisted_runs(
+    name: &str,
+    dir: &Path,
+    seen: &BTreeSet<String>,
+    notes: &mut Vec<String>,
+) -> Vec<(Run, J)> {
+    let mut extra: Vec<(Run, J)> = Vec::new();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return extra;
+    };
+    let mut paths: Vec<PathBuf> = entries.filter_map(|e| e.ok()).map(|e| e.path()).collect();
+    paths.sort();
+    for p in paths {
+        let id = p.file_name().unwrap().to_string_lossy().into_owned();
+        if !p.is_dir()
+            || seen.contains(&id)
+            || !(p.join("status.json").exists() || p.join("config.yaml").exists())
+        {
+            continue;
+        }
+        let config = read_config(&p.join("config.yaml")).unwrap_or(J::Null);
+        let mut run = Run {
+            experiment: name.to_string(),
+            dir: p.clone(),
+            run_id: id,
+            state: "unknown".into(),
+            seed: crate::config::keys::get_path(&config, "train.seed").and_then(|v| v.as_i64()),
             ..Default::default()
         };
-        let base = dir.join("base_generations.jsonl");
-        if base.is_file() {
-            match read_generations(&base) {
-                Ok(g) => exp.base_generations = Some(g),
-                Err(e) => res.notes.push(format!("{e:#}")),
-            }
-        }
-        if let Some(j) = read_json(&dir.join("base_metrics.json"), &mut res.notes) {
-            exp.base_task = Some((
-                j["task_metric"].as_str().unwrap_or("task").to_string(),
-                j["task_score"].as_f64(),
-            ));
-        }
-        let mut seen = BTreeSet::new();
-        for row in &rows {
-            let id = row.get("run_id").cloned().unwrap_or_default();
-            seen.insert(id.clone());
-            let mut run = Run {
-                experiment: name.clone(),
-                dir: dir.join(&id),
-                run_id: id,
-                state: row
-                    .get("status")
-                    .filter(|s| !s.is_empty())
-                    .cloned()
-                    .unwrap_or_else(|| "unknown".into()),
-                seed: row.get("seed").and_then(|s| s.parse().ok()),
-                ..Default::default()
-            };
-            for m in METRICS {
-                if let Some(v) = row.get(*m).and_then(|c| c.trim().parse::<f64>().ok())
-                    && v.is_finite()
-                {
-                    run.metrics.insert(m.to_string(), v);
-                }
-            }
-            run.task_metric = row.get("task_metric").filter(|s| !s.is_empty()).cloned();
-            run.values = res
-                .keys
-                .iter()
-                .map(|k| row.get(k).cloned().unwrap_or_default())
-                .collect();
-            read_folder(&mut run, &mut res.notes);
-            res.runs.push(run);
-        }
-        // Run folders the leaderboard does not list (e.g. no leaderboard at all).
-        let mut extra: Vec<(Run, J)> = Vec::new();
-        if let Ok(entries) = std::fs::read_dir(&dir) {
-            let mut paths: Vec<PathBuf> =
-                entries.filter_map(|e| e.ok()).map(|e| e.path()).collect();
-            paths.sort();
-            for p in paths {
-                let id = p.file_name().unwrap().to_string_lossy().into_owned();
-                if !p.is_dir()
-                    || seen.contains(&id)
-                    || !(p.join("status.json").exists() || p.join("config.yaml").exists())
-                {
-                    continue;
-                }
-                let config = read_config(&p.join("config.yaml")).unwrap_or(J::Null);
-                let mut run = Run {
-                    experiment: name.clone(),
-                    dir: p.clone(),
-                    run_id: id,
-                    state: "unknown".into(),
-                    seed: crate::config::keys::get_path(&config, "train.seed")
-                        .and_then(|v| v.as_i64()),
-                    ..Default::default()
-                };
-                read_folder(&mut run, &mut res.notes);
-                extra.push((run, config));
-            }
-        }
-        if !extra.is_empty() && rows.is_empty() {
-            // No leaderboard rows: the varied keys are the config keys whose values differ.
-            for k in differing_keys(&extra.iter().map(|(_, c)| c.clone()).collect::<Vec<_>>()) {
-                if !res.keys.contains(&k) {
-                    res.keys.push(k);
-                }
-            }
-        }
-        for (mut run, config) in extra {
-            run.values = res
-                .keys
-                .iter()
-                .map(|k| {
-                    crate::config::keys::get_path(&config, k)
-                        .map(crate::sweep::executor::cell)
-                        .unwrap_or_default()
-                })
-                .collect();
-            res.runs.push(run);
-        }
-        res.experiments.push(exp);
+        read_folder(&mut run, notes);
+        extra.push((run, config));
     }
-    if res.runs.is_empty() {
-        let names: Vec<String> = res
-            .experiments
-            .iter()
-            .map(|e| format!("{} ({})", e.name, e.dir.display()))
-            .collect();
-        bail!(
-            "no runs found for {}: neither the leaderboard nor the experiment folder lists any (has `tuna sweep` run?)",
-            if names.is_empty() {
-                "these inputs (the leaderboard is empty)".to_string()
-            } else {
-                names.join(", ")
-            }
-        );
-    }
-    // Keys added late (by a later experiment) leave earlier runs short: pad them.
-    let n = res.keys.len();
-    for r in &mut res.runs {
-        r.values.resize(n, String::new());
-    }
-    Ok(res)
+    extra
+}
+
+/// The error text when no input yields a run, naming the experiments that were looked at.
+fn no_runs_message(experiments: &[Experiment]) -> String {
+    let names: Vec<String> = experiments
+        .iter()
+        .map(|e| format!("{} ({})", e.name, e.dir.display()))
+        .collect();
+    format!(
+        "no runs found for {}: neither the leaderboard nor the experiment folder lists any (has `tuna sweep` run?)",
+        if names.is_empty() {
+            "these inputs (the leaderboard is empty)".to_string()
+        } else {
+            names.join(", ")
+        }
+    )
 }
 
 fn parent(p: &Path) -> PathBuf {
