@@ -328,3 +328,23 @@ fn bad_runs_fail_with_a_message_and_the_sweep_goes_on() {
     let err = sweep_with_data(&data);
     assert!(err.contains("train.jsonl:2"), "{err}");
 }
+
+#[test]
+fn max_seq_length_beyond_the_model_positions_is_an_error() {
+    let d = tempfile::tempdir().unwrap();
+    let spec = experiment(d.path(), "");
+    let text = std::fs::read_to_string(&spec)
+        .unwrap()
+        .replace("max_seq_length: 128", "max_seq_length: 100000");
+    std::fs::write(&spec, text).unwrap();
+    let out = tuna()
+        .args(["sweep", spec.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("train.max_seq_length is 100000") && err.contains("max_position_embeddings"),
+        "{err}"
+    );
+}
