@@ -1912,3 +1912,33 @@ fn gguf_configs_parse_with_the_model_config() {
         ModelConfig::from_json(&cfg, arch).unwrap_or_else(|e| panic!("{arch}: {e:#}"));
     }
 }
+
+/// Building from the GGUF tensor by tensor gives exactly the weights the whole-file reader does.
+#[test]
+fn smollm2_tensor_source_matches_the_whole_file_reader() {
+    use tuna::formats::weights::TensorSource;
+    let (m, _) = smollm2();
+    let file = tuna::formats::gguf::GgufFile::open(smollm2_path()).unwrap();
+    let source = tuna::formats::gguf::GgufSource::new(file).unwrap();
+    assert_eq!(
+        source.names(),
+        m.weights.keys().cloned().collect::<Vec<_>>()
+    );
+    for name in [
+        "model.embed_tokens.weight",
+        "model.layers.0.self_attn.q_proj.weight",
+        "model.layers.29.self_attn.k_proj.weight",
+        "model.layers.3.mlp.down_proj.weight",
+        "model.norm.weight",
+    ] {
+        let want = &m.weights[name];
+        assert_eq!(
+            source.shape(name).as_deref(),
+            Some(&want.shape[..]),
+            "{name}"
+        );
+        let got: Vec<f32> = source.data(name).unwrap().try_to_vec().unwrap();
+        assert_eq!(got, want.data, "{name}");
+    }
+    assert!(source.data("model.layers.99.mlp.up_proj.weight").is_err());
+}

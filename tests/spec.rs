@@ -919,28 +919,3 @@ fn a_run_whose_status_cannot_be_written_fails_alone() {
         "no temporary files left: {names:?}"
     );
 }
-
-#[test]
-fn an_abort_mid_run_marks_the_run_interrupted() {
-    // What the second Ctrl-C does before exiting: the run in progress must not read `running`.
-    struct AbortMidRun;
-    impl Trainer for AbortMidRun {
-        fn train(&self, ctx: &RunContext) -> anyhow::Result<RunMetrics> {
-            assert_eq!(ctx.dir.status().unwrap().state, State::Running);
-            tuna::sweep::executor::abort_current_run();
-            assert_eq!(ctx.dir.status().unwrap().state, State::Interrupted);
-            Err(Interrupted.into())
-        }
-    }
-    let (d, p) = experiment("");
-    let exp = load_experiment(&p, &[]).unwrap();
-    let runs = config::expand(&exp).unwrap();
-    let o = run_sweep(&exp, &runs, &AbortMidRun, &AtomicBool::new(false), |_| {}).unwrap();
-    assert!(o.interrupted);
-    let table = Leaderboard::new(&d.path().join("results/leaderboard.csv"))
-        .read()
-        .unwrap();
-    assert_eq!(table.rows[0]["status"], "interrupted");
-    // Outside a run there is nothing to mark.
-    tuna::sweep::executor::abort_current_run();
-}

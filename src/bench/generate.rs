@@ -8,11 +8,12 @@ use serde_json::{Value, json};
 
 use super::{random_weights, shape_config};
 use crate::data::dataset::SplitMix64;
+use crate::formats::weights::TensorSource;
 use crate::generate::{GenerateConfig, generate};
 use crate::model::config::ModelConfig;
 use crate::model::device::device_for;
 use crate::model::load::build_model;
-use crate::source::base::load_base;
+use crate::source::base::open_base;
 
 /// `tuna bench generate`'s arguments (clap reads them straight into this struct).
 #[derive(clap::Args, Debug, Clone)]
@@ -32,21 +33,22 @@ pub struct BenchGenerateArgs {
 
 pub fn bench_generate(a: &BenchGenerateArgs) -> Result<Value> {
     let t0 = Instant::now();
-    let (config, weights) = match a.model.strip_prefix("shape:") {
-        Some(shape) => {
-            let c = ModelConfig::from_json(&shape_config(shape)?, shape)?;
-            let w = random_weights(&c, 0);
-            (c, w)
-        }
-        None => {
-            let b = load_base(&a.model)?;
-            (b.config, b.weights)
-        }
-    };
-    let load_s = t0.elapsed().as_secs_f64();
+    let (config, weights): (ModelConfig, Box<dyn TensorSource>) =
+        match a.model.strip_prefix("shape:") {
+            Some(shape) => {
+                let c = ModelConfig::from_json(&shape_config(shape)?, shape)?;
+                let w = random_weights(&c, 0);
+                (c, Box::new(w))
+            }
+            None => {
+                let b = open_base(&a.model)?;
+                (b.config, b.weights)
+            }
+        };
     let sel = device_for(&a.device, &a.dtype)?;
-    let model = build_model(&config, &weights, &sel.device, sel.dtype)?;
+    let model = build_model(&config, weights.as_ref(), &sel.device, sel.dtype)?;
     drop(weights);
+    let load_s = t0.elapsed().as_secs_f64();
     let mut rng = SplitMix64(3);
     let prompt: Vec<u32> = (0..a.prompt_tokens)
         .map(|_| (rng.next() % config.vocab_size as u64) as u32)

@@ -11,7 +11,9 @@ use rayon::prelude::*;
 use serde_json::{Value, json};
 
 use crate::data::dataset::SplitMix64;
-use crate::formats::weights::{RawTensor, RawWeights};
+use burn::tensor::TensorData;
+
+use crate::formats::weights::TensorSource;
 use crate::model::config::ModelConfig;
 
 /// HF `config.json` contents of the shapes we benchmark.
@@ -34,8 +36,16 @@ pub fn shape_config(shape: &str) -> Result<Value> {
     })
 }
 
-/// Random weights (normal-ish, std 0.02; norms at 1) for every tensor the shape needs.
-pub fn random_weights(c: &ModelConfig, seed: u64) -> RawWeights {
+/// Random weights (normal-ish, std 0.02; norms at 1) for every tensor the shape needs,
+/// generated tensor by tensor as the model is built, so a benchmark's host memory is what
+/// loading a real checkpoint costs, not a second copy of the model.
+pub struct RandomWeights {
+    shapes: std::collections::BTreeMap<String, (usize, Vec<usize>)>,
+    seed: u64,
+}
+
+/// The tensors of a model shape, by HF name.
+pub fn random_weights(c: &ModelConfig, seed: u64) -> RandomWeights {
     let (d, hd, h, kv, inter) = (
         c.hidden_size,
         c.head_dim,
@@ -71,26 +81,56 @@ pub fn random_weights(c: &ModelConfig, seed: u64) -> RawWeights {
             ]);
         }
     }
-    shapes
-        .into_par_iter()
-        .enumerate()
-        .map(|(k, (name, shape))| {
-            let n: usize = shape.iter().product();
-            let data = if shape.len() == 1 {
-                vec![1.0; n]
-            } else {
-                let mut rng = SplitMix64(seed ^ (k as u64).wrapping_mul(0x2545_F491_4F6C_DD1D));
-                // Sum of two uniforms: cheap, zero-mean, std ≈ 0.02.
-                (0..n)
-                    .map(|_| {
-                        ((rng.next() >> 40) as f32 / (1u64 << 24) as f32
-                            + (rng.next() >> 40) as f32 / (1u64 << 24) as f32
-                            - 1.0)
-                            * 0.049
-                    })
-                    .collect()
-            };
-            (name, RawTensor { shape, data })
-        })
-        .collect()
+    RandomWeights {
+        shapes: shapes
+            .into_iter()
+            .enumerate()
+            .map(|(k, (name, shape))| (name, (k, shape)))
+            .collect(),
+        seed,
+    }
+}
+
+impl RandomWeights {
+    fn values(&self, k: usize, shape: &[usize]) -> Vec<f32> {
+        let n: usize = shape.iter().product();
+        if shape.len() == 1 {
+            return vec![1.0; n];
+        }
+        let cols = shape[1..].iter().product::<usize>().max(1);
+        let mut data = vec![0.0f32; n];
+        let tensor_seed = self.seed ^ (k as u64).wrapping_mul(0x2545_F491_4F6C_DD1D);
+        data.par_chunks_mut(cols)
+            .enumerate()
+            .for_each(|(row, out)| {
+                let mut rng =
+                    SplitMix64(tensor_seed ^ (row as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+                for x in out {
+                    // Sum of two uniforms: cheap, zero-mean, std ≈ 0.02.
+                    *x = ((rng.next() >> 40) as f32 / (1u64 << 24) as f32
+                        + (rng.next() >> 40) as f32 / (1u64 << 24) as f32
+                        - 1.0)
+                        * 0.049;
+                }
+            });
+        data
+    }
+}
+
+impl TensorSource for RandomWeights {
+    fn names(&self) -> Vec<String> {
+        self.shapes.keys().cloned().collect()
+    }
+
+    fn shape(&self, name: &str) -> Option<Vec<usize>> {
+        self.shapes.get(name).map(|(_, s)| s.clone())
+    }
+
+    fn data(&self, name: &str) -> Result<TensorData> {
+        let (k, shape) = self
+            .shapes
+            .get(name)
+            .ok_or_else(|| anyhow::anyhow!("missing tensor `{name}`"))?;
+        Ok(TensorData::new(self.values(*k, shape), shape.clone()))
+    }
 }

@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use rayon::prelude::*;
 use serde_json::{Value, json};
 
-use crate::formats::weights::{RawTensor, RawWeights};
+use crate::formats::weights::{RawTensor, RawWeights, TensorSource};
 use crate::tokenizer::{SpecialTokens, Tokenizer};
 
 /// GGUF files start with these four bytes.
@@ -335,11 +335,28 @@ pub struct GgufFile {
     pub alignment: u64,
     /// Absolute file offset of the tensor data section.
     pub data_offset: u64,
-    /// The file's bytes: all of them, or only a prefix holding the header when opened with
-    /// [`GgufFile::open_metadata`].
-    bytes: Vec<u8>,
+    /// The file's bytes: all of them (mapped, or in memory), or only a prefix holding the
+    /// header when opened with [`GgufFile::open_metadata`].
+    bytes: FileBytes,
     /// Whether `bytes` is the whole file (tensor data readable).
     complete: bool,
+}
+
+/// A file's bytes, in memory or memory-mapped (a mapped file is paged in as tensors are read,
+/// so opening a multi-gigabyte model costs no heap).
+enum FileBytes {
+    Owned(Vec<u8>),
+    Mapped(memmap2::Mmap),
+}
+
+impl std::ops::Deref for FileBytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            FileBytes::Owned(v) => v,
+            FileBytes::Mapped(m) => m,
+        }
+    }
 }
 
 impl fmt::Debug for GgufFile {
@@ -476,15 +493,23 @@ impl GgufFile {
     /// memory and is dequantized on request).
     pub fn open(path: impl AsRef<Path>) -> Result<GgufFile, GgufError> {
         let path = path.as_ref();
-        let bytes = std::fs::read(path).map_err(|e| GgufError {
+        let io = |e: std::io::Error| GgufError {
             path: path.to_path_buf(),
             kind: GgufErrorKind::Io(e),
-        })?;
-        Self::from_bytes(bytes, path)
+        };
+        let file = std::fs::File::open(path).map_err(io)?;
+        // SAFETY: read-only map; like every reader of model files, this assumes the file is not
+        // rewritten while it is being loaded.
+        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(io)?;
+        Self::from_file_bytes(FileBytes::Mapped(map), path)
     }
 
     /// Parses an in-memory GGUF image; `path` is only used in error messages.
     pub fn from_bytes(bytes: Vec<u8>, path: impl AsRef<Path>) -> Result<GgufFile, GgufError> {
+        Self::from_file_bytes(FileBytes::Owned(bytes), path)
+    }
+
+    fn from_file_bytes(bytes: FileBytes, path: impl AsRef<Path>) -> Result<GgufFile, GgufError> {
         let path = path.as_ref().to_path_buf();
         let len = bytes.len() as u64;
         match parse(&bytes, len) {
@@ -529,7 +554,7 @@ impl GgufFile {
                         tensors,
                         alignment,
                         data_offset,
-                        bytes: buf,
+                        bytes: FileBytes::Owned(buf),
                         complete,
                     });
                 }
@@ -1225,34 +1250,59 @@ fn check_arch(file: &GgufFile) -> Result<String, GgufError> {
     }
 }
 
-/// Dequantizes every tensor and returns them under HF names and shapes (Q/K rows un-permuted
-/// for llama).
-pub fn gguf_weights(file: &GgufFile) -> Result<RawWeights, GgufError> {
-    let arch = check_arch(file)?;
-    let n_head = file.require_u64(&format!("{arch}.attention.head_count"))? as usize;
-    let n_kv = file
-        .meta_u64(&format!("{arch}.attention.head_count_kv"))?
-        .map(|v| v as usize)
-        .unwrap_or(n_head);
-    let mut out = RawWeights::new();
-    for info in &file.tensors {
-        if info.name == "rope_freqs.weight" {
-            // llama3-style rope scaling factors; recomputed from the config.
-            continue;
+/// How GGUF tensors map onto HF ones: names, and the head count that undoes llama.cpp's
+/// Q/K row permutation.
+struct HfLayout {
+    arch: String,
+    n_head: usize,
+    n_kv: usize,
+    /// HF name -> index into the file's tensor list.
+    by_hf: BTreeMap<String, usize>,
+}
+
+impl HfLayout {
+    fn new(file: &GgufFile) -> Result<Self, GgufError> {
+        let arch = check_arch(file)?;
+        let n_head = file.require_u64(&format!("{arch}.attention.head_count"))? as usize;
+        let n_kv = file
+            .meta_u64(&format!("{arch}.attention.head_count_kv"))?
+            .map(|v| v as usize)
+            .unwrap_or(n_head);
+        let mut by_hf = BTreeMap::new();
+        for (i, info) in file.tensors.iter().enumerate() {
+            if info.name == "rope_freqs.weight" {
+                // llama3-style rope scaling factors; recomputed from the config.
+                continue;
+            }
+            let Some(hf) = hf_tensor_name(&info.name) else {
+                return Err(file.err(GgufErrorKind::Other(format!(
+                    "tensor `{}` has no Hugging Face equivalent for architecture {arch}",
+                    info.name
+                ))));
+            };
+            by_hf.insert(hf, i);
         }
-        let Some(hf) = hf_tensor_name(&info.name) else {
-            return Err(file.err(GgufErrorKind::Other(format!(
-                "tensor `{}` has no Hugging Face equivalent for architecture {arch}",
-                info.name
-            ))));
+        Ok(Self {
+            arch,
+            n_head,
+            n_kv,
+            by_hf,
+        })
+    }
+
+    /// One tensor dequantized to f32, under its HF shape and row order.
+    fn tensor(&self, file: &GgufFile, hf: &str) -> Result<Option<RawTensor>, GgufError> {
+        let Some(&i) = self.by_hf.get(hf) else {
+            return Ok(None);
         };
+        let info = &file.tensors[i];
         let shape = info.hf_shape();
         let mut data = file.dequantize_tensor(info)?;
-        if arch == "llama" {
+        if self.arch == "llama" {
             let heads = if hf.contains("self_attn.q_proj.") {
-                Some(n_head)
+                Some(self.n_head)
             } else if hf.contains("self_attn.k_proj.") {
-                Some(n_kv)
+                Some(self.n_kv)
             } else {
                 None
             };
@@ -1267,9 +1317,53 @@ pub fn gguf_weights(file: &GgufFile) -> Result<RawWeights, GgufError> {
                 })?;
             }
         }
-        out.insert(hf, RawTensor { shape, data });
+        Ok(Some(RawTensor { shape, data }))
+    }
+}
+
+/// Every weight dequantized to f32 under HF names and shapes (Q/K rows back in HF order).
+pub fn gguf_weights(file: &GgufFile) -> Result<RawWeights, GgufError> {
+    let layout = HfLayout::new(file)?;
+    let mut out = RawWeights::new();
+    for hf in layout.by_hf.keys() {
+        if let Some(t) = layout.tensor(file, hf)? {
+            out.insert(hf.clone(), t);
+        }
     }
     Ok(out)
+}
+
+/// A GGUF model's weights, dequantized one tensor at a time as a model is built from them:
+/// the file is memory-mapped, so the host never holds more than one f32 tensor.
+pub struct GgufSource {
+    file: GgufFile,
+    layout: HfLayout,
+}
+
+impl GgufSource {
+    pub fn new(file: GgufFile) -> Result<Self, GgufError> {
+        let layout = HfLayout::new(&file)?;
+        Ok(Self { file, layout })
+    }
+}
+
+impl TensorSource for GgufSource {
+    fn names(&self) -> Vec<String> {
+        self.layout.by_hf.keys().cloned().collect()
+    }
+
+    fn shape(&self, name: &str) -> Option<Vec<usize>> {
+        let i = *self.layout.by_hf.get(name)?;
+        Some(self.file.tensors[i].hf_shape())
+    }
+
+    fn data(&self, name: &str) -> anyhow::Result<burn::tensor::TensorData> {
+        let t = self
+            .layout
+            .tensor(&self.file, name)?
+            .ok_or_else(|| anyhow::anyhow!("missing tensor `{name}`"))?;
+        Ok(burn::tensor::TensorData::new(t.data, t.shape))
+    }
 }
 
 fn f32_json(v: f64) -> Value {

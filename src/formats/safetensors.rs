@@ -8,7 +8,9 @@ use anyhow::{Context, Result, anyhow, bail};
 use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
 
-use super::weights::{RawTensor, RawWeights};
+use burn::tensor::{DType, TensorData};
+
+use super::weights::{RawTensor, RawWeights, TensorSource};
 
 /// Decodes one safetensors tensor to f32 (F32, F16, BF16, F64 accepted).
 pub fn tensor_to_f32(name: &str, dtype: Dtype, bytes: &[u8]) -> Result<Vec<f32>> {
@@ -129,4 +131,95 @@ pub fn write_f32(weights: &RawWeights, extra: &[(&str, String)], path: &Path) ->
     meta.extend(extra.iter().map(|(k, v)| (k.to_string(), v.clone())));
     safetensors::tensor::serialize_to_file(views, Some(meta), path)
         .map_err(|e| anyhow!("{}: cannot write safetensors: {e}", path.display()))
+}
+
+/// A checkpoint's safetensors files, memory-mapped: tensors are read from the page cache one at
+/// a time, in their stored dtype, and nothing stays on the heap once a tensor is uploaded.
+pub struct Mapped {
+    files: Vec<MappedFile>,
+    /// Tensor name -> index into `files`.
+    index: HashMap<String, usize>,
+}
+
+struct MappedFile {
+    path: PathBuf,
+    map: memmap2::Mmap,
+    /// Where the data section starts (after the 8-byte length and the JSON header).
+    data_start: usize,
+    header: safetensors::tensor::Metadata,
+}
+
+/// Maps the weight files of a checkpoint folder (single file or shards).
+pub fn map_dir(dir: &Path) -> Result<Mapped> {
+    let mut files = Vec::new();
+    let mut index = HashMap::new();
+    for path in checkpoint_files(dir)? {
+        let file = std::fs::File::open(&path)
+            .with_context(|| format!("cannot open {}", path.display()))?;
+        // SAFETY: the map is read-only; like every reader of model files (transformers, mlx),
+        // this assumes nobody rewrites the checkpoint while it is being loaded.
+        let map = unsafe { memmap2::Mmap::map(&file) }
+            .with_context(|| format!("cannot map {}", path.display()))?;
+        let (n, header) = SafeTensors::read_metadata(&map)
+            .with_context(|| format!("{}: not a safetensors file", path.display()))?;
+        for name in header.tensors().keys() {
+            index.insert(name.clone(), files.len());
+        }
+        files.push(MappedFile {
+            path,
+            map,
+            data_start: 8 + n,
+            header,
+        });
+    }
+    Ok(Mapped { files, index })
+}
+
+impl Mapped {
+    fn info(&self, name: &str) -> Option<(&MappedFile, &safetensors::tensor::TensorInfo)> {
+        let f = &self.files[*self.index.get(name)?];
+        f.header.info(name).map(|i| (f, i))
+    }
+}
+
+impl TensorSource for Mapped {
+    fn names(&self) -> Vec<String> {
+        let mut n: Vec<String> = self.index.keys().cloned().collect();
+        n.sort();
+        n
+    }
+
+    fn shape(&self, name: &str) -> Option<Vec<usize>> {
+        self.info(name).map(|(_, i)| i.shape.clone())
+    }
+
+    fn data(&self, name: &str) -> Result<TensorData> {
+        let (f, info) = self
+            .info(name)
+            .with_context(|| format!("missing tensor `{name}`"))?;
+        let (start, end) = info.data_offsets;
+        let bytes = f
+            .map
+            .get(f.data_start + start..f.data_start + end)
+            .with_context(|| {
+                format!(
+                    "{}: tensor `{name}` lies outside the file",
+                    f.path.display()
+                )
+            })?;
+        let dtype = match info.dtype {
+            Dtype::F32 => DType::F32,
+            Dtype::F16 => DType::F16,
+            Dtype::BF16 => DType::BF16,
+            other => bail!(
+                "{}: tensor `{name}` has dtype {other:?}; tuna reads F32, F16 and BF16",
+                f.path.display()
+            ),
+        };
+        Ok(TensorData::from_bytes_vec(
+            bytes.to_vec(),
+            info.shape.clone(),
+            dtype,
+        ))
+    }
 }

@@ -1,7 +1,12 @@
-//! Weights as plain host arrays, the common currency between file formats (safetensors, GGUF)
-//! and the burn model: every loader produces these, HF-named, and the model consumes them.
+//! Weights by Hugging Face name, the common currency between file formats (safetensors, GGUF)
+//! and the burn model. [`TensorSource`] hands them out one tensor at a time, so building a model
+//! on a device never holds the whole model on the host; [`RawWeights`] is the all-in-memory
+//! f32 form that fusing and converting need.
 
 use std::collections::BTreeMap;
+
+use anyhow::{Context, Result};
+use burn::tensor::TensorData;
 
 /// One tensor on the host, row-major, already dequantized to f32.
 #[derive(Debug, Clone, PartialEq)]
@@ -12,3 +17,45 @@ pub struct RawTensor {
 
 /// Tensors keyed by their Hugging Face name (`model.layers.0.self_attn.q_proj.weight`, ...).
 pub type RawWeights = BTreeMap<String, RawTensor>;
+
+/// A model's tensors under HF names and shapes, read (or dequantized) only when asked for.
+pub trait TensorSource: Send + Sync {
+    /// Every tensor name, sorted.
+    fn names(&self) -> Vec<String>;
+    /// The HF shape of `name`, if the source has it.
+    fn shape(&self, name: &str) -> Option<Vec<usize>>;
+    /// The values of `name` in the float type they are stored in (f32, f16 or bf16).
+    fn data(&self, name: &str) -> Result<TensorData>;
+}
+
+impl TensorSource for RawWeights {
+    fn names(&self) -> Vec<String> {
+        self.keys().cloned().collect()
+    }
+
+    fn shape(&self, name: &str) -> Option<Vec<usize>> {
+        self.get(name).map(|t| t.shape.clone())
+    }
+
+    fn data(&self, name: &str) -> Result<TensorData> {
+        let t = self
+            .get(name)
+            .with_context(|| format!("missing tensor `{name}`"))?;
+        Ok(TensorData::new(t.data.clone(), t.shape.clone()))
+    }
+}
+
+/// Every tensor of `source` as f32 host arrays (for fusing and converting, which rewrite them).
+pub fn to_raw(source: &dyn TensorSource) -> Result<RawWeights> {
+    let mut out = RawWeights::new();
+    for name in source.names() {
+        let data = source.data(&name)?;
+        let shape = data.shape().as_slice().to_vec();
+        let data = data
+            .convert::<f32>()
+            .try_into_vec::<f32>()
+            .map_err(|e| anyhow::anyhow!("tensor `{name}`: {e:?}"))?;
+        out.insert(name, RawTensor { shape, data });
+    }
+    Ok(out)
+}

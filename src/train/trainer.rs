@@ -18,46 +18,67 @@ use super::step::{self, StepOptions, update_adapters};
 use crate::data::dataset::{self, DataSet, Order, Split, Tokenized};
 use crate::generate::answers::{self, TaskMetric};
 use crate::memory::{device_mem_mb, peak_rss_mb};
+use crate::model::config::ModelConfig;
 use crate::model::device::{SelectedDevice, device_for};
 use crate::model::llama::Llama;
 use crate::model::load::build_model;
 use crate::model::lora;
 use crate::optim::AdamW;
 use crate::optim::{self, LossScaler};
-use crate::source::base::{BaseModel, load_base};
+use crate::source::base::open_base;
 use crate::sweep::RunMetrics;
 use crate::sweep::executor::{Interrupted, RunContext, Trainer};
 use crate::sweep::metrics_log::MetricsLog;
+use crate::tokenizer::Tokenizer;
 
 /// Sequence lengths are padded to a multiple of this: fewer distinct shapes, fewer GPU
 /// kernel compiles and autotune runs across the steps and runs of a sweep.
 const SEQ_ROUND: usize = 32;
 
-/// Trains runs one after another, keeping the last base model in memory so that a sweep
+/// A base model built on a device, kept between the runs of a sweep: each run adapts a clone
+/// (the weights are shared, not copied), and no host copy of the weights is kept.
+pub struct DeviceBase {
+    pub config: ModelConfig,
+    pub tokenizer: Tokenizer,
+    pub model: Llama,
+}
+
+/// Trains runs one after another, keeping the last base model on its device so that a sweep
 /// loads (and, for GGUF, dequantizes) it once.
 #[derive(Default)]
 pub struct LoraTrainer {
-    cache: Mutex<Option<(String, Arc<BaseModel>)>>,
+    cache: Mutex<Option<(String, Arc<DeviceBase>)>>,
     /// Print report lines even without a terminal (tests keep this off).
     pub quiet: bool,
 }
 
 impl LoraTrainer {
-    pub fn base(&self, spec: &str) -> Result<Arc<BaseModel>> {
+    /// The base model `spec` on the selected device, built once per (model, device, dtype).
+    pub fn base(&self, spec: &str, sel: &SelectedDevice) -> Result<Arc<DeviceBase>> {
+        let key = format!("{spec}|{:?}|{:?}", sel.device, sel.dtype);
         let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((s, m)) = cache.as_ref()
-            && s == spec
+        if let Some((k, m)) = cache.as_ref()
+            && *k == key
         {
             return Ok(m.clone());
         }
+        // Drop the previous model before building the next one: one model in memory at a time.
+        *cache = None;
         let started = Instant::now();
-        let m = Arc::new(load_base(spec).with_context(|| format!("loading model `{spec}`"))?);
+        let b = open_base(spec).with_context(|| format!("loading model `{spec}`"))?;
+        let model = build_model(&b.config, b.weights.as_ref(), &sel.device, sel.dtype)
+            .with_context(|| format!("loading model `{spec}` from {}", b.path.display()))?;
         eprintln!(
             "loaded {} in {:.1} s",
-            m.path.display(),
+            b.path.display(),
             started.elapsed().as_secs_f64()
         );
-        *cache = Some((spec.to_string(), m.clone()));
+        let m = Arc::new(DeviceBase {
+            config: b.config,
+            tokenizer: b.tokenizer,
+            model,
+        });
+        *cache = Some((key, m.clone()));
         Ok(m)
     }
 }
@@ -65,8 +86,9 @@ impl LoraTrainer {
 impl Trainer for LoraTrainer {
     fn train(&self, ctx: &RunContext) -> Result<RunMetrics> {
         let s = TrainSettings::from_config(&ctx.plan.config)?;
-        let base = self.base(&s.model)?;
-        check_against_model(&s, &base)?;
+        let sel = device_for(&s.device, &s.dtype)?;
+        let base = self.base(&s.model, &sel)?;
+        check_against_model(&s, &base.config)?;
         let data = dataset::load(
             Path::new(&s.data),
             &base.tokenizer,
@@ -88,8 +110,7 @@ impl Trainer for LoraTrainer {
                 );
             }
         }
-        let sel = device_for(&s.device, &s.dtype)?;
-        let mut model = build_model(&base.config, &base.weights, &sel.device, sel.dtype)?;
+        let mut model = base.model.clone();
         lora::apply_lora(&mut model, &s.lora, s.seed)?;
         let pad = base
             .tokenizer
@@ -143,8 +164,8 @@ impl Trainer for LoraTrainer {
     }
 }
 
-fn check_against_model(s: &TrainSettings, base: &BaseModel) -> Result<()> {
-    let n = base.config.num_hidden_layers as i64;
+fn check_against_model(s: &TrainSettings, config: &ModelConfig) -> Result<()> {
+    let n = config.num_hidden_layers as i64;
     if s.lora.num_layers > n {
         bail!(
             "lora.num_layers is {} but {} has {n} layers; use a number up to {n}, or -1 for all",
@@ -152,7 +173,7 @@ fn check_against_model(s: &TrainSettings, base: &BaseModel) -> Result<()> {
             s.model
         );
     }
-    let positions = base.config.max_position_embeddings;
+    let positions = config.max_position_embeddings;
     if s.max_seq_length > positions {
         bail!(
             "train.max_seq_length is {} but {} has {positions} positions \
@@ -237,7 +258,8 @@ impl Run<'_> {
             let done = step + 1;
             // The host learns of an overflow from the squared norm (an f32, which every backend
             // reads back alike), never from the boolean flag the device used to skip the step.
-            st.window.push(done, loss, finite.is_some().then_some(norm_sq).flatten());
+            st.window
+                .push(done, loss, finite.is_some().then_some(norm_sq).flatten());
             st.trained_tokens += tokens as u64;
             st.speed_tokens += tokens;
             st.speed_time += t0.elapsed().as_secs_f64();
