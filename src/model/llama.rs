@@ -12,6 +12,7 @@ use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{DType, Device, Distribution, Int, Tensor, TensorData, activation};
 
 use crate::model::config::ModelConfig;
+use crate::model::quant::QuantWeight;
 
 /// Additive mask value: large enough that `exp` underflows to exactly 0, finite so that a
 /// fully masked row (left padding) softmaxes to a uniform row instead of NaN.
@@ -38,15 +39,40 @@ impl LoraBranch {
 #[derive(Debug, Clone)]
 pub struct Linear {
     /// `[out, in]` (HF layout).
-    pub weight: Tensor<2>,
+    pub weight: BaseWeight,
     pub bias: Option<Tensor<1>>,
     pub lora: Option<LoraBranch>,
+}
+
+/// A base weight: dense in the compute dtype, or quantized and dequantized for each matmul.
+#[derive(Debug, Clone)]
+pub enum BaseWeight {
+    Dense(Tensor<2>),
+    Quant(QuantWeight),
+}
+
+impl BaseWeight {
+    pub fn dims(&self) -> [usize; 2] {
+        match self {
+            BaseWeight::Dense(w) => w.dims(),
+            BaseWeight::Quant(q) => q.shape,
+        }
+    }
+
+    /// The dense `[out, in]` weight in `dtype`.
+    pub fn dense(&self, dtype: DType) -> Tensor<2> {
+        match self {
+            BaseWeight::Dense(w) if w.dtype() == dtype => w.clone(),
+            BaseWeight::Dense(w) => w.clone().cast(dtype),
+            BaseWeight::Quant(q) => q.dequantize(dtype),
+        }
+    }
 }
 
 impl Linear {
     pub fn new(weight: Tensor<2>, bias: Option<Tensor<1>>) -> Self {
         Self {
-            weight,
+            weight: BaseWeight::Dense(weight),
             bias,
             lora: None,
         }
@@ -66,7 +92,7 @@ impl Linear {
     pub fn forward(&self, x: Tensor<3>, dropout_seed: Option<u64>) -> Tensor<3> {
         let [b, t, d_in] = x.dims();
         let x2 = x.reshape([b * t, d_in]);
-        let mut y = x2.clone().matmul(self.weight.clone().transpose());
+        let mut y = x2.clone().matmul(self.weight.dense(x2.dtype()).transpose());
         if let Some(bias) = &self.bias {
             y = y + bias.clone().unsqueeze_dim::<2>(0);
         }
@@ -629,7 +655,7 @@ impl Llama {
     /// Number of values in the base weights (tied embeddings counted once) plus adapters.
     pub fn num_parameters(&self) -> usize {
         let lin = |l: &Linear| {
-            l.weight.shape().num_elements()
+            l.weight.dims().iter().product::<usize>()
                 + l.bias.as_ref().map_or(0, |b| b.shape().num_elements())
                 + l.lora.as_ref().map_or(0, |r| {
                     r.a.shape().num_elements() + r.b.shape().num_elements()

@@ -19,7 +19,7 @@ use rand::{Rng, SeedableRng};
 
 use crate::formats::peft::{self, Factor, PeftConfig};
 use crate::formats::weights::{RawTensor, RawWeights};
-use crate::model::llama::{DecoderLayer, Linear, Llama, LoraBranch};
+use crate::model::llama::{BaseWeight, DecoderLayer, Linear, Llama, LoraBranch};
 
 /// Module keys LoRA can target, with their path inside a decoder layer.
 pub const LORA_KEYS: &[(&str, &str)] = &[
@@ -241,7 +241,9 @@ pub fn merge_lora(model: &mut Llama) {
                     .cast(DType::F32)
                     .matmul(br.a.inner().cast(DType::F32))
                     .mul_scalar(br.scale);
-            lin.weight = (lin.weight.clone().cast(DType::F32) + delta).cast(dtype);
+            // A quantized base becomes dense: the merged weight is no longer on its grid.
+            let w = lin.weight.dense(DType::F32);
+            lin.weight = BaseWeight::Dense((w + delta).cast(dtype));
         }
     }
 }

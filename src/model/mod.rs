@@ -6,3 +6,4 @@ pub mod device;
 pub mod llama;
 pub mod load;
 pub mod lora;
+pub mod quant;

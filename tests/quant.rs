@@ -1,0 +1,156 @@
+//! Quantized base weights against mlx: `tests/fixtures/mlx_quant/quant.safetensors` holds a
+//! weight, mlx's `quantize` of it at 4 and 8 bits (group size 64) and mlx's `dequantize` of
+//! those (made by `tests/fixtures/mlx_quant/make.py` with mlx on CPU).
+
+use burn::tensor::{DType, Device, Tensor, TensorData};
+use safetensors::SafeTensors;
+use tuna::model::quant::{QuantSpec, QuantWeight, quantize};
+
+struct Fixture {
+    bytes: Vec<u8>,
+}
+
+impl Fixture {
+    fn load() -> Self {
+        let p = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/mlx_quant/quant.safetensors"
+        );
+        Self {
+            bytes: std::fs::read(p).unwrap(),
+        }
+    }
+    fn st(&self) -> SafeTensors<'_> {
+        SafeTensors::deserialize(&self.bytes).unwrap()
+    }
+    fn f32(&self, name: &str) -> (Vec<f32>, Vec<usize>) {
+        let st = self.st();
+        let t = st.tensor(name).unwrap();
+        assert_eq!(t.dtype(), safetensors::Dtype::F32, "{name}");
+        let v = t
+            .data()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+            .collect();
+        (v, t.shape().to_vec())
+    }
+    fn u32(&self, name: &str) -> Vec<u32> {
+        let st = self.st();
+        let t = st.tensor(name).unwrap();
+        assert_eq!(t.dtype(), safetensors::Dtype::U32, "{name}");
+        t.data()
+            .chunks_exact(4)
+            .map(|b| u32::from_le_bytes(b.try_into().unwrap()))
+            .collect()
+    }
+}
+
+fn values(t: Tensor<2>) -> Vec<f32> {
+    t.try_into_vec_as::<f32>().unwrap()
+}
+
+fn max_abs(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+#[test]
+fn mlx_packed_weights_dequantize_to_mlx_values() {
+    let fx = Fixture::load();
+    let dev = Device::flex();
+    for bits in [4, 8] {
+        let spec = QuantSpec {
+            bits,
+            group_size: 64,
+        };
+        let (scales, gshape) = fx.f32(&format!("q{bits}.scales"));
+        let (biases, _) = fx.f32(&format!("q{bits}.biases"));
+        let (want, shape) = fx.f32(&format!("q{bits}.dequant"));
+        let q = QuantWeight::new(
+            &fx.u32(&format!("q{bits}.weight")),
+            TensorData::new(scales, gshape.clone()),
+            TensorData::new(biases, gshape),
+            [shape[0], shape[1]],
+            spec,
+            &dev,
+        )
+        .unwrap();
+        let got = values(q.dequantize(DType::F32));
+        let d = max_abs(&got, &want);
+        assert!(
+            d < 1e-6,
+            "{bits} bits: max abs diff {d} from mlx's dequantize"
+        );
+    }
+}
+
+#[test]
+fn quantizing_like_mlx_gives_mlx_codes_and_values() {
+    let fx = Fixture::load();
+    let (w, shape) = fx.f32("w");
+    let shape = [shape[0], shape[1]];
+    for bits in [4, 8] {
+        let spec = QuantSpec {
+            bits,
+            group_size: 64,
+        };
+        let (words, scales, biases) = quantize(&w, shape, spec);
+        let (want_scales, _) = fx.f32(&format!("q{bits}.scales"));
+        let (want_biases, _) = fx.f32(&format!("q{bits}.biases"));
+        let ds = max_abs(&scales, &want_scales);
+        let db = max_abs(&biases, &want_biases);
+        assert!(
+            ds < 1e-6 && db < 1e-6,
+            "{bits} bits: scales {ds}, biases {db}"
+        );
+        let want_words = fx.u32(&format!("q{bits}.weight"));
+        let same = words
+            .iter()
+            .zip(&want_words)
+            .filter(|(a, b)| a == b)
+            .count();
+        assert!(
+            same as f64 >= 0.99 * words.len() as f64,
+            "{bits} bits: {same}/{} packed words equal mlx's (rounding ties may differ)",
+            words.len()
+        );
+        // As close to the original as mlx's own quantization, and within a step of it.
+        let q = QuantWeight::from_dense(&w, shape, spec, &Device::flex()).unwrap();
+        let deq = values(q.dequantize(DType::F32));
+        let (mlx_deq, _) = fx.f32(&format!("q{bits}.dequant"));
+        let step = scales.iter().fold(0.0f32, |m, s| m.max(s.abs()));
+        assert!(max_abs(&deq, &w) <= max_abs(&mlx_deq, &w) + 1e-6);
+        assert!(max_abs(&deq, &mlx_deq) <= step + 1e-6);
+    }
+}
+
+#[test]
+fn bad_quantization_specs_are_errors() {
+    let dev = Device::flex();
+    let w = vec![0.0f32; 4 * 96];
+    let e = QuantWeight::from_dense(
+        &w,
+        [4, 96],
+        QuantSpec {
+            bits: 4,
+            group_size: 64,
+        },
+        &dev,
+    )
+    .unwrap_err();
+    assert!(format!("{e}").contains("96 inputs"), "{e}");
+    let e = QuantWeight::from_dense(
+        &w,
+        [4, 96],
+        QuantSpec {
+            bits: 3,
+            group_size: 32,
+        },
+        &dev,
+    )
+    .unwrap_err();
+    assert!(format!("{e}").contains("3-bit"), "{e}");
+}
