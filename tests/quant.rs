@@ -154,3 +154,41 @@ fn bad_quantization_specs_are_errors() {
     .unwrap_err();
     assert!(format!("{e}").contains("3-bit"), "{e}");
 }
+
+/// A 4-bit checkpoint written by `mlx_lm.convert` (the tiny reference llama: q/k/v/o/gate/up,
+/// embedding and lm_head quantized, down_proj dense) loads without dequantizing its linear
+/// layers, and its logits equal mlx-lm's own forward
+/// (`tests/fixtures/mlx_q4_tiny/make.py`).
+#[test]
+fn mlx_lm_4bit_checkpoint_gives_mlx_lm_logits() {
+    use tuna::model::llama::BaseWeight;
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/mlx_q4_tiny");
+    let model = tuna::model::load::load_model(&dir, &Device::flex(), DType::F32).unwrap();
+    let quantized = |w: &BaseWeight| matches!(w, BaseWeight::Quant(_));
+    let l0 = &model.layers[0];
+    assert!(quantized(&l0.self_attn.q_proj.weight) && quantized(&l0.mlp.up_proj.weight));
+    assert!(!quantized(&l0.mlp.down_proj.weight), "88 inputs: mlx-lm left it dense");
+    let bytes = std::fs::read(dir.join("expected.safetensors")).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let ids: Vec<u32> = st
+        .tensor("ids")
+        .unwrap()
+        .data()
+        .chunks_exact(4)
+        .map(|b| i32::from_le_bytes(b.try_into().unwrap()) as u32)
+        .collect();
+    let want: Vec<f32> = st
+        .tensor("logits")
+        .unwrap()
+        .data()
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+        .collect();
+    let got = model
+        .forward(model.ids_tensor(&ids, 1), None)
+        .try_into_vec_as::<f32>()
+        .unwrap();
+    let d = max_abs(&got, &want);
+    println!("max abs logit diff vs mlx-lm: {d:.2e}");
+    assert!(d < 1e-4, "logits differ from mlx-lm's by {d}");
+}

@@ -211,8 +211,10 @@ impl TensorSource for Mapped {
             Dtype::F32 => DType::F32,
             Dtype::F16 => DType::F16,
             Dtype::BF16 => DType::BF16,
+            // Packed quantized weights (mlx's format).
+            Dtype::U32 => DType::U32,
             other => bail!(
-                "{}: tensor `{name}` has dtype {other:?}; tuna reads F32, F16 and BF16",
+                "{}: tensor `{name}` has dtype {other:?}; tuna reads F32, F16, BF16 and packed U32",
                 f.path.display()
             ),
         };

@@ -9,6 +9,8 @@ use std::path::Path;
 use anyhow::{Context, Result, bail};
 use serde_json::Value;
 
+use crate::model::quant::QuantSpec;
+
 /// The `model_type` values this crate can run.
 pub const SUPPORTED_MODEL_TYPES: &[&str] = &["llama", "mistral", "qwen2"];
 
@@ -60,6 +62,28 @@ pub struct ModelConfig {
     pub max_position_embeddings: usize,
     /// Mistral's sliding attention window, when the config enables one.
     pub sliding_window: Option<usize>,
+    /// mlx's `quantization: {group_size, bits}`: the checkpoint's quantized layers (those with
+    /// `scales`) use it.
+    pub quantization: Option<QuantSpec>,
+}
+
+/// mlx's `quantization` (or `quantization_config`) entry, affine mode only.
+fn parse_quantization(v: &Value, source: &str) -> Result<Option<QuantSpec>> {
+    let Some(q) = v.get("quantization").or_else(|| v.get("quantization_config")) else {
+        return Ok(None);
+    };
+    if let Some(mode) = q.get("mode").and_then(Value::as_str)
+        && mode != "affine"
+    {
+        bail!("{source}: quantization mode `{mode}` is not supported (only mlx's `affine`)");
+    }
+    let (Some(bits), Some(group_size)) = (opt_usize(q, "bits"), opt_usize(q, "group_size")) else {
+        // Other tools' `quantization_config` (bitsandbytes, GPTQ) has other keys.
+        bail!(
+            "{source}: `quantization` needs `bits` and `group_size` (mlx's format); other quantized formats are not supported"
+        );
+    };
+    Ok(Some(QuantSpec { bits, group_size }))
 }
 
 fn get_usize(v: &Value, key: &str, source: &str) -> Result<usize> {
@@ -203,6 +227,7 @@ impl ModelConfig {
             eos_token_ids: token_ids(v.get("eos_token_id")),
             max_position_embeddings: opt_usize(v, "max_position_embeddings").unwrap_or(4096),
             sliding_window,
+            quantization: parse_quantization(v, source)?,
         })
     }
 

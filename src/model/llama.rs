@@ -70,6 +70,15 @@ impl BaseWeight {
 }
 
 impl Linear {
+    /// A linear layer on a quantized base weight (no bias; set `bias` after).
+    pub fn quantized(weight: QuantWeight) -> Self {
+        Self {
+            weight: BaseWeight::Quant(weight),
+            bias: None,
+            lora: None,
+        }
+    }
+
     pub fn new(weight: Tensor<2>, bias: Option<Tensor<1>>) -> Self {
         Self {
             weight: BaseWeight::Dense(weight),

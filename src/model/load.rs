@@ -13,11 +13,13 @@ use crate::formats::safetensors;
 use crate::formats::weights::TensorSource;
 use crate::model::config::ModelConfig;
 use crate::model::llama::{Attention, DecoderLayer, Linear, Llama, Mlp, RmsNorm};
+use crate::model::quant::{QuantSpec, QuantWeight};
 
 struct Builder<'a> {
     weights: &'a dyn TensorSource,
     device: &'a Device,
     dtype: DType,
+    quantization: Option<QuantSpec>,
 }
 
 impl Builder<'_> {
@@ -43,14 +45,58 @@ impl Builder<'_> {
         self.tensor(name, [rows, cols])
     }
 
+    /// A quantized `[out, inp]` weight at `prefix` (`weight` as packed u32 words, `scales`,
+    /// `biases`), or `None` when the checkpoint stores it dense.
+    fn quantized(&self, prefix: &str, out: usize, inp: usize) -> Result<Option<QuantWeight>> {
+        if self.weights.shape(&format!("{prefix}.scales")).is_none() {
+            return Ok(None);
+        }
+        let spec = self.quantization.with_context(|| {
+            format!("`{prefix}` is quantized (it has scales) but config.json has no `quantization`")
+        })?;
+        spec.check([out, inp])
+            .with_context(|| format!("quantized weight `{prefix}`"))?;
+        let name = format!("{prefix}.weight");
+        let packed = [out, inp * spec.bits / 32];
+        let found = self
+            .weights
+            .shape(&name)
+            .with_context(|| format!("missing tensor `{name}`"))?;
+        if found != packed {
+            bail!(
+                "quantized tensor `{name}` has shape {found:?}, expected {packed:?} ({} bits)",
+                spec.bits
+            );
+        }
+        let words: Vec<u32> = self
+            .weights
+            .data(&name)?
+            .try_to_vec::<u32>()
+            .map_err(|e| anyhow!("tensor `{name}` is not packed u32 words: {e:?}"))?;
+        let scales = self.weights.data(&format!("{prefix}.scales"))?;
+        let biases = self.weights.data(&format!("{prefix}.biases"))?;
+        QuantWeight::new(&words, scales, biases, [out, inp], spec, self.device)
+            .with_context(|| format!("quantized weight `{prefix}`"))
+            .map(Some)
+    }
+
+    /// A `[rows, cols]` matrix that may be stored quantized, dense in the model's dtype.
+    fn matrix(&self, prefix: &str, rows: usize, cols: usize) -> Result<Tensor<2>> {
+        match self.quantized(prefix, rows, cols)? {
+            Some(q) => Ok(q.dequantize(self.dtype)),
+            None => self.t2(&format!("{prefix}.weight"), rows, cols),
+        }
+    }
+
     fn linear(&self, prefix: &str, out: usize, inp: usize, bias: bool) -> Result<Linear> {
-        let weight = self.t2(&format!("{prefix}.weight"), out, inp)?;
-        let bias = if bias {
-            Some(self.t1(&format!("{prefix}.bias"), out)?)
-        } else {
-            None
+        let mut lin = match self.quantized(prefix, out, inp)? {
+            Some(q) => Linear::quantized(q),
+            None => Linear::new(self.t2(&format!("{prefix}.weight"), out, inp)?, None),
         };
-        Ok(Linear::new(weight, bias))
+        if bias {
+            lin.bias = Some(self.t1(&format!("{prefix}.bias"), out)?);
+        }
+        Ok(lin)
     }
 
     fn norm(&self, name: &str, n: usize, eps: f64) -> Result<RmsNorm> {
@@ -74,11 +120,13 @@ pub fn build_model(
         weights,
         device: &device,
         dtype,
+        quantization: config.quantization,
     };
     let c = config;
     let (d, hd) = (c.hidden_size, c.head_dim);
     let (h, kvh) = (c.num_attention_heads, c.num_key_value_heads);
-    let embed_tokens = b.t2("model.embed_tokens.weight", c.vocab_size, d)?;
+    // A quantized embedding is expanded once: lookups need rows, not matmuls.
+    let embed_tokens = b.matrix("model.embed_tokens", c.vocab_size, d)?;
     let mut layers = Vec::with_capacity(c.num_hidden_layers);
     for i in 0..c.num_hidden_layers {
         let p = format!("model.layers.{i}");
