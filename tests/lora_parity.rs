@@ -212,7 +212,7 @@ fn side_branch_matches_burn_apply_lora() {
     let adapter = lin.weight.adapter().expect("adapter attached");
     // burn stores weight [in, out], a [in, r], b [r, out]; tuna/PEFT use the transposes.
     let mine = Linear {
-        weight: lin.weight.base().inner().transpose(),
+        weight: tuna::model::llama::BaseWeight::Dense(lin.weight.base().inner().transpose()),
         bias: None,
         lora: Some(LoraBranch {
             a: adapter

@@ -2,6 +2,8 @@
 //! weight, mlx's `quantize` of it at 4 and 8 bits (group size 64) and mlx's `dequantize` of
 //! those (made by `tests/fixtures/mlx_quant/make.py` with mlx on CPU).
 
+mod common;
+
 use burn::tensor::{DType, Device, Tensor, TensorData};
 use safetensors::SafeTensors;
 use tuna::model::quant::{QuantSpec, QuantWeight, quantize};
@@ -167,7 +169,10 @@ fn mlx_lm_4bit_checkpoint_gives_mlx_lm_logits() {
     let quantized = |w: &BaseWeight| matches!(w, BaseWeight::Quant(_));
     let l0 = &model.layers[0];
     assert!(quantized(&l0.self_attn.q_proj.weight) && quantized(&l0.mlp.up_proj.weight));
-    assert!(!quantized(&l0.mlp.down_proj.weight), "88 inputs: mlx-lm left it dense");
+    assert!(
+        !quantized(&l0.mlp.down_proj.weight),
+        "88 inputs: mlx-lm left it dense"
+    );
     let bytes = std::fs::read(dir.join("expected.safetensors")).unwrap();
     let st = SafeTensors::deserialize(&bytes).unwrap();
     let ids: Vec<u32> = st
@@ -191,4 +196,101 @@ fn mlx_lm_4bit_checkpoint_gives_mlx_lm_logits() {
     let d = max_abs(&got, &want);
     println!("max abs logit diff vs mlx-lm: {d:.2e}");
     assert!(d < 1e-4, "logits differ from mlx-lm's by {d}");
+}
+
+/// QLoRA is LoRA on the dequantized base: a model quantized at load gives the same loss and
+/// adapter gradients as a dense model holding the dequantized weights, and training it lowers
+/// the loss.
+#[test]
+fn qlora_step_equals_lora_on_the_dequantized_base_and_learns() {
+    use tuna::data::dataset::Batch;
+    use tuna::formats::safetensors::map_dir;
+    use tuna::model::config::ModelConfig;
+    use tuna::model::llama::BaseWeight;
+    use tuna::model::load::build_model_quantized;
+    use tuna::model::lora::{LoraConfig, apply_lora};
+    use tuna::optim::AdamW;
+    use tuna::train::step::{StepOptions, loss_and_grads, update_adapters};
+
+    let dir = common::reference_dir().join("tiny-llama");
+    let config = ModelConfig::from_file(dir.join("config.json")).unwrap();
+    let spec = QuantSpec {
+        bits: 4,
+        group_size: 32,
+    };
+    let dev = Device::flex();
+    let mut q = build_model_quantized(
+        &config,
+        &map_dir(&dir).unwrap(),
+        &dev,
+        DType::F32,
+        Some(spec),
+    )
+    .unwrap();
+    // The dense twin: every quantized weight replaced by its dequantized values.
+    let mut dense = q.clone();
+    let mut n_quant = 0;
+    for layer in dense.layers.iter_mut() {
+        for lin in [
+            &mut layer.self_attn.q_proj,
+            &mut layer.self_attn.k_proj,
+            &mut layer.self_attn.v_proj,
+            &mut layer.self_attn.o_proj,
+            &mut layer.mlp.gate_proj,
+            &mut layer.mlp.up_proj,
+            &mut layer.mlp.down_proj,
+        ] {
+            if let BaseWeight::Quant(w) = &lin.weight {
+                lin.weight = BaseWeight::Dense(w.dequantize(DType::F32));
+                n_quant += 1;
+            }
+        }
+    }
+    assert_eq!(
+        n_quant, 12,
+        "q/k/v/o/gate/up of both layers; down_proj (88 inputs) stays dense"
+    );
+    let lcfg = LoraConfig {
+        rank: 4,
+        scale: 2.0,
+        dropout: 0.0,
+        keys: vec!["q_proj".into(), "v_proj".into(), "down_proj".into()],
+        num_layers: -1,
+    };
+    apply_lora(&mut q, &lcfg, 3).unwrap();
+    apply_lora(&mut dense, &lcfg, 3).unwrap();
+    let ids: Vec<u32> = (0..24).map(|i| (i * 37 + 5) % 1000).collect();
+    let batch = Batch {
+        batch: 1,
+        seq: ids.len(),
+        attention: vec![1.0; ids.len()],
+        loss_mask: vec![1.0; ids.len()],
+        lengths: vec![ids.len()],
+        ids,
+    };
+    let a = loss_and_grads(&q, &batch, &StepOptions::default());
+    let b = loss_and_grads(&dense, &batch, &StepOptions::default());
+    let (la, lb) = (
+        a.loss.clone().into_scalar::<f32>(),
+        b.loss.clone().into_scalar::<f32>(),
+    );
+    assert!((la - lb).abs() < 1e-5, "loss {la} vs {lb}");
+    for ((n, x), (_, y)) in a.grads.iter().zip(&b.grads) {
+        let d = max_abs(&values(x.clone()), &values(y.clone()));
+        assert!(d < 1e-5, "{n}: gradients differ by {d}");
+    }
+    let mut opt = AdamW::new(1e-2, 0.0);
+    let first = la;
+    let mut last = la;
+    for _ in 0..10 {
+        let sg = loss_and_grads(&q, &batch, &StepOptions::default());
+        last = sg.loss.clone().into_scalar::<f32>();
+        update_adapters(&mut q, &mut opt, &sg.grads, None, 1.0).unwrap();
+    }
+    assert!(last < first - 0.1, "QLoRA must learn: {first} -> {last}");
+    // The base stays quantized through training.
+    assert!(matches!(
+        q.layers[0].self_attn.q_proj.weight,
+        BaseWeight::Quant(_)
+    ));
 }

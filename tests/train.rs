@@ -348,3 +348,47 @@ fn max_seq_length_beyond_the_model_positions_is_an_error() {
         "{err}"
     );
 }
+
+#[test]
+fn qlora_sweep_trains_a_base_quantized_at_load() {
+    let d = tempfile::tempdir().unwrap();
+    let spec = experiment(
+        d.path(),
+        "quantize:\n  bits: 4\n  group_size: 32\ngrid:\n  quantize.bits: [4, 3]\n",
+    );
+    let text = std::fs::read_to_string(&spec)
+        .unwrap()
+        .replace("iters: 400", "iters: 100");
+    std::fs::write(&spec, text).unwrap();
+    let out = tuna()
+        .args(["sweep", spec.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("1 done") && err.contains("1 failed"),
+        "4 bits trains, 3 bits is refused: {err}"
+    );
+    assert!(err.contains("quantize.bits is 3; use 2, 4 or 8"), "{err}");
+    let board = std::fs::read_to_string(d.path().join("out/leaderboard.csv")).unwrap();
+    let row = board.lines().find(|l| l.contains(",done,")).unwrap();
+    println!("{board}");
+    // The run learned: its validation loss ended below the base model's (step 0).
+    let runs: Vec<_> = std::fs::read_dir(d.path().join("out/resume"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.join("metrics.jsonl").exists() && p.join("adapter").exists())
+        .collect();
+    assert_eq!(runs.len(), 1, "{row}");
+    let vals: Vec<f64> = std::fs::read_to_string(runs[0].join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v["kind"] == "val")
+        .map(|v| v["val_loss"].as_f64().unwrap())
+        .collect();
+    assert!(
+        vals.last().unwrap() < &(vals[0] * 0.95),
+        "QLoRA validation loss must fall: {vals:?}"
+    );
+}

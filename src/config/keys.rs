@@ -62,7 +62,7 @@ pub const LORA_MODULES: &[&str] = &[
 ];
 
 /// Top-level sections that hold keys of their own.
-pub const SECTIONS: &[&str] = &["train", "lora", "eval", "output"];
+pub const SECTIONS: &[&str] = &["train", "lora", "quantize", "eval", "output"];
 
 /// Keys only an experiment (not a recipe, not a resolved run) may hold.
 pub const VARYING: &[&str] = &["grid", "zip", "exclude", "seeds"];
@@ -309,6 +309,18 @@ pub static CATALOG: &[KeyInfo] = &[
         Kind::Str,
         "",
         "For `eval.metric: regex`: a pattern whose first group is compared with the reference."
+    ),
+    k!(
+        "quantize.bits",
+        Kind::Int { min: 0 },
+        0,
+        "Quantize a full-precision base's linear layers at load to 2, 4 or 8 bits (QLoRA); 0 = off. A quantized checkpoint is always trained as QLoRA."
+    ),
+    k!(
+        "quantize.group_size",
+        Kind::Int { min: 1 },
+        64,
+        "Input values that share one scale and bias when `quantize.bits` is set (mlx's default)."
     ),
     k!(
         "output.dir",

@@ -69,7 +69,10 @@ pub struct ModelConfig {
 
 /// mlx's `quantization` (or `quantization_config`) entry, affine mode only.
 fn parse_quantization(v: &Value, source: &str) -> Result<Option<QuantSpec>> {
-    let Some(q) = v.get("quantization").or_else(|| v.get("quantization_config")) else {
+    let Some(q) = v
+        .get("quantization")
+        .or_else(|| v.get("quantization_config"))
+    else {
         return Ok(None);
     };
     if let Some(mode) = q.get("mode").and_then(Value::as_str)

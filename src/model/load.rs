@@ -20,6 +20,8 @@ struct Builder<'a> {
     device: &'a Device,
     dtype: DType,
     quantization: Option<QuantSpec>,
+    /// Quantize dense linear layers at load (QLoRA on a full-precision base).
+    quantize: Option<QuantSpec>,
 }
 
 impl Builder<'_> {
@@ -89,9 +91,35 @@ impl Builder<'_> {
     }
 
     fn linear(&self, prefix: &str, out: usize, inp: usize, bias: bool) -> Result<Linear> {
-        let mut lin = match self.quantized(prefix, out, inp)? {
-            Some(q) => Linear::quantized(q),
-            None => Linear::new(self.t2(&format!("{prefix}.weight"), out, inp)?, None),
+        let mut lin = match (self.quantized(prefix, out, inp)?, self.quantize) {
+            (Some(q), _) => Linear::quantized(q),
+            (None, Some(spec)) if spec.check([out, inp]).is_ok() => {
+                // Quantized from the stored values on the host, one layer at a time.
+                let name = format!("{prefix}.weight");
+                let found = self
+                    .weights
+                    .shape(&name)
+                    .with_context(|| format!("missing tensor `{name}`"))?;
+                if found != [out, inp] {
+                    bail!(
+                        "tensor `{name}` has shape {found:?}, expected {:?}",
+                        [out, inp]
+                    );
+                }
+                let host: Vec<f32> = self
+                    .weights
+                    .data(&name)?
+                    .convert::<f32>()
+                    .try_to_vec::<f32>()
+                    .map_err(|e| anyhow!("tensor `{name}`: {e:?}"))?;
+                Linear::quantized(QuantWeight::from_dense(
+                    &host,
+                    [out, inp],
+                    spec,
+                    self.device,
+                )?)
+            }
+            (None, _) => Linear::new(self.t2(&format!("{prefix}.weight"), out, inp)?, None),
         };
         if bias {
             lin.bias = Some(self.t1(&format!("{prefix}.bias"), out)?);
@@ -115,12 +143,26 @@ pub fn build_model(
     device: &Device,
     dtype: DType,
 ) -> Result<Llama> {
+    build_model_quantized(config, weights, device, dtype, None)
+}
+
+/// [`build_model`], quantizing every dense decoder linear layer and the LM head to `quantize`
+/// as it is loaded (layers whose input size the group size does not divide stay dense, as in
+/// mlx-lm); layers the checkpoint already stores quantized keep their own quantization.
+pub fn build_model_quantized(
+    config: &ModelConfig,
+    weights: &dyn TensorSource,
+    device: &Device,
+    dtype: DType,
+    quantize: Option<QuantSpec>,
+) -> Result<Llama> {
     let device = device.clone().without_autodiff();
     let b = Builder {
         weights,
         device: &device,
         dtype,
         quantization: config.quantization,
+        quantize,
     };
     let c = config;
     let (d, hd) = (c.hidden_size, c.head_dim);

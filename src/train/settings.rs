@@ -6,6 +6,7 @@ use serde_json::Value as J;
 use crate::config::grid::lr_schedule;
 use crate::config::keys::Resolved;
 use crate::model::lora::LoraConfig;
+use crate::model::quant::QuantSpec;
 use crate::optim::schedule::LrSchedule;
 
 #[derive(Debug, Clone)]
@@ -33,6 +34,8 @@ pub struct TrainSettings {
     pub save_every: u64,
     pub seed: u64,
     pub lora: LoraConfig,
+    /// Quantize the base at load (QLoRA); `None` keeps it as stored.
+    pub quantize: Option<QuantSpec>,
     pub test: bool,
     pub test_batches: i64,
     pub generate: usize,
@@ -74,6 +77,13 @@ impl TrainSettings {
                 dropout: r.f64("lora.dropout")?,
                 keys: r.strings("lora.keys")?,
                 num_layers: r.i64("lora.num_layers")?,
+            },
+            quantize: match r.usize("quantize.bits")? {
+                0 => None,
+                bits => Some(QuantSpec {
+                    bits,
+                    group_size: r.usize("quantize.group_size")?,
+                }),
             },
             test: r.bool("eval.test")?,
             test_batches: r.i64("eval.test_batches")?,

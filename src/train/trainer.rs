@@ -21,8 +21,9 @@ use crate::memory::{device_mem_mb, peak_rss_mb};
 use crate::model::config::ModelConfig;
 use crate::model::device::{SelectedDevice, device_for};
 use crate::model::llama::Llama;
-use crate::model::load::build_model;
+use crate::model::load::build_model_quantized;
 use crate::model::lora;
+use crate::model::quant::QuantSpec;
 use crate::optim::AdamW;
 use crate::optim::{self, LossScaler};
 use crate::source::base::open_base;
@@ -54,8 +55,13 @@ pub struct LoraTrainer {
 
 impl LoraTrainer {
     /// The base model `spec` on the selected device, built once per (model, device, dtype).
-    pub fn base(&self, spec: &str, sel: &SelectedDevice) -> Result<Arc<DeviceBase>> {
-        let key = format!("{spec}|{:?}|{:?}", sel.device, sel.dtype);
+    pub fn base(
+        &self,
+        spec: &str,
+        sel: &SelectedDevice,
+        quantize: Option<QuantSpec>,
+    ) -> Result<Arc<DeviceBase>> {
+        let key = format!("{spec}|{:?}|{:?}|{quantize:?}", sel.device, sel.dtype);
         let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
         if let Some((k, m)) = cache.as_ref()
             && *k == key
@@ -66,8 +72,20 @@ impl LoraTrainer {
         *cache = None;
         let started = Instant::now();
         let b = open_base(spec).with_context(|| format!("loading model `{spec}`"))?;
-        let model = build_model(&b.config, b.weights.as_ref(), &sel.device, sel.dtype)
-            .with_context(|| format!("loading model `{spec}` from {}", b.path.display()))?;
+        if let Some(q) = quantize {
+            // Fail before any layer is converted, naming the key.
+            if ![2, 4, 8].contains(&q.bits) {
+                anyhow::bail!("quantize.bits is {}; use 2, 4 or 8 (or 0 for off)", q.bits);
+            }
+        }
+        let model = build_model_quantized(
+            &b.config,
+            b.weights.as_ref(),
+            &sel.device,
+            sel.dtype,
+            quantize,
+        )
+        .with_context(|| format!("loading model `{spec}` from {}", b.path.display()))?;
         eprintln!(
             "loaded {} in {:.1} s",
             b.path.display(),
@@ -87,7 +105,7 @@ impl Trainer for LoraTrainer {
     fn train(&self, ctx: &RunContext) -> Result<RunMetrics> {
         let s = TrainSettings::from_config(&ctx.plan.config)?;
         let sel = device_for(&s.device, &s.dtype)?;
-        let base = self.base(&s.model, &sel)?;
+        let base = self.base(&s.model, &sel, s.quantize)?;
         check_against_model(&s, &base.config)?;
         let data = dataset::load(
             Path::new(&s.data),
