@@ -1942,3 +1942,108 @@ fn smollm2_tensor_source_matches_the_whole_file_reader() {
     }
     assert!(source.data("model.layers.99.mlp.up_proj.weight").is_err());
 }
+
+/// Unpacks an affine tensor on the host: `scale · q + bias` per group.
+fn affine_values(t: &tuna::formats::weights::AffineTensor) -> Vec<f32> {
+    let per_word = 32 / t.bits;
+    let mask = (1u32 << t.bits) - 1;
+    let n = t.shape[0] * t.shape[1];
+    (0..n)
+        .map(|i| {
+            let q = (t.words[i / per_word] >> ((i % per_word) * t.bits)) & mask;
+            let g = i / t.group_size;
+            t.scales[g] * q as f32 + t.biases[g]
+        })
+        .collect()
+}
+
+/// Q4_0, Q4_1, Q8_0 and Q4_K blocks are affine groups of 32: re-expressed in mlx's layout they
+/// give the values llama.cpp's dequantization gives.
+#[test]
+fn quantized_blocks_map_exactly_onto_affine_groups() {
+    use tuna::formats::gguf::{GgmlType, dequantize, to_affine};
+    let mut rng = 0x1234_5678_9abc_def0u64;
+    let mut byte = || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        (rng >> 24) as u8
+    };
+    for ty in [
+        GgmlType::Q4_0,
+        GgmlType::Q4_1,
+        GgmlType::Q8_0,
+        GgmlType::Q4_K,
+    ] {
+        let (be, bb) = ty.block_layout().unwrap();
+        let (rows, cols) = (3, 2 * be);
+        let mut data: Vec<u8> = (0..rows * cols / be * bb).map(|_| byte()).collect();
+        // Keep the f16 scales finite and modest: small exponents.
+        for block in data.chunks_exact_mut(bb) {
+            let n_scales = if matches!(ty, GgmlType::Q4_1 | GgmlType::Q4_K) {
+                2
+            } else {
+                1
+            };
+            for k in 0..n_scales {
+                let h = half::f16::from_f32(0.001 + (block[2 * k] as f32) / 4096.0);
+                block[2 * k..2 * k + 2].copy_from_slice(&h.to_le_bytes());
+            }
+        }
+        let want = dequantize(ty, &data, rows * cols).unwrap();
+        let t = to_affine(ty, &data, rows, cols).unwrap().unwrap();
+        assert_eq!(t.group_size, 32);
+        let got = affine_values(&t);
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert!(
+                (g - w).abs() <= 1e-6 * w.abs().max(1.0),
+                "{ty}: element {i}: {g} vs {w}"
+            );
+        }
+    }
+    assert!(to_affine(GgmlType::Q6_K, &[], 1, 256).is_none());
+}
+
+/// The SmolLM2 GGUF trains as QLoRA: its Q4_1 layers stay quantized on the device, and the
+/// model's logits equal those of the model built from the dequantized weights.
+#[test]
+fn smollm2_gguf_loads_quantized_with_the_dequantized_logits() {
+    use burn::tensor::{DType, Device};
+    use tuna::formats::gguf::{GgufFile, GgufSource};
+    use tuna::formats::weights::TensorSource;
+    use tuna::model::llama::BaseWeight;
+    let (m, _) = smollm2();
+    let _g = heavy();
+    let file = GgufFile::open(smollm2_path()).unwrap();
+    let source = GgufSource::new(file).unwrap();
+    let name = "model.layers.0.self_attn.q_proj.weight";
+    let t = source
+        .affine(name)
+        .unwrap()
+        .expect("Q4_1 maps onto affine groups");
+    let got = affine_values(&t);
+    let want = &m.weights[name].data;
+    let d = got
+        .iter()
+        .zip(want)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
+    assert!(d < 1e-6, "q_proj (row order restored): {d}");
+    let config = tuna::model::config::ModelConfig::from_json(&m.config, "smollm2").unwrap();
+    let dev = Device::flex();
+    let q = tuna::model::load::build_model(&config, &source, &dev, DType::F32).unwrap();
+    assert!(matches!(
+        q.layers[0].self_attn.q_proj.weight,
+        BaseWeight::Quant(_)
+    ));
+    let dense = tuna::model::load::build_model(&config, &m.weights, &dev, DType::F32).unwrap();
+    let ids = q.ids_tensor(&[1, 504, 2143, 314, 253, 3000], 1);
+    let lq: Vec<f32> = q.forward(ids.clone(), None).try_into_vec_as().unwrap();
+    let ld: Vec<f32> = dense.forward(ids, None).try_into_vec_as().unwrap();
+    let d = lq
+        .iter()
+        .zip(&ld)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
+    assert!(d < 1e-3, "logits differ by {d}");
+}

@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use rayon::prelude::*;
 use serde_json::{Value, json};
 
-use crate::formats::weights::{RawTensor, RawWeights, TensorSource};
+use crate::formats::weights::{AffineTensor, RawTensor, RawWeights, TensorSource};
 use crate::tokenizer::{SpecialTokens, Tokenizer};
 
 /// GGUF files start with these four bytes.
@@ -1175,6 +1175,110 @@ pub fn dequantize(ty: GgmlType, data: &[u8], n_elements: usize) -> Result<Vec<f3
 }
 
 // ---------------------------------------------------------------------------------------------
+// Quantized blocks as mlx affine groups (QLoRA on GGUF bases without expanding them)
+// ---------------------------------------------------------------------------------------------
+
+/// One group of 32 codes with its scale and bias, from one block (or a Q4_K sub-block).
+type Group = ([u8; 32], f32, f32);
+
+fn nibbles(qs: &[u8]) -> [u8; 32] {
+    let mut c = [0u8; 32];
+    for j in 0..16 {
+        c[j] = qs[j] & 0x0f;
+        c[j + 16] = qs[j] >> 4;
+    }
+    c
+}
+
+/// The groups of one block of `ty`, for the types whose values are exactly `scale · q + bias`
+/// with `q` a 4- or 8-bit code in groups of 32: (bits, groups).
+fn affine_groups(ty: GgmlType, b: &[u8]) -> Option<(usize, Vec<Group>)> {
+    Some(match ty {
+        // (q - 8) · d
+        GgmlType::Q4_0 => {
+            let d = f16_at(b, 0);
+            (4, vec![(nibbles(&b[2..18]), d, -8.0 * d)])
+        }
+        // q · d + m
+        GgmlType::Q4_1 => (4, vec![(nibbles(&b[4..20]), f16_at(b, 0), f16_at(b, 2))]),
+        // q · d with q signed: code q + 128
+        GgmlType::Q8_0 => {
+            let d = f16_at(b, 0);
+            let mut c = [0u8; 32];
+            for (j, x) in c.iter_mut().enumerate() {
+                *x = ((b[2 + j] as i8) as i16 + 128) as u8;
+            }
+            (8, vec![(c, d, -128.0 * d)])
+        }
+        // Eight sub-blocks of 32: d · scale · q - dmin · min
+        GgmlType::Q4_K => {
+            let (d, dmin) = (f16_at(b, 0), f16_at(b, 2));
+            let (scales, qs) = (&b[4..16], &b[16..144]);
+            let mut groups = Vec::with_capacity(8);
+            for c in 0..4 {
+                let q = &qs[32 * c..32 * c + 32];
+                for (sub, shift) in [(2 * c, 0), (2 * c + 1, 4)] {
+                    let (sc, m) = k4_scale_min(sub, scales);
+                    let mut codes = [0u8; 32];
+                    for l in 0..32 {
+                        codes[l] = (q[l] >> shift) & 0x0f;
+                    }
+                    groups.push((codes, d * sc as f32, -(dmin * m as f32)));
+                }
+            }
+            (4, groups)
+        }
+        _ => return None,
+    })
+}
+
+/// A `[rows, cols]` tensor of `ty` re-expressed exactly in mlx's affine layout (groups of 32),
+/// or `None` for types that do not map onto it.
+pub fn to_affine(
+    ty: GgmlType,
+    data: &[u8],
+    rows: usize,
+    cols: usize,
+) -> Option<Result<AffineTensor, GgufErrorKind>> {
+    let (be, bb) = ty.block_layout()?;
+    let bits = affine_groups(ty, &vec![0u8; bb])?.0;
+    Some((|| {
+        if !cols.is_multiple_of(be) || data.len() != rows * cols / be * bb {
+            return malformed(format!(
+                "a [{rows}, {cols}] tensor of type {ty} cannot be {} bytes",
+                data.len()
+            ));
+        }
+        let per_word = 32 / bits;
+        let mut words = Vec::with_capacity(rows * cols / per_word);
+        let mut scales = Vec::with_capacity(rows * cols / 32);
+        let mut biases = Vec::with_capacity(rows * cols / 32);
+        for block in data.chunks_exact(bb) {
+            let (_, groups) = affine_groups(ty, block).expect("type checked above");
+            for (codes, scale, bias) in groups {
+                for w in codes.chunks_exact(per_word) {
+                    words.push(
+                        w.iter()
+                            .enumerate()
+                            .fold(0u32, |acc, (k, &q)| acc | (q as u32) << (k * bits)),
+                    );
+                }
+                scales.push(scale);
+                biases.push(bias);
+            }
+        }
+        Ok(AffineTensor {
+            bits,
+            group_size: 32,
+            shape: [rows, cols],
+            words,
+            scales,
+            biases,
+        })
+    })())
+}
+
+// ---------------------------------------------------------------------------------------------
 // GGUF -> Hugging Face
 // ---------------------------------------------------------------------------------------------
 
@@ -1214,12 +1318,12 @@ pub fn hf_tensor_name(gguf_name: &str) -> Option<String> {
 /// head of `head_dim` rows, row `s * head_dim/2 + j` (s in {0, 1}) to position `2j + s`
 /// (interleaving the two rotary halves); this puts them back. Works for weights `[rows, cols]`
 /// and biases (`cols` = 1).
-pub fn unpermute_qk_rows(
-    data: &[f32],
+pub fn unpermute_qk_rows<T: Copy + Default>(
+    data: &[T],
     rows: usize,
     cols: usize,
     n_heads: usize,
-) -> Option<Vec<f32>> {
+) -> Option<Vec<T>> {
     if n_heads == 0 || !rows.is_multiple_of(n_heads) || data.len() != rows * cols {
         return None;
     }
@@ -1228,7 +1332,7 @@ pub fn unpermute_qk_rows(
         return None;
     }
     let half = hd / 2;
-    let mut out = vec![0f32; data.len()];
+    let mut out = vec![T::default(); data.len()];
     for h in 0..n_heads {
         for s in 0..2 {
             for j in 0..half {
@@ -1290,6 +1394,50 @@ impl HfLayout {
         })
     }
 
+    /// One quantized tensor in mlx's affine layout, under its HF shape and row order, when its
+    /// type maps onto that layout exactly.
+    fn affine(&self, file: &GgufFile, hf: &str) -> Result<Option<AffineTensor>, GgufError> {
+        let Some(&i) = self.by_hf.get(hf) else {
+            return Ok(None);
+        };
+        let info = &file.tensors[i];
+        let shape = info.hf_shape();
+        let [rows, cols] = shape[..] else {
+            return Ok(None);
+        };
+        let Some(t) = to_affine(info.ggml_type, file.tensor_bytes(info)?, rows, cols) else {
+            return Ok(None);
+        };
+        let mut t = t.map_err(|k| file.err(k))?;
+        if let Some(heads) = self.qk_heads(hf) {
+            let bad = || {
+                file.err(GgufErrorKind::Other(format!(
+                    "tensor `{}` with shape {shape:?} cannot be split into {heads} heads of even size",
+                    info.name
+                )))
+            };
+            let wcols = cols * t.bits / 32;
+            let gcols = cols / t.group_size;
+            t.words = unpermute_qk_rows(&t.words, rows, wcols, heads).ok_or_else(bad)?;
+            t.scales = unpermute_qk_rows(&t.scales, rows, gcols, heads).ok_or_else(bad)?;
+            t.biases = unpermute_qk_rows(&t.biases, rows, gcols, heads).ok_or_else(bad)?;
+        }
+        Ok(Some(t))
+    }
+
+    /// The head count whose row permutation llama.cpp applied to `hf` (llama Q and K).
+    fn qk_heads(&self, hf: &str) -> Option<usize> {
+        if self.arch != "llama" {
+            None
+        } else if hf.contains("self_attn.q_proj.") {
+            Some(self.n_head)
+        } else if hf.contains("self_attn.k_proj.") {
+            Some(self.n_kv)
+        } else {
+            None
+        }
+    }
+
     /// One tensor dequantized to f32, under its HF shape and row order.
     fn tensor(&self, file: &GgufFile, hf: &str) -> Result<Option<RawTensor>, GgufError> {
         let Some(&i) = self.by_hf.get(hf) else {
@@ -1298,15 +1446,8 @@ impl HfLayout {
         let info = &file.tensors[i];
         let shape = info.hf_shape();
         let mut data = file.dequantize_tensor(info)?;
-        if self.arch == "llama" {
-            let heads = if hf.contains("self_attn.q_proj.") {
-                Some(self.n_head)
-            } else if hf.contains("self_attn.k_proj.") {
-                Some(self.n_kv)
-            } else {
-                None
-            };
-            if let Some(heads) = heads {
+        {
+            if let Some(heads) = self.qk_heads(hf) {
                 let rows = shape[0];
                 let cols: usize = shape[1..].iter().product();
                 data = unpermute_qk_rows(&data, rows, cols, heads).ok_or_else(|| {
@@ -1363,6 +1504,10 @@ impl TensorSource for GgufSource {
             .tensor(&self.file, name)?
             .ok_or_else(|| anyhow::anyhow!("missing tensor `{name}`"))?;
         Ok(burn::tensor::TensorData::new(t.data, t.shape))
+    }
+
+    fn affine(&self, name: &str) -> anyhow::Result<Option<AffineTensor>> {
+        Ok(self.layout.affine(&self.file, name)?)
     }
 }
 

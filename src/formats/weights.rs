@@ -26,6 +26,24 @@ pub trait TensorSource: Send + Sync {
     fn shape(&self, name: &str) -> Option<Vec<usize>>;
     /// The values of `name` in the float type they are stored in (f32, f16 or bf16).
     fn data(&self, name: &str) -> Result<TensorData>;
+    /// `name` in mlx's affine quantized layout, when the source stores it in a form that maps
+    /// onto it exactly (GGUF Q4_0, Q4_1, Q8_0, Q4_K); `None` for everything else.
+    fn affine(&self, _name: &str) -> Result<Option<AffineTensor>> {
+        Ok(None)
+    }
+}
+
+/// A `[rows, cols]` weight in mlx's affine layout: groups of `group_size` values along a row
+/// share a scale and a bias (`w = scale · q + bias`), and the `bits`-bit codes are packed into
+/// u32 words, lowest bits first, row-major.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AffineTensor {
+    pub bits: usize,
+    pub group_size: usize,
+    pub shape: [usize; 2],
+    pub words: Vec<u32>,
+    pub scales: Vec<f32>,
+    pub biases: Vec<f32>,
 }
 
 impl TensorSource for RawWeights {

@@ -7,7 +7,7 @@
 use std::path::Path;
 
 use anyhow::{Context, Result, anyhow, bail};
-use burn::tensor::{DType, Device, Tensor};
+use burn::tensor::{DType, Device, Tensor, TensorData};
 
 use crate::formats::safetensors;
 use crate::formats::weights::TensorSource;
@@ -50,6 +50,31 @@ impl Builder<'_> {
     /// A quantized `[out, inp]` weight at `prefix` (`weight` as packed u32 words, `scales`,
     /// `biases`), or `None` when the checkpoint stores it dense.
     fn quantized(&self, prefix: &str, out: usize, inp: usize) -> Result<Option<QuantWeight>> {
+        // A GGUF block type that is affine groups of 32 stays quantized as it is.
+        if let Some(t) = self.weights.affine(&format!("{prefix}.weight"))? {
+            if t.shape != [out, inp] {
+                bail!(
+                    "tensor `{prefix}.weight` has shape {:?}, expected {:?}",
+                    t.shape,
+                    [out, inp]
+                );
+            }
+            let groups = [out, inp / t.group_size];
+            let spec = QuantSpec {
+                bits: t.bits,
+                group_size: t.group_size,
+            };
+            return QuantWeight::new(
+                &t.words,
+                TensorData::new(t.scales, groups),
+                TensorData::new(t.biases, groups),
+                [out, inp],
+                spec,
+                self.device,
+            )
+            .with_context(|| format!("quantized weight `{prefix}`"))
+            .map(Some);
+        }
         if self.weights.shape(&format!("{prefix}.scales")).is_none() {
             return Ok(None);
         }
