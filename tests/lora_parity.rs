@@ -231,6 +231,7 @@ fn side_branch_matches_burn_apply_lora() {
                 .require_grad(),
             scale: alpha / r as f64,
             dropout: 0.0,
+            magnitude: None,
         }),
     };
     let x = Tensor::<3>::random([1, t, d], Distribution::Normal(0.0, 1.0), &Device::flex());
@@ -288,6 +289,7 @@ fn checkpointing_scaling_and_optimizer_state_round_trip() {
         dropout: 0.3,
         keys: vec!["q_proj".into(), "v_proj".into(), "down_proj".into()],
         num_layers: 1,
+        dora: false,
     };
     apply_lora(&mut m, &cfg, 3).unwrap();
     for layer in m.layers.iter_mut() {
@@ -412,6 +414,7 @@ fn lora_dropout_only_in_training() {
             dropout: 0.5,
             keys: vec!["q_proj".into(), "down_proj".into()],
             num_layers: 1,
+            dora: false,
         },
         1,
     )

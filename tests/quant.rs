@@ -256,6 +256,7 @@ fn qlora_step_equals_lora_on_the_dequantized_base_and_learns() {
         dropout: 0.0,
         keys: vec!["q_proj".into(), "v_proj".into(), "down_proj".into()],
         num_layers: -1,
+        dora: false,
     };
     apply_lora(&mut q, &lcfg, 3).unwrap();
     apply_lora(&mut dense, &lcfg, 3).unwrap();

@@ -392,3 +392,37 @@ fn qlora_sweep_trains_a_base_quantized_at_load() {
         "QLoRA validation loss must fall: {vals:?}"
     );
 }
+
+#[test]
+fn dora_sweep_learns_and_saves_a_peft_dora_adapter() {
+    let d = tempfile::tempdir().unwrap();
+    let spec = experiment(d.path(), "");
+    let text = std::fs::read_to_string(&spec)
+        .unwrap()
+        .replace("iters: 400", "iters: 100")
+        .replace("  rank: 4\n", "  rank: 4\n  fine_tune_type: dora\n");
+    std::fs::write(&spec, text).unwrap();
+    let out = tuna()
+        .args(["sweep", spec.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    let run = run_folder(&d.path().join("out"));
+    let config: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(run.join("adapter/adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(config["use_dora"], true);
+    let vals: Vec<f64> = std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v["kind"] == "val")
+        .map(|v| v["val_loss"].as_f64().unwrap())
+        .collect();
+    assert!(
+        vals.last().unwrap() < &(vals[0] * 0.95),
+        "DoRA validation loss must fall: {vals:?}"
+    );
+}

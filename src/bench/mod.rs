@@ -29,10 +29,29 @@ pub fn shape_config(shape: &str) -> Result<Value> {
             "num_hidden_layers": 22, "num_attention_heads": 32, "num_key_value_heads": 4, "vocab_size": 32000,
             "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": false, "max_position_embeddings": 2048})
         }
+        // The shapes the seeds fine-tune (their config.json values).
+        "qwen2.5-3b" => {
+            json!({"model_type": "qwen2", "hidden_size": 2048, "intermediate_size": 11008,
+            "num_hidden_layers": 36, "num_attention_heads": 16, "num_key_value_heads": 2, "vocab_size": 151936,
+            "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "tie_word_embeddings": true, "max_position_embeddings": 32768})
+        }
+        "llama-3.2-3b" => {
+            json!({"model_type": "llama", "hidden_size": 3072, "intermediate_size": 8192,
+            "num_hidden_layers": 28, "num_attention_heads": 24, "num_key_value_heads": 8, "vocab_size": 128256,
+            "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "tie_word_embeddings": true, "max_position_embeddings": 131072,
+            "head_dim": 128})
+        }
+        "mistral-7b" => {
+            json!({"model_type": "mistral", "hidden_size": 4096, "intermediate_size": 14336,
+            "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 32768,
+            "rms_norm_eps": 1e-5, "rope_theta": 1000000.0, "tie_word_embeddings": false, "max_position_embeddings": 32768})
+        }
         "tiny" => json!({"model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
             "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 1024,
             "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": true, "max_position_embeddings": 2048}),
-        other => bail!("unknown shape `{other}`; use smollm2-135m, tinyllama-1.1b or tiny"),
+        other => bail!(
+            "unknown shape `{other}`; use smollm2-135m, tinyllama-1.1b, qwen2.5-3b, llama-3.2-3b, mistral-7b or tiny"
+        ),
     })
 }
 

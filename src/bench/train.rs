@@ -14,15 +14,16 @@ use crate::data::dataset::{SplitMix64, Tokenized, collate};
 use crate::memory::{device_mem_mb, peak_rss_mb};
 use crate::model::config::ModelConfig;
 use crate::model::device::device_for;
-use crate::model::load::build_model;
+use crate::model::load::build_model_quantized;
 use crate::model::lora::{self, LoraConfig};
+use crate::model::quant::QuantSpec;
 use crate::optim::{self, AdamW, LossScaler};
 use crate::train::step::{self, StepOptions};
 
 /// `tuna bench train`'s arguments (clap reads them straight into this struct).
 #[derive(clap::Args, Debug, Clone)]
 pub struct BenchTrainArgs {
-    /// smollm2-135m, tinyllama-1.1b or tiny.
+    /// smollm2-135m, tinyllama-1.1b, qwen2.5-3b, llama-3.2-3b, mistral-7b or tiny.
     #[arg(long, default_value = "smollm2-135m")]
     pub shape: String,
     #[arg(long, default_value = "auto")]
@@ -46,6 +47,11 @@ pub struct BenchTrainArgs {
     pub num_layers: i64,
     #[arg(long)]
     pub grad_checkpoint: bool,
+    /// Quantize the base's linear layers to this many bits at load (QLoRA); 0 = off.
+    #[arg(long, default_value_t = 0)]
+    pub quantize_bits: usize,
+    #[arg(long, default_value_t = 64)]
+    pub group_size: usize,
     /// Time forward+backward and the optimizer separately: synchronizes after each phase, so
     /// the whole step gets slightly slower.
     #[arg(long)]
@@ -60,10 +66,15 @@ pub fn bench_train(a: &BenchTrainArgs) -> Result<Value> {
     let t0 = Instant::now();
     let weights = random_weights(&config, 0);
     let sel = device_for(&a.device, &a.dtype)?;
-    let mut model = build_model(&config, &weights, &sel.device, sel.dtype)?;
+    let quantize = (a.quantize_bits > 0).then_some(QuantSpec {
+        bits: a.quantize_bits,
+        group_size: a.group_size,
+    });
+    let mut model = build_model_quantized(&config, &weights, &sel.device, sel.dtype, quantize)?;
     drop(weights);
     let load_s = t0.elapsed().as_secs_f64();
     let lcfg = LoraConfig {
+        dora: false,
         rank: a.rank,
         scale: 2.0,
         dropout: 0.0,
@@ -138,7 +149,7 @@ pub fn bench_train(a: &BenchTrainArgs) -> Result<Value> {
     Ok(json!({
         "bench": "train", "shape": a.shape, "device": sel.kind.to_string(), "dtype": format!("{:?}", sel.dtype),
         "batch": a.batch, "seq": a.seq, "steps": a.steps, "warmup_steps": a.warmup, "rank": a.rank, "keys": a.keys,
-        "num_layers": a.num_layers, "grad_checkpoint": a.grad_checkpoint, "params": model.num_parameters(),
+        "num_layers": a.num_layers, "grad_checkpoint": a.grad_checkpoint, "quantize_bits": a.quantize_bits, "params": model.num_parameters(),
         "lora_params": lora::num_lora_parameters(&model),
         "tokens_per_s": tokens / secs, "s_per_step": secs / a.steps as f64, "warmup_s": warmup_s, "load_s": load_s,
         "first_loss": losses.first(), "last_loss": losses.last(), "peak_rss_mb": peak_rss_mb(),

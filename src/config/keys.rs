@@ -239,9 +239,9 @@ pub static CATALOG: &[KeyInfo] = &[
     ),
     k!(
         "lora.fine_tune_type",
-        Kind::Choice(&["lora"]),
+        Kind::Choice(&["lora", "dora"]),
         "lora",
-        "Only `lora` for now."
+        "`lora`, or `dora` (LoRA plus a trainable magnitude per output row; PEFT's `use_dora`). Full fine-tuning is not supported yet."
     ),
     k!(
         "lora.num_layers",

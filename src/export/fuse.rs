@@ -46,6 +46,19 @@ pub fn merged_weights(base: &BaseModel, adapter_dir: &Path) -> Result<RawWeights
             );
         }
         let scale = config.scale as f32;
+        // DoRA: after W + s·B·A, each row is scaled to its magnitude.
+        let magnitude = tensors
+            .get(&peft::tensor_name(layer, module, Factor::Magnitude))
+            .map(|m| &m.data);
+        if let Some(m) = magnitude
+            && m.len() != d_out
+        {
+            bail!(
+                "{}: layer {layer} `{module}` has {} magnitudes for {d_out} rows",
+                file.display(),
+                m.len()
+            );
+        }
         let (a, b) = (&a.data, &b.data);
         w.data
             .par_chunks_mut(d_in)
@@ -57,6 +70,11 @@ pub fn merged_weights(base: &BaseModel, adapter_dir: &Path) -> Result<RawWeights
                     for (x, &av) in row.iter_mut().zip(a_row) {
                         *x += s * av;
                     }
+                }
+                if let Some(m) = magnitude {
+                    let norm = row.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+                    let k = (m[o] as f64 / norm.max(1e-30)) as f32;
+                    row.iter_mut().for_each(|x| *x *= k);
                 }
             });
         merged += 1;

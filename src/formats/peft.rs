@@ -24,6 +24,8 @@ pub struct PeftConfig {
     pub target_modules: Vec<String>,
     /// `layers_to_transform`, when the adapter covers only some layers.
     pub layers: Option<Vec<usize>>,
+    /// DoRA (`use_dora`): each adapted module also has a magnitude vector.
+    pub use_dora: bool,
 }
 
 /// Which factor of a LoRA pair a tensor holds.
@@ -33,16 +35,18 @@ pub enum Factor {
     A,
     /// `lora_B`, `[out, rank]`.
     B,
+    /// DoRA's `lora_magnitude_vector`, `[out]`.
+    Magnitude,
 }
 
 /// The tensor name of one factor: `base_model.model.model.layers.{layer}.{module}.lora_A.weight`
 /// where `module` is the path inside the decoder layer (`self_attn.q_proj`).
 pub fn tensor_name(layer: usize, module: &str, factor: Factor) -> String {
-    let f = match factor {
-        Factor::A => "lora_A",
-        Factor::B => "lora_B",
-    };
-    format!("{PREFIX}{layer}.{module}.{f}.weight")
+    match factor {
+        Factor::A => format!("{PREFIX}{layer}.{module}.lora_A.weight"),
+        Factor::B => format!("{PREFIX}{layer}.{module}.lora_B.weight"),
+        Factor::Magnitude => format!("{PREFIX}{layer}.{module}.lora_magnitude_vector"),
+    }
 }
 
 /// Splits a tensor name into (layer, module path, factor); `None` for anything else.
@@ -51,6 +55,8 @@ pub fn parse_tensor_name(name: &str) -> Option<(usize, &str, Factor)> {
     let layer = idx.parse().ok()?;
     if let Some(m) = rest.strip_suffix(".lora_A.weight") {
         Some((layer, m, Factor::A))
+    } else if let Some(m) = rest.strip_suffix(".lora_magnitude_vector") {
+        Some((layer, m, Factor::Magnitude))
     } else {
         rest.strip_suffix(".lora_B.weight")
             .map(|m| (layer, m, Factor::B))
@@ -68,9 +74,6 @@ pub fn read_config(path: &Path) -> Result<PeftConfig> {
         && t != "LORA"
     {
         bail!("{src}: peft_type `{t}` is not LORA");
-    }
-    if v.get("use_dora").and_then(Value::as_bool) == Some(true) {
-        bail!("{src}: DoRA adapters are not supported");
     }
     let rank = v
         .get("r")
@@ -111,6 +114,7 @@ pub fn read_config(path: &Path) -> Result<PeftConfig> {
         dropout: v.get("lora_dropout").and_then(Value::as_f64).unwrap_or(0.0),
         target_modules,
         layers,
+        use_dora: v.get("use_dora").and_then(Value::as_bool) == Some(true),
     })
 }
 
@@ -121,17 +125,24 @@ pub fn read_adapter(dir: &Path) -> Result<(PeftConfig, RawWeights)> {
     let file = dir.join("adapter_model.safetensors");
     let tensors = safetensors::read_file(&file)?;
     for (name, t) in &tensors {
-        if parse_tensor_name(name).is_none() {
+        let Some((_, _, factor)) = parse_tensor_name(name) else {
             bail!(
-                "{}: unexpected tensor `{name}` (only `{PREFIX}N.<module>.lora_A/lora_B.weight`)",
+                "{}: unexpected tensor `{name}` (only `{PREFIX}N.<module>.lora_A/lora_B.weight` and DoRA's `lora_magnitude_vector`)",
                 file.display()
             );
-        }
-        if t.shape.len() != 2 {
+        };
+        let want = if factor == Factor::Magnitude { 1 } else { 2 };
+        if t.shape.len() != want {
             bail!(
-                "{}: `{name}` has shape {:?}; LoRA factors are 2-D",
+                "{}: `{name}` has shape {:?}; it must be {want}-D",
                 file.display(),
                 t.shape
+            );
+        }
+        if factor == Factor::Magnitude && !config.use_dora {
+            bail!(
+                "{}: `{name}` is a DoRA magnitude but adapter_config.json does not set use_dora",
+                file.display()
             );
         }
     }
@@ -172,7 +183,7 @@ pub fn write_adapter(
         "rank_pattern": {},
         "alpha_pattern": {},
         "use_rslora": false,
-        "use_dora": false,
+        "use_dora": config.use_dora,
         "revision": null,
     });
     crate::files::write_atomic(

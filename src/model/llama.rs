@@ -27,6 +27,10 @@ pub struct LoraBranch {
     pub b: Tensor<2>,
     pub scale: f64,
     pub dropout: f64,
+    /// DoRA's magnitude `m`, `[1, out]` f32: the output is rescaled row by row to
+    /// `m / ||W + s·B·A||` (the norm taken per output row and treated as a constant in backward,
+    /// as PEFT and the DoRA paper do). `None` for plain LoRA.
+    pub magnitude: Option<Tensor<2>>,
 }
 
 impl LoraBranch {
@@ -87,6 +91,18 @@ impl Linear {
         }
     }
 
+    /// `||W + s·B·A||` per output row, `[1, out]` f32, detached from the graph.
+    pub fn dora_norm(&self, lora: &LoraBranch) -> Tensor<2> {
+        let ba = lora
+            .b
+            .clone()
+            .detach()
+            .matmul(lora.a.clone().detach())
+            .mul_scalar(lora.scale);
+        let w = self.weight.dense(DType::F32) + ba.cast(DType::F32);
+        w.square().sum_dim(1).sqrt().transpose().detach()
+    }
+
     pub fn in_features(&self) -> usize {
         self.weight.dims()[1]
     }
@@ -101,13 +117,12 @@ impl Linear {
     pub fn forward(&self, x: Tensor<3>, dropout_seed: Option<u64>) -> Tensor<3> {
         let [b, t, d_in] = x.dims();
         let x2 = x.reshape([b * t, d_in]);
-        let mut y = x2.clone().matmul(self.weight.dense(x2.dtype()).transpose());
-        if let Some(bias) = &self.bias {
-            y = y + bias.clone().unsqueeze_dim::<2>(0);
-        }
+        let dtype = x2.dtype();
+        let w = self.weight.dense(dtype);
+        let mut y = x2.clone().matmul(w.clone().transpose());
         if let Some(lora) = &self.lora {
-            let dtype = x2.dtype();
             let mut xin = x2;
+            let mut dropped = false;
             if let Some(seed) = dropout_seed
                 && lora.dropout > 0.0
             {
@@ -119,6 +134,7 @@ impl Linear {
                     xin.random_like(Distribution::Bernoulli(1.0 - lora.dropout))
                 };
                 xin = xin * keep / (1.0 - lora.dropout);
+                dropped = true;
             }
             let (a, lb) = (lora.a.clone(), lora.b.clone());
             // Factors stay f32 (optimizer state); meet half-precision activations in their dtype.
@@ -127,8 +143,27 @@ impl Linear {
             } else {
                 (a, lb)
             };
-            let delta = xin.matmul(a.transpose()).matmul(lb.transpose());
-            y = y + delta.mul_scalar(lora.scale);
+            let delta = xin
+                .clone()
+                .matmul(a.transpose())
+                .matmul(lb.transpose())
+                .mul_scalar(lora.scale);
+            y = match &lora.magnitude {
+                None => y + delta,
+                // PEFT's DoRA: base(x) + (k - 1)·W·drop(x) + k·s·B·A·drop(x), k = m / ||W + sBA||.
+                Some(m) => {
+                    let k = (m.clone() / self.dora_norm(lora)).cast(dtype);
+                    let base_d = if dropped {
+                        xin.matmul(w.transpose())
+                    } else {
+                        y.clone()
+                    };
+                    y + base_d * (k.clone() - 1.0) + delta * k
+                }
+            };
+        }
+        if let Some(bias) = &self.bias {
+            y = y + bias.clone().unsqueeze_dim::<2>(0);
         }
         let out = y.dims()[1];
         y.reshape([b, t, out])

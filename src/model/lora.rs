@@ -42,6 +42,8 @@ pub struct LoraConfig {
     pub keys: Vec<String>,
     /// Adapt the last `num_layers` blocks; -1 = all.
     pub num_layers: i64,
+    /// DoRA: a trainable magnitude per output row on top of the LoRA factors.
+    pub dora: bool,
 }
 
 impl Default for LoraConfig {
@@ -52,6 +54,7 @@ impl Default for LoraConfig {
             dropout: 0.0,
             keys: vec!["q_proj".into(), "v_proj".into()],
             num_layers: -1,
+            dora: false,
         }
     }
 }
@@ -148,12 +151,19 @@ pub fn apply_lora(model: &mut Llama, config: &LoraConfig, seed: u64) -> Result<(
                 .collect();
             let a = f32_tensor(a, [r, d_in], model);
             let b = f32_tensor(vec![0.0; d_out * r], [d_out, r], model);
-            linear_mut(&mut model.layers[i], path).lora = Some(LoraBranch {
+            let lin = linear_mut(&mut model.layers[i], path);
+            let mut branch = LoraBranch {
                 a,
                 b,
                 scale: config.scale,
                 dropout: config.dropout,
-            });
+                magnitude: None,
+            };
+            if config.dora {
+                // m starts at ||W + s·B·A|| = ||W|| (B = 0): the output is unchanged.
+                branch.magnitude = Some(lin.dora_norm(&branch));
+            }
+            lin.lora = Some(branch);
         }
     }
     Ok(())
@@ -174,6 +184,7 @@ pub fn set_lora_parameters(model: &mut Llama, params: Vec<(String, Tensor<2>)>) 
         match factor {
             Factor::A => br.a = t,
             Factor::B => br.b = t,
+            Factor::Magnitude => br.magnitude = Some(t),
         }
     }
     Ok(())
@@ -197,6 +208,10 @@ pub fn trainable_layer(layer: &DecoderLayer, i: usize) -> (DecoderLayer, Vec<(St
             br.b = br.b.clone().autodiff().require_grad();
             leaves.push((peft::tensor_name(i, path, Factor::A), br.a.clone()));
             leaves.push((peft::tensor_name(i, path, Factor::B), br.b.clone()));
+            if let Some(m) = br.magnitude.as_mut() {
+                *m = m.clone().autodiff().require_grad();
+                leaves.push((peft::tensor_name(i, path, Factor::Magnitude), m.clone()));
+            }
         }
     }
     (copy, leaves)
@@ -216,6 +231,9 @@ pub fn lora_parameters(model: &Llama) -> Vec<(String, Tensor<2>)> {
         if let Some(br) = linear_ref(&model.layers[i], path).lora.as_ref() {
             out.push((peft::tensor_name(i, path, Factor::A), br.a.clone()));
             out.push((peft::tensor_name(i, path, Factor::B), br.b.clone()));
+            if let Some(m) = &br.magnitude {
+                out.push((peft::tensor_name(i, path, Factor::Magnitude), m.clone()));
+            }
         }
     }
     out
@@ -229,21 +247,26 @@ pub fn num_lora_parameters(model: &Llama) -> usize {
         .sum()
 }
 
-/// Folds every adapter into its base weight (`W += scale · B·A`, computed in f32) and removes
-/// the branches.
+/// Folds every adapter into its base weight (`W += scale · B·A`, computed in f32; with DoRA
+/// each row is then scaled to `m / ||W + s·B·A||`) and removes the branches.
 pub fn merge_lora(model: &mut Llama) {
     let dtype = model.dtype;
     for (i, path) in adapted(model) {
         let lin = linear_mut(&mut model.layers[i], path);
         if let Some(br) = lin.lora.take() {
             let delta =
-                br.b.inner()
+                br.b.clone()
+                    .inner()
                     .cast(DType::F32)
-                    .matmul(br.a.inner().cast(DType::F32))
+                    .matmul(br.a.clone().inner().cast(DType::F32))
                     .mul_scalar(br.scale);
             // A quantized base becomes dense: the merged weight is no longer on its grid.
-            let w = lin.weight.dense(DType::F32);
-            lin.weight = BaseWeight::Dense((w + delta).cast(dtype));
+            let mut w = lin.weight.dense(DType::F32) + delta;
+            if let Some(m) = &br.magnitude {
+                let k = m.clone().inner() / lin.dora_norm(&br).inner();
+                w = w * k.transpose();
+            }
+            lin.weight = BaseWeight::Dense(w.cast(dtype));
         }
     }
 }
@@ -256,6 +279,7 @@ pub fn lora_config_of(p: &PeftConfig) -> LoraConfig {
         dropout: p.dropout,
         keys: p.target_modules.clone(),
         num_layers: -1,
+        dora: p.use_dora,
     }
 }
 
@@ -267,8 +291,8 @@ pub fn load_peft_adapter(model: &mut Llama, dir: &Path) -> Result<LoraConfig> {
     let mut config = lora_config_of(&peft_config);
     let file = dir.join("adapter_model.safetensors");
     let src = file.display();
-    // (layer, path) -> [A, B]
-    let mut found: BTreeMap<(usize, &'static str), [Option<RawTensor>; 2]> = BTreeMap::new();
+    // (layer, path) -> [A, B, magnitude]
+    let mut found: BTreeMap<(usize, &'static str), [Option<RawTensor>; 3]> = BTreeMap::new();
     for (name, t) in tensors {
         let (layer, path, factor) =
             peft::parse_tensor_name(&name).expect("checked by read_adapter");
@@ -290,7 +314,7 @@ pub fn load_peft_adapter(model: &mut Llama, dir: &Path) -> Result<LoraConfig> {
     let r = config.rank;
     let mut layers_used = BTreeSet::new();
     let mut keys_used = BTreeSet::new();
-    for ((layer, path), [a, b]) in found {
+    for ((layer, path), [a, b, magnitude]) in found {
         let a = a.with_context(|| {
             format!(
                 "{src}: `{}` is missing",
@@ -314,6 +338,18 @@ pub fn load_peft_adapter(model: &mut Llama, dir: &Path) -> Result<LoraConfig> {
                 b.shape
             );
         }
+        let magnitude = match (magnitude, config.dora) {
+            (Some(m), _) if m.shape == [d_out] => Some(f32_tensor(m.data, [1, d_out], model)),
+            (Some(m), _) => bail!(
+                "{src}: layer {layer} `{path}` has a magnitude of shape {:?}, expected [{d_out}]",
+                m.shape
+            ),
+            (None, true) => bail!(
+                "{src}: `{}` is missing (the adapter uses DoRA)",
+                peft::tensor_name(layer, path, Factor::Magnitude)
+            ),
+            (None, false) => None,
+        };
         let a = f32_tensor(a.data, [r, d_in], model);
         let b = f32_tensor(b.data, [d_out, r], model);
         linear_mut(&mut model.layers[layer], path).lora = Some(LoraBranch {
@@ -321,6 +357,7 @@ pub fn load_peft_adapter(model: &mut Llama, dir: &Path) -> Result<LoraConfig> {
             b,
             scale: config.scale,
             dropout: config.dropout,
+            magnitude,
         });
         layers_used.insert(layer);
         keys_used.insert(path.rsplit('.').next().unwrap_or(path).to_string());
@@ -354,7 +391,10 @@ pub fn save_peft_adapter(model: &Llama, dir: &Path, base_model: Option<&str>) ->
         .context("adapted layer without a branch")?;
     let mut tensors = RawWeights::new();
     for (name, t) in lora_parameters(model) {
-        let shape = t.dims().to_vec();
+        let mut shape = t.dims().to_vec();
+        if name.ends_with("lora_magnitude_vector") {
+            shape = vec![shape[1]]; // [1, out] in the model, [out] in PEFT's file
+        }
         let data = t.inner().try_into_vec_as::<f32>()?;
         tensors.insert(name, RawTensor { shape, data });
     }
@@ -376,6 +416,7 @@ pub fn save_peft_adapter(model: &Llama, dir: &Path, base_model: Option<&str>) ->
         dropout: br.dropout,
         target_modules: keys,
         layers: (!all_layers).then_some(layers),
+        use_dora: br.magnitude.is_some(),
     };
     peft::write_adapter(dir, &config, base_model, &tensors)
 }

@@ -77,6 +77,7 @@ impl TrainSettings {
                 dropout: r.f64("lora.dropout")?,
                 keys: r.strings("lora.keys")?,
                 num_layers: r.i64("lora.num_layers")?,
+                dora: r.str("lora.fine_tune_type")? == "dora",
             },
             quantize: match r.usize("quantize.bits")? {
                 0 => None,
