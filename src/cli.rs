@@ -36,12 +36,16 @@ pub enum Command {
         experiment: PathBuf,
         #[arg(long = "set", value_name = "KEY=VALUE")]
         sets: Vec<String>,
+        #[command(flatten)]
+        place: Placement,
     },
     /// Train one run: an experiment without a grid, or a run folder's `config.yaml`.
     Train {
         spec: PathBuf,
         #[arg(long = "set", value_name = "KEY=VALUE")]
         sets: Vec<String>,
+        #[command(flatten)]
+        place: Placement,
     },
     /// Test loss and perplexity of a model (with an optional adapter) on a data folder.
     Eval(crate::train::eval::EvalArgs),
@@ -173,8 +177,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             print!("{}", executor::plan_table(&exp, &runs));
             Ok(ExitCode::SUCCESS)
         }
-        Command::Train { spec, sets } => {
-            let exp = config::load_experiment(&spec, &sets)?;
+        Command::Train { spec, sets, place } => {
+            let exp = config::load_experiment(&spec, &place.with(sets))?;
             let runs = config::expand(&exp)?;
             if runs.len() != 1 {
                 anyhow::bail!(
@@ -247,11 +251,40 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             print!("{}", o.summary);
             Ok(ExitCode::SUCCESS)
         }
-        Command::Sweep { experiment, sets } => {
-            let exp = config::load_experiment(&experiment, &sets)?;
+        Command::Sweep {
+            experiment,
+            sets,
+            place,
+        } => {
+            let exp = config::load_experiment(&experiment, &place.with(sets))?;
             let runs = config::expand(&exp)?;
             sweep_runs(&exp, &runs)
         }
+    }
+}
+
+/// `--device` and `--dtype` of `tuna train` and `tuna sweep`, as `eval` and `generate` have
+/// them: shorthands for `--set device=…` and `--set dtype=…` (so they are checked, and recorded
+/// in each run's config, like any key).
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct Placement {
+    /// auto, cpu, wgpu, vulkan or metal (the spec's `device:`).
+    #[arg(long)]
+    pub device: Option<String>,
+    /// auto, f32, f16 or bf16 (the spec's `dtype:`).
+    #[arg(long)]
+    pub dtype: Option<String>,
+}
+
+impl Placement {
+    fn with(&self, mut sets: Vec<String>) -> Vec<String> {
+        if let Some(d) = &self.device {
+            sets.push(format!("device={d}"));
+        }
+        if let Some(d) = &self.dtype {
+            sets.push(format!("dtype={d}"));
+        }
+        sets
     }
 }
 

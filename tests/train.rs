@@ -426,3 +426,43 @@ fn dora_sweep_learns_and_saves_a_peft_dora_adapter() {
         "DoRA validation loss must fall: {vals:?}"
     );
 }
+
+#[test]
+fn sweep_takes_device_and_dtype_like_eval_and_generate() {
+    let d = tempfile::tempdir().unwrap();
+    let spec = experiment(d.path(), "");
+    let out = tuna()
+        .args(["sweep", spec.to_str().unwrap(), "--device", "gpu"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("`device`") && err.contains("vulkan"), "{err}");
+    let text = std::fs::read_to_string(&spec)
+        .unwrap()
+        .replace("iters: 400", "iters: 2")
+        .replace("device: cpu\n", "device: auto\n");
+    std::fs::write(&spec, text).unwrap();
+    let out = tuna()
+        .args([
+            "train",
+            spec.to_str().unwrap(),
+            "--device",
+            "cpu",
+            "--dtype",
+            "f32",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let config =
+        std::fs::read_to_string(run_folder(&d.path().join("out")).join("config.yaml")).unwrap();
+    assert!(
+        config.contains("device: cpu") && config.contains("dtype: f32"),
+        "{config}"
+    );
+}
