@@ -10,7 +10,7 @@ use safetensors::SafeTensors;
 use tuna::data::dataset::Batch;
 use tuna::model::load::load_model;
 use tuna::model::lora::{
-    LoraConfig, apply_lora, load_peft_adapter, lora_parameters, merge_lora, save_peft_adapter,
+    LoraConfig, apply_lora, load_adapter, lora_parameters, merge_lora, save_peft_adapter,
 };
 use tuna::train::step::{StepOptions, eval_loss, loss_and_grads};
 
@@ -66,7 +66,7 @@ fn dora_loss_and_gradients_match_peft() {
         DType::F32,
     )
     .unwrap();
-    let cfg = load_peft_adapter(&mut model, &fixture().join("adapter")).unwrap();
+    let cfg = load_adapter(&mut model, &fixture().join("adapter")).unwrap();
     assert!(cfg.dora && cfg.rank == 4 && cfg.scale == 2.0, "{cfg:?}");
     let expected = std::fs::read(fixture().join("expected.safetensors")).unwrap();
     let want = peft_values(&expected, "loss")[0];
@@ -123,7 +123,7 @@ fn dora_saves_in_peft_format_merges_and_starts_as_the_base() {
 
     // PEFT's adapter round-trips through tuna's writer, and merging keeps the function.
     let mut model = load_model(&dir, &Device::flex(), DType::F32).unwrap();
-    load_peft_adapter(&mut model, &fixture().join("adapter")).unwrap();
+    load_adapter(&mut model, &fixture().join("adapter")).unwrap();
     let tmp = tempfile::tempdir().unwrap();
     save_peft_adapter(&model, tmp.path(), None).unwrap();
     let config: serde_json::Value = serde_json::from_str(
@@ -132,7 +132,7 @@ fn dora_saves_in_peft_format_merges_and_starts_as_the_base() {
     .unwrap();
     assert_eq!(config["use_dora"], true);
     let mut again = load_model(&dir, &Device::flex(), DType::F32).unwrap();
-    load_peft_adapter(&mut again, tmp.path()).unwrap();
+    load_adapter(&mut again, tmp.path()).unwrap();
     for ((n, x), (_, y)) in lora_parameters(&model).iter().zip(&lora_parameters(&again)) {
         assert_eq!(values(x), values(y), "{n}");
     }
@@ -151,7 +151,7 @@ fn fusing_a_dora_adapter_gives_the_adapted_model() {
     let dir = reference_dir().join("tiny-llama");
     let batch = example();
     let mut model = load_model(&dir, &Device::flex(), DType::F32).unwrap();
-    load_peft_adapter(&mut model, &fixture().join("adapter")).unwrap();
+    load_adapter(&mut model, &fixture().join("adapter")).unwrap();
     let adapted = eval_loss(&model, &batch).0.into_scalar::<f32>();
     let base = tuna::source::base::load_base(dir.to_str().unwrap()).unwrap();
     let weights = tuna::export::fuse::merged_weights(&base, &fixture().join("adapter")).unwrap();

@@ -66,7 +66,7 @@ fn fuse_rejects_a_factor_that_is_not_2d() {
         DType::F32,
     )
     .unwrap();
-    let e = tuna::model::lora::load_peft_adapter(&mut m, &adapter).unwrap_err();
+    let e = tuna::model::lora::load_adapter(&mut m, &adapter).unwrap_err();
     assert!(format!("{e:#}").contains("2-D"), "{e:#}");
 }
 

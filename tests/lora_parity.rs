@@ -16,7 +16,7 @@ use tuna::data::dataset::Batch;
 use tuna::model::llama::{Linear, Llama, LoraBranch};
 use tuna::model::load::load_model;
 use tuna::model::lora;
-use tuna::model::lora::{load_peft_adapter, lora_parameters, merge_lora, save_peft_adapter};
+use tuna::model::lora::{load_adapter, lora_parameters, merge_lora, save_peft_adapter};
 use tuna::optim::AdamW;
 use tuna::train::checkpoint::{self, Checkpoint};
 use tuna::train::step::{StepGrads, StepOptions, eval_loss, loss_and_grads, update_adapters};
@@ -98,7 +98,7 @@ fn check(prefix: &str) {
     let ex = example(&exp, prefix);
     let mut model = load_model(&dir.join(prefix), &Device::flex(), DType::F32)
         .unwrap_or_else(|e| panic!("{e:#}"));
-    let cfg = load_peft_adapter(&mut model, &dir.join(format!("{prefix}-lora")))
+    let cfg = load_adapter(&mut model, &dir.join(format!("{prefix}-lora")))
         .unwrap_or_else(|e| panic!("{e:#}"));
     assert_eq!(cfg.rank, 4);
     assert_eq!(cfg.scale, 2.0);
@@ -152,7 +152,7 @@ fn check(prefix: &str) {
         assert_eq!((&o.1, &o.2), (&t.1, &t.2), "{} differs after save", t.0);
     }
     let mut reloaded = load_model(&dir.join(prefix), &Device::flex(), DType::F32).unwrap();
-    let cfg2 = load_peft_adapter(&mut reloaded, &out).unwrap();
+    let cfg2 = load_adapter(&mut reloaded, &out).unwrap();
     assert_eq!(
         (cfg2.rank, cfg2.scale, &cfg2.keys),
         (cfg.rank, cfg.scale, &cfg.keys)
@@ -178,7 +178,7 @@ fn check(prefix: &str) {
 
     // Merge (from the saved adapter, as the reference does).
     let mut merged = load_model(&dir.join(prefix), &Device::flex(), DType::F32).unwrap();
-    load_peft_adapter(&mut merged, &dir.join(format!("{prefix}-lora"))).unwrap();
+    load_adapter(&mut merged, &dir.join(format!("{prefix}-lora"))).unwrap();
     merge_lora(&mut merged);
     assert!(lora_parameters(&merged).is_empty());
     let got = scalar(loss(&merged, &ex));
@@ -376,7 +376,7 @@ fn skipped_step_keeps_the_adapters() {
     let exp = Expected::load();
     let ex = example(&exp, "tiny-llama");
     let mut m = load_model(&dir.join("tiny-llama"), &Device::flex(), DType::F32).unwrap();
-    load_peft_adapter(&mut m, &dir.join("tiny-llama-lora")).unwrap();
+    load_adapter(&mut m, &dir.join("tiny-llama-lora")).unwrap();
     let before: Vec<Vec<f32>> = lora_parameters(&m).iter().map(|(_, t)| values(t)).collect();
     let mut grads = step(&m, &ex, &StepOptions::default()).grads;
     grads[0].1 = grads[0].1.clone().mul_scalar(f32::INFINITY);

@@ -276,7 +276,7 @@ fn gpu_matches_reference() {
             "{dt:?}: greedy output leaves the reference before any near-tie"
         );
 
-        lora::load_peft_adapter(&mut model, &dir.join("tiny-llama-lora")).unwrap();
+        lora::load_adapter(&mut model, &dir.join("tiny-llama-lora")).unwrap();
         let lids: Vec<u32> = exp
             .i64("tiny-llama.lora.ids")
             .iter()

@@ -11,7 +11,7 @@ use burn::tensor::{DType, Device};
 use common::{Expected, reference_dir};
 use tuna::data::dataset::{Tokenized, collate};
 use tuna::model::load::build_model;
-use tuna::model::lora::load_peft_adapter;
+use tuna::model::lora::load_adapter;
 use tuna::source::base::load_base;
 use tuna::train::step::eval_loss;
 
@@ -35,7 +35,7 @@ fn trainer_loss_and_fuse_match_peft() {
         let base = load_base(dir.join(name).to_str().unwrap()).unwrap();
         let mut model =
             build_model(&base.config, &base.weights, &Device::flex(), DType::F32).unwrap();
-        load_peft_adapter(&mut model, &dir.join(format!("{name}-lora"))).unwrap();
+        load_adapter(&mut model, &dir.join(format!("{name}-lora"))).unwrap();
         let want = exp.f64(&format!("{name}.lora.loss"))[0];
         let got = loss_of(&model, &exp, name);
         assert!(
@@ -133,6 +133,12 @@ fn sweep_learns_and_a_killed_run_resumes_to_the_same_result() {
     );
     assert!(ma["test_ppl"].as_f64().unwrap() > 1.0);
     assert!(run_a.join("adapter/adapter_model.safetensors").exists());
+    let mlx: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(run_a.join("adapter-mlx/adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(mlx["num_layers"], 2, "every run also writes an mlx-lm adapter");
+    assert_eq!(mlx["lora_parameters"]["rank"], 4);
     assert!(
         !run_a.join("checkpoint").exists(),
         "a finished run drops its checkpoint"

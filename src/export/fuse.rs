@@ -14,8 +14,9 @@ use crate::source::base::BaseModel;
 
 /// Merges the adapter in `adapter_dir` into a copy of the base weights.
 pub fn merged_weights(base: &BaseModel, adapter_dir: &Path) -> Result<RawWeights> {
-    let (config, tensors) = peft::read_adapter(adapter_dir)?;
-    let file = adapter_dir.join("adapter_model.safetensors");
+    let (config, tensors) =
+        crate::formats::read_adapter(adapter_dir, base.config.num_hidden_layers)?;
+    let file = adapter_dir.to_path_buf();
     let mut weights = base.weights.clone();
     let mut merged = 0;
     for (name, a) in &tensors {

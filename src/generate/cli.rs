@@ -10,7 +10,7 @@ use serde_json::json;
 use super::{GenerateConfig, SamplingConfig, generate};
 use crate::model::device::device_for;
 use crate::model::load::build_model;
-use crate::model::lora::load_peft_adapter;
+use crate::model::lora::load_adapter;
 use crate::source::base::load_base;
 
 /// `tuna generate`'s arguments (clap reads them straight into this struct).
@@ -69,7 +69,7 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
     let sel = device_for(&args.device, "auto")?;
     let mut model = build_model(&base.config, &base.weights, &sel.device, sel.dtype)?;
     if let Some(a) = &args.adapter {
-        load_peft_adapter(&mut model, a)?;
+        load_adapter(&mut model, a)?;
     }
     let tok = &base.tokenizer;
     let text = if args.raw || tok.chat_template().is_none() {

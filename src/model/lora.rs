@@ -286,10 +286,14 @@ pub fn lora_config_of(p: &PeftConfig) -> LoraConfig {
 /// Loads a PEFT adapter directory (`adapter_config.json` + `adapter_model.safetensors`) onto
 /// the model, replacing any adapters it has. Which modules get adapters follows the tensors in
 /// the file. Returns the config, with `num_layers` set when the layers are a trailing block.
-pub fn load_peft_adapter(model: &mut Llama, dir: &Path) -> Result<LoraConfig> {
-    let (peft_config, tensors) = peft::read_adapter(dir)?;
+pub fn load_adapter(model: &mut Llama, dir: &Path) -> Result<LoraConfig> {
+    let (peft_config, tensors) = crate::formats::read_adapter(dir, model.layers.len())?;
     let mut config = lora_config_of(&peft_config);
-    let file = dir.join("adapter_model.safetensors");
+    let file = if crate::formats::mlx_adapter::is_mlx_adapter(dir) {
+        dir.join("adapters.safetensors")
+    } else {
+        dir.join("adapter_model.safetensors")
+    };
     let src = file.display();
     // (layer, path) -> [A, B, magnitude]
     let mut found: BTreeMap<(usize, &'static str), [Option<RawTensor>; 3]> = BTreeMap::new();
@@ -381,6 +385,18 @@ pub fn load_peft_adapter(model: &mut Llama, dir: &Path) -> Result<LoraConfig> {
 /// Writes the model's adapters as a PEFT adapter directory that `PeftModel.from_pretrained`
 /// loads (f32 factors, PEFT's names).
 pub fn save_peft_adapter(model: &Llama, dir: &Path, base_model: Option<&str>) -> Result<()> {
+    let (config, tensors) = adapter_tensors(model)?;
+    peft::write_adapter(dir, &config, base_model, &tensors)
+}
+
+/// Writes the model's adapters as an mlx-lm adapter folder (`mlx_lm.generate --adapter-path`).
+pub fn save_mlx_adapter(model: &Llama, dir: &Path) -> Result<()> {
+    let (config, tensors) = adapter_tensors(model)?;
+    crate::formats::mlx_adapter::write_from_peft(dir, &config, &tensors, model.layers.len())
+}
+
+/// The model's adapters in PEFT's form: config and f32 tensors by PEFT name.
+fn adapter_tensors(model: &Llama) -> Result<(PeftConfig, RawWeights)> {
     let adapted = adapted(model);
     let Some(&(first_layer, first_path)) = adapted.first() else {
         bail!("the model has no LoRA adapters to save");
@@ -418,7 +434,7 @@ pub fn save_peft_adapter(model: &Llama, dir: &Path, base_model: Option<&str>) ->
         layers: (!all_layers).then_some(layers),
         use_dora: br.magnitude.is_some(),
     };
-    peft::write_adapter(dir, &config, base_model, &tensors)
+    Ok((config, tensors))
 }
 
 #[cfg(test)]

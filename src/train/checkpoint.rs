@@ -92,7 +92,7 @@ pub fn load(
             c.run_id
         );
     }
-    lora::load_peft_adapter(model, &dir)?;
+    lora::load_adapter(model, &dir)?;
     let path = dir.join("optimizer.safetensors");
     let (mut tensors, meta) = safetensors::read_file_with_metadata(&path)?;
     let step: i32 = meta

@@ -9,7 +9,7 @@ use super::trainer::split_loss;
 use crate::data::dataset::tokenize_split;
 use crate::model::device::device_for;
 use crate::model::load::build_model;
-use crate::model::lora::load_peft_adapter;
+use crate::model::lora::load_adapter;
 use crate::source::base::load_base;
 
 #[derive(clap::Args, Debug, Clone)]
@@ -40,7 +40,7 @@ pub fn run(a: &EvalArgs) -> Result<()> {
     let sel = device_for(&a.device, "auto")?;
     let mut m = build_model(&base.config, &base.weights, &sel.device, sel.dtype)?;
     if let Some(adapter) = &a.adapter {
-        load_peft_adapter(&mut m, adapter)?;
+        load_adapter(&mut m, adapter)?;
     }
     let file = a.data.join(format!("{}.jsonl", a.split));
     let split = tokenize_split(

@@ -470,6 +470,8 @@ impl Run<'_> {
         let s = self.s;
         let dir = &self.ctx.dir.path;
         lora::save_peft_adapter(model, &dir.join("adapter"), Some(&s.model))?;
+        // The same adapters for mlx-lm users (`mlx_lm.generate --adapter-path`).
+        lora::save_mlx_adapter(model, &dir.join("adapter-mlx"))?;
         let (test_loss, test_ppl) = match (&self.data.test, s.test) {
             (Some(test), true) => {
                 let t = self.evaluate(model, test, s.test_batches)?;

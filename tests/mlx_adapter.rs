@@ -1,0 +1,121 @@
+//! mlx-lm adapters: `tests/fixtures/mlx_lora/` holds an adapter saved the way `mlx_lm.lora`
+//! saves one (last layer, q_proj and v_proj, rank 4, scale 2) with mlx-lm's own loss on the
+//! reference example and its 16 greedy tokens (`make.py` there made them).
+
+mod common;
+
+use burn::tensor::{DType, Device};
+use common::{Expected, reference_dir};
+use safetensors::SafeTensors;
+use tuna::data::dataset::Batch;
+use tuna::generate::{GenerateConfig, generate};
+use tuna::model::load::load_model;
+use tuna::model::lora::{load_adapter, save_mlx_adapter};
+use tuna::train::step::eval_loss;
+
+fn fixture() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/mlx_lora")
+}
+
+#[test]
+fn an_mlx_lm_adapter_gives_mlx_lm_loss_and_tokens_and_writes_back_unchanged() {
+    let exp = Expected::load();
+    let mut model = load_model(
+        &reference_dir().join("tiny-llama"),
+        &Device::flex(),
+        DType::F32,
+    )
+    .unwrap();
+    let cfg = load_adapter(&mut model, &fixture().join("adapter")).unwrap();
+    assert_eq!((cfg.rank, cfg.scale, cfg.num_layers), (4, 2.0, 1));
+    assert_eq!(cfg.keys, vec!["q_proj", "v_proj"]);
+
+    let bytes = std::fs::read(fixture().join("expected.safetensors")).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let four = |name: &str| -> Vec<[u8; 4]> {
+        st.tensor(name)
+            .unwrap()
+            .data()
+            .chunks_exact(4)
+            .map(|b| b.try_into().unwrap())
+            .collect()
+    };
+    let want_loss = f32::from_le_bytes(four("loss")[0]);
+    let want_tokens: Vec<u32> = four("greedy")
+        .into_iter()
+        .map(|b| i32::from_le_bytes(b) as u32)
+        .collect();
+
+    let ids: Vec<u32> = exp
+        .i64("tiny-llama.lora.ids")
+        .iter()
+        .map(|&x| x as u32)
+        .collect();
+    let p = exp.i64("tiny-llama.lora.prompt_len")[0] as usize;
+    let n = ids.len();
+    let batch = Batch {
+        batch: 1,
+        seq: n,
+        attention: vec![1.0; n],
+        loss_mask: (0..n).map(|t| if t >= p { 1.0 } else { 0.0 }).collect(),
+        lengths: vec![n],
+        ids,
+    };
+    let loss = eval_loss(&model, &batch).0.into_scalar::<f32>();
+    assert!(
+        ((loss - want_loss) / want_loss).abs() < 1e-5,
+        "loss {loss} vs mlx-lm's {want_loss}"
+    );
+    let prompt: Vec<u32> = exp
+        .i64("tiny-llama.prompt0.ids")
+        .iter()
+        .map(|&x| x as u32)
+        .collect();
+    let g = generate(
+        &model,
+        &prompt,
+        &GenerateConfig {
+            max_new_tokens: 16,
+            ..Default::default()
+        },
+        None,
+        &mut |_| true,
+    )
+    .unwrap();
+    assert_eq!(g.tokens, want_tokens, "greedy tokens vs mlx-lm's");
+
+    // Written back by tuna: the same tensors and the same config mlx-lm wrote, so mlx-lm
+    // generates the tokens above from tuna's adapter.
+    let tmp = tempfile::tempdir().unwrap();
+    save_mlx_adapter(&model, tmp.path()).unwrap();
+    let ours =
+        tuna::formats::safetensors::read_file(&tmp.path().join("adapters.safetensors")).unwrap();
+    let theirs =
+        tuna::formats::safetensors::read_file(&fixture().join("adapter/adapters.safetensors"))
+            .unwrap();
+    assert_eq!(ours, theirs);
+    let cfg = |p: &std::path::Path| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(p.join("adapter_config.json")).unwrap())
+            .unwrap()
+    };
+    assert_eq!(cfg(tmp.path()), cfg(&fixture().join("adapter")));
+}
+
+#[test]
+fn adapters_mlx_lm_cannot_express_are_refused() {
+    // PEFT's reference adapter covers both layers: fine. One covering only layer 0 is not
+    // "the last N layers".
+    let mut model = load_model(
+        &reference_dir().join("tiny-llama"),
+        &Device::flex(),
+        DType::F32,
+    )
+    .unwrap();
+    load_adapter(&mut model, &reference_dir().join("tiny-llama-lora")).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    save_mlx_adapter(&model, tmp.path()).unwrap();
+    model.layers[1].self_attn.q_proj.lora = None;
+    model.layers[1].self_attn.v_proj.lora = None;
+    let e = save_mlx_adapter(&model, &tmp.path().join("x")).unwrap_err();
+    assert!(format!("{e:#}").contains("last N layers"), "{e:#}");
+}
