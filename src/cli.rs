@@ -59,6 +59,12 @@ pub enum Command {
         adapter: PathBuf,
         #[arg(long)]
         out: PathBuf,
+        /// f32, f16 or bf16 (default: the base's own type; f16 for a dequantized base).
+        #[arg(long)]
+        dtype: Option<String>,
+        /// Write a dense model from a quantized base (mlx-lm's flag).
+        #[arg(long)]
+        dequantize: bool,
     },
     /// Convert a GGUF file into a Hugging Face folder (dequantized to f32).
     Convert { gguf: PathBuf, out: PathBuf },
@@ -202,15 +208,21 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             model,
             adapter,
             out,
+            dtype,
+            dequantize,
         } => {
+            use crate::formats::safetensors::FloatType;
+            let dtype = match dtype.as_deref() {
+                None => None,
+                Some("f32") => Some(FloatType::F32),
+                Some("f16") => Some(FloatType::F16),
+                Some("bf16") => Some(FloatType::BF16),
+                Some(other) => anyhow::bail!("--dtype `{other}`: use f32, f16 or bf16"),
+            };
             let base = crate::source::base::load_base(&model)?;
-            crate::export::fuse::fuse(&base, &adapter, &out)?;
-            if base.dequantized {
-                eprintln!(
-                    "note: the base model was quantized (GGUF); it was dequantized and the fused weights are f32"
-                );
-            }
-            eprintln!("wrote {}", out.display());
+            let opts = crate::export::fuse::FuseOptions { dtype, dequantize };
+            let ty = crate::export::fuse::fuse(&base, &adapter, &out, opts)?;
+            eprintln!("wrote {} ({})", out.display(), ty.torch_name());
             Ok(ExitCode::SUCCESS)
         }
         Command::Bench {

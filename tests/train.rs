@@ -45,7 +45,18 @@ fn trainer_loss_and_fuse_match_peft() {
 
         // tuna fuse writes an HF folder whose plain forward gives PEFT's merged loss.
         let out = tempfile::tempdir().unwrap();
-        tuna::export::fuse::fuse(&base, &dir.join(format!("{name}-lora")), out.path()).unwrap();
+        let ty = tuna::export::fuse::fuse(
+            &base,
+            &dir.join(format!("{name}-lora")),
+            out.path(),
+            Default::default(),
+        )
+        .unwrap();
+        assert_eq!(
+            ty,
+            tuna::formats::safetensors::FloatType::F32,
+            "the reference base is float32"
+        );
         let fused = load_base(out.path().to_str().unwrap()).unwrap();
         let model =
             build_model(&fused.config, &fused.weights, &Device::flex(), DType::F32).unwrap();
@@ -137,7 +148,10 @@ fn sweep_learns_and_a_killed_run_resumes_to_the_same_result() {
         &std::fs::read_to_string(run_a.join("adapter-mlx/adapter_config.json")).unwrap(),
     )
     .unwrap();
-    assert_eq!(mlx["num_layers"], 2, "every run also writes an mlx-lm adapter");
+    assert_eq!(
+        mlx["num_layers"], 2,
+        "every run also writes an mlx-lm adapter"
+    );
     assert_eq!(mlx["lora_parameters"]["rank"], 4);
     assert!(
         !run_a.join("checkpoint").exists(),

@@ -8,7 +8,7 @@ use anyhow::{Context, Result, bail};
 use rayon::prelude::*;
 
 use crate::formats::peft::{self, Factor};
-use crate::formats::safetensors;
+use crate::formats::safetensors::{self, FloatType};
 use crate::formats::weights::RawWeights;
 use crate::source::base::BaseModel;
 
@@ -86,17 +86,52 @@ pub fn merged_weights(base: &BaseModel, adapter_dir: &Path) -> Result<RawWeights
     Ok(weights)
 }
 
+/// How `tuna fuse` writes its output, as mlx-lm's fuse does: in the base's float type unless
+/// `dtype` says otherwise; a quantized base only with `dequantize` (then f16 by default).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct FuseOptions {
+    pub dtype: Option<FloatType>,
+    pub dequantize: bool,
+}
+
+/// The float type a config.json declares (`torch_dtype`, or transformers 5's `dtype`).
+fn declared_type(config: &serde_json::Value) -> Option<FloatType> {
+    ["torch_dtype", "dtype"]
+        .iter()
+        .find_map(|k| config.get(*k).and_then(|v| v.as_str()))
+        .and_then(FloatType::from_torch_name)
+}
+
 /// Writes the fused model as an HF folder: config.json, model.safetensors, tokenizer files.
-pub fn fuse(base: &BaseModel, adapter_dir: &Path, out: &Path) -> Result<()> {
+/// Returns the float type written.
+pub fn fuse(base: &BaseModel, adapter_dir: &Path, out: &Path, o: FuseOptions) -> Result<FloatType> {
+    if base.dequantized && !o.dequantize {
+        bail!(
+            "{} is quantized; pass --dequantize to write a dense fused model (a re-quantized output is not supported yet)",
+            base.path.display()
+        );
+    }
+    let ty = match (o.dtype, base.dequantized) {
+        (Some(t), _) => t,
+        (None, true) => FloatType::F16,
+        (None, false) => declared_type(&base.raw_config).unwrap_or(FloatType::F32),
+    };
     let weights = merged_weights(base, adapter_dir)?;
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
     let mut config = base.raw_config.clone();
-    config["torch_dtype"] = serde_json::json!("float32");
-    std::fs::write(
-        out.join("config.json"),
-        serde_json::to_string_pretty(&config)?,
+    if let Some(m) = config.as_object_mut() {
+        m.remove("quantization");
+        m.remove("quantization_config");
+        m.insert("torch_dtype".into(), ty.torch_name().into());
+        if m.contains_key("dtype") {
+            m.insert("dtype".into(), ty.torch_name().into());
+        }
+    }
+    crate::files::write_atomic(
+        &out.join("config.json"),
+        serde_json::to_string_pretty(&config)?.as_bytes(),
     )?;
-    safetensors::write_f32(&weights, &[], &out.join("model.safetensors"))?;
+    safetensors::write_as(&weights, ty, &out.join("model.safetensors"))?;
     base.tokenizer.save_folder(out)?;
-    Ok(())
+    Ok(ty)
 }

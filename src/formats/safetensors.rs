@@ -133,6 +133,71 @@ pub fn write_f32(weights: &RawWeights, extra: &[(&str, String)], path: &Path) ->
         .map_err(|e| anyhow!("{}: cannot write safetensors: {e}", path.display()))
 }
 
+/// The float types a model can be written in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FloatType {
+    F32,
+    F16,
+    BF16,
+}
+
+impl FloatType {
+    /// transformers' name (`torch_dtype` / `dtype` in config.json).
+    pub fn torch_name(self) -> &'static str {
+        match self {
+            FloatType::F32 => "float32",
+            FloatType::F16 => "float16",
+            FloatType::BF16 => "bfloat16",
+        }
+    }
+
+    /// The type a config.json declares, if it names a float type.
+    pub fn from_torch_name(name: &str) -> Option<Self> {
+        match name {
+            "float32" => Some(FloatType::F32),
+            "float16" => Some(FloatType::F16),
+            "bfloat16" => Some(FloatType::BF16),
+            _ => None,
+        }
+    }
+}
+
+/// Writes `weights` in `ty` (rounded to nearest from f32), with transformers' `format: pt`.
+pub fn write_as(weights: &RawWeights, ty: FloatType, path: &Path) -> Result<()> {
+    if ty == FloatType::F32 {
+        return write_f32(weights, &[], path);
+    }
+    let bufs: Vec<Vec<u8>> = weights
+        .values()
+        .map(|t| match ty {
+            FloatType::F16 => t
+                .data
+                .iter()
+                .flat_map(|x| half::f16::from_f32(*x).to_le_bytes())
+                .collect(),
+            _ => t
+                .data
+                .iter()
+                .flat_map(|x| half::bf16::from_f32(*x).to_le_bytes())
+                .collect(),
+        })
+        .collect();
+    let dtype = if ty == FloatType::F16 {
+        Dtype::F16
+    } else {
+        Dtype::BF16
+    };
+    let mut views = Vec::with_capacity(weights.len());
+    for ((name, t), bytes) in weights.iter().zip(&bufs) {
+        let view = TensorView::new(dtype, t.shape.clone(), bytes)
+            .map_err(|e| anyhow!("{}: tensor `{name}`: {e}", path.display()))?;
+        views.push((name.as_str(), view));
+    }
+    let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
+    safetensors::tensor::serialize_to_file(views, Some(meta), path)
+        .map_err(|e| anyhow!("{}: cannot write safetensors: {e}", path.display()))
+}
+
 /// A checkpoint's safetensors files, memory-mapped: tensors are read from the page cache one at
 /// a time, in their stored dtype, and nothing stays on the heap once a tensor is uploaded.
 pub struct Mapped {

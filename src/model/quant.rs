@@ -198,3 +198,35 @@ pub fn quantize(w: &[f32], shape: [usize; 2], spec: QuantSpec) -> (Vec<u32>, Vec
     }
     (words, scales, biases)
 }
+
+/// The dense values of mlx-layout parts on the host, row-major `[out, in]` (for fusing and
+/// converting, which write dense weights).
+pub fn dequantize_host(
+    words: &[u32],
+    scales: &[f32],
+    biases: &[f32],
+    shape: [usize; 2],
+    spec: QuantSpec,
+) -> Result<Vec<f32>> {
+    spec.check(shape)?;
+    let [out, inp] = shape;
+    let QuantSpec { bits, group_size } = spec;
+    let per_word = 32 / bits;
+    let groups = inp / group_size;
+    if words.len() != out * inp / per_word
+        || scales.len() != out * groups
+        || biases.len() != out * groups
+    {
+        bail!(
+            "quantized parts do not fit a [{out}, {inp}] weight at {bits} bits in groups of {group_size}"
+        );
+    }
+    let mask = (1u32 << bits) - 1;
+    Ok((0..out * inp)
+        .map(|i| {
+            let q = (words[i / per_word] >> ((i % per_word) * bits)) & mask;
+            let g = i / group_size;
+            scales[g] * q as f32 + biases[g]
+        })
+        .collect())
+}

@@ -12,6 +12,7 @@ use crate::formats::gguf::{GgufFile, GgufSource, gguf_config, gguf_tokenizer};
 use crate::formats::safetensors;
 use crate::formats::weights::{RawWeights, TensorSource, to_raw};
 use crate::model::config::ModelConfig;
+use crate::model::quant::{QuantSpec, dequantize_host};
 use crate::tokenizer::Tokenizer;
 
 /// A base model opened for building on a device; its weights stay in their files.
@@ -77,17 +78,60 @@ pub fn open_base(spec: &str) -> Result<BaseSource> {
     }
 }
 
-/// [`open_base`], with every weight read into f32 host arrays.
+/// [`open_base`], with every weight read into f32 host arrays (quantized ones dequantized).
 pub fn load_base(spec: &str) -> Result<BaseModel> {
     let b = open_base(spec)?;
-    let weights =
+    let mut weights =
         to_raw(b.weights.as_ref()).with_context(|| format!("reading {}", b.path.display()))?;
+    let quantized = b.dequantized || b.config.quantization.is_some();
+    if let Some(q) = b.config.quantization {
+        dequantize_mlx_layers(b.weights.as_ref(), &mut weights, q)
+            .with_context(|| format!("dequantizing {}", b.path.display()))?;
+    }
     Ok(BaseModel {
         config: b.config,
         raw_config: b.raw_config,
         weights,
         tokenizer: b.tokenizer,
         path: b.path,
-        dequantized: b.dequantized,
+        dequantized: quantized,
     })
+}
+
+/// Replaces each mlx-quantized layer (`weight` as packed words, `scales`, `biases`) by its
+/// dense f32 weight.
+fn dequantize_mlx_layers(
+    source: &dyn TensorSource,
+    weights: &mut RawWeights,
+    spec: QuantSpec,
+) -> Result<()> {
+    let prefixes: Vec<String> = weights
+        .keys()
+        .filter_map(|n| n.strip_suffix(".scales").map(String::from))
+        .collect();
+    for p in prefixes {
+        let name = format!("{p}.weight");
+        let words: Vec<u32> = source
+            .data(&name)?
+            .try_to_vec::<u32>()
+            .map_err(|e| anyhow::anyhow!("`{name}` is not packed u32 words: {e:?}"))?;
+        let scales = weights
+            .remove(&format!("{p}.scales"))
+            .with_context(|| format!("`{p}.scales` is missing"))?;
+        let biases = weights
+            .remove(&format!("{p}.biases"))
+            .with_context(|| format!("`{p}.biases` is missing"))?;
+        let out = scales.shape[0];
+        let inp = scales.shape[1] * spec.group_size;
+        let data = dequantize_host(&words, &scales.data, &biases.data, [out, inp], spec)
+            .with_context(|| format!("`{p}`"))?;
+        weights.insert(
+            name,
+            crate::formats::weights::RawTensor {
+                shape: vec![out, inp],
+                data,
+            },
+        );
+    }
+    Ok(())
 }
