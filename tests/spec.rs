@@ -919,3 +919,23 @@ fn a_run_whose_status_cannot_be_written_fails_alone() {
         "no temporary files left: {names:?}"
     );
 }
+
+#[test]
+fn run_ids_do_not_change_when_new_keys_are_left_unset() {
+    // The example report's runs were trained before the `quantize` keys existed; a sweep of the
+    // same experiment must still find them by id.
+    let exp = load_experiment(Path::new("experiments/diagnosis.yaml"), &[]).unwrap();
+    let board = std::fs::read_to_string("docs/example-report/leaderboard.csv").unwrap();
+    for run in config::expand(&exp).unwrap() {
+        assert!(board.contains(&run.id), "{} is not in {board}", run.id);
+    }
+    // Setting a new key does make a new run.
+    let q = load_experiment(
+        Path::new("experiments/diagnosis.yaml"),
+        &["quantize.bits=4".into()],
+    )
+    .unwrap();
+    for run in config::expand(&q).unwrap() {
+        assert!(!board.contains(&run.id));
+    }
+}

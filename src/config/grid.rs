@@ -132,6 +132,13 @@ pub fn run_id(config: &J) -> String {
         m.remove("name");
         m.remove("description");
         m.remove("output");
+        // Sections added after runs already existed count only when set, so that those runs
+        // keep their ids (and a new sweep still finds them done).
+        for (section, off) in [("quantize", "bits")] {
+            if m.get(section).and_then(|s| s.get(off)) == Some(&J::from(0)) {
+                m.remove(section);
+            }
+        }
     }
     let digest = Sha256::digest(canonical(&c).as_bytes());
     digest.iter().take(5).map(|b| format!("{b:02x}")).collect()

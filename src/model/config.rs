@@ -75,6 +75,11 @@ fn parse_quantization(v: &Value, source: &str) -> Result<Option<QuantSpec>> {
     else {
         return Ok(None);
     };
+    if let Some(method) = q.get("quant_method").and_then(Value::as_str) {
+        bail!(
+            "{source}: `{method}` quantization is not supported; tuna reads mlx's affine format (mlx-community checkpoints) and GGUF"
+        );
+    }
     if let Some(mode) = q.get("mode").and_then(Value::as_str)
         && mode != "affine"
     {

@@ -151,14 +151,15 @@ impl Linear {
             y = match &lora.magnitude {
                 None => y + delta,
                 // PEFT's DoRA: base(x) + (k - 1)·W·drop(x) + k·s·B·A·drop(x), k = m / ||W + sBA||.
+                // k and k - 1 in f32: in f16/bf16 a k within a few 1e-3 of 1 would round to 1.
                 Some(m) => {
-                    let k = (m.clone() / self.dora_norm(lora)).cast(dtype);
+                    let k = m.clone() / self.dora_norm(lora);
                     let base_d = if dropped {
                         xin.matmul(w.transpose())
                     } else {
                         y.clone()
                     };
-                    y + base_d * (k.clone() - 1.0) + delta * k
+                    y + base_d * (k.clone() - 1.0).cast(dtype) + delta * k.cast(dtype)
                 }
             };
         }

@@ -232,6 +232,8 @@ fn run_one(
             metrics
                 .wall_s
                 .get_or_insert(started.elapsed().as_secs_f64());
+            // Trained: a second Ctrl-C from here on must not mark the run interrupted.
+            set_on_abort(&dir.path, None);
             let recorded = (|| -> Result<()> {
                 dir.write_metrics(&metrics)?;
                 dir.set_status(State::Done, None)?;

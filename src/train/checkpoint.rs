@@ -43,10 +43,19 @@ pub fn save(run_dir: &Path, model: &Llama, opt: &AdamW, c: &Checkpoint) -> Resul
         let _ = std::fs::remove_dir_all(&tmp);
     }
     written?;
+    // The previous checkpoint is set aside, not deleted, until the new one is in place: a kill
+    // between the two renames leaves `checkpoint.old`, which `load` falls back to.
     let final_dir = dir_of(run_dir);
-    let _ = std::fs::remove_dir_all(&final_dir);
+    let old = run_dir.join("checkpoint.old");
+    let _ = std::fs::remove_dir_all(&old);
+    if final_dir.exists() {
+        std::fs::rename(&final_dir, &old)
+            .with_context(|| format!("cannot set aside {}", final_dir.display()))?;
+    }
     std::fs::rename(&tmp, &final_dir)
-        .with_context(|| format!("cannot move checkpoint into {}", final_dir.display()))
+        .with_context(|| format!("cannot move checkpoint into {}", final_dir.display()))?;
+    let _ = std::fs::remove_dir_all(&old);
+    Ok(())
 }
 
 fn write_into(tmp: &Path, model: &Llama, opt: &AdamW, c: &Checkpoint) -> Result<()> {
@@ -78,7 +87,11 @@ pub fn load(
     opt: &mut AdamW,
     run_id: &str,
 ) -> Result<Option<Checkpoint>> {
-    let dir = dir_of(run_dir);
+    let mut dir = dir_of(run_dir);
+    if !dir.join("state.json").is_file() {
+        // Killed between setting the old checkpoint aside and moving the new one in.
+        dir = run_dir.join("checkpoint.old");
+    }
     let state = dir.join("state.json");
     if !state.is_file() {
         return Ok(None);
@@ -134,4 +147,5 @@ pub fn load(
 /// Removes the checkpoint of a finished run (its adapter is in `adapter/`).
 pub fn remove(run_dir: &Path) {
     let _ = std::fs::remove_dir_all(dir_of(run_dir));
+    let _ = std::fs::remove_dir_all(run_dir.join("checkpoint.old"));
 }

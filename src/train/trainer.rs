@@ -77,6 +77,14 @@ impl LoraTrainer {
             if ![2, 4, 8].contains(&q.bits) {
                 anyhow::bail!("quantize.bits is {}; use 2, 4 or 8 (or 0 for off)", q.bits);
             }
+            if q.group_size % (32 / q.bits) != 0 {
+                anyhow::bail!(
+                    "quantize.group_size is {}; at {} bits it must be a multiple of {} (64 is mlx's default)",
+                    q.group_size,
+                    q.bits,
+                    32 / q.bits
+                );
+            }
         }
         let model = build_model_quantized(
             &b.config,
@@ -357,18 +365,15 @@ impl Run<'_> {
             });
             targets += sg.targets;
             tokens += b.tokens();
-            grads = Some(match grads {
-                None => sg
-                    .grads
-                    .into_iter()
-                    .map(|(n, g)| (n, g.mul_scalar(k)))
-                    .collect(),
-                Some(acc) => acc
-                    .into_iter()
-                    .zip(sg.grads)
-                    .map(|((n, a), (_, g))| (n, a + g.mul_scalar(k)))
-                    .collect(),
-            });
+            // Summed by name: a micro-batch without targets has no gradients at all.
+            let acc = grads.get_or_insert_with(Vec::new);
+            for (n, g) in sg.grads {
+                let g = g.mul_scalar(k);
+                match acc.iter_mut().find(|(m, _)| *m == n) {
+                    Some((_, a)) => *a = a.clone() + g,
+                    None => acc.push((n, g)),
+                }
+            }
         }
         let loss = loss_sum.map(|l| l.div_scalar(targets.max(1) as f64));
         (grads.unwrap_or_default(), loss, tokens)
