@@ -5,9 +5,8 @@
 mod common;
 
 use burn::tensor::{DType, Device, Tensor};
-use common::{Expected, reference_dir};
+use common::reference_dir;
 use safetensors::SafeTensors;
-use tuna::data::dataset::Batch;
 use tuna::model::load::load_model;
 use tuna::model::lora::{
     LoraConfig, apply_lora, load_adapter, lora_parameters, merge_lora, save_peft_adapter,
@@ -39,25 +38,6 @@ fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
     (num / den.max(1e-30)).sqrt()
 }
 
-fn example() -> Batch {
-    let exp = Expected::load();
-    let ids: Vec<u32> = exp
-        .i64("tiny-llama.lora.ids")
-        .iter()
-        .map(|&x| x as u32)
-        .collect();
-    let p = exp.i64("tiny-llama.lora.prompt_len")[0] as usize;
-    let n = ids.len();
-    Batch {
-        batch: 1,
-        seq: n,
-        attention: vec![1.0; n],
-        loss_mask: (0..n).map(|t| if t >= p { 1.0 } else { 0.0 }).collect(),
-        lengths: vec![n],
-        ids,
-    }
-}
-
 #[test]
 fn dora_loss_and_gradients_match_peft() {
     let mut model = load_model(
@@ -70,7 +50,7 @@ fn dora_loss_and_gradients_match_peft() {
     assert!(cfg.dora && cfg.rank == 4 && cfg.scale == 2.0, "{cfg:?}");
     let expected = std::fs::read(fixture().join("expected.safetensors")).unwrap();
     let want = peft_values(&expected, "loss")[0];
-    let batch = example();
+    let batch = common::lora_example_batch();
     for checkpoint in [false, true] {
         let sg = loss_and_grads(
             &model,
@@ -107,7 +87,7 @@ fn dora_loss_and_gradients_match_peft() {
 #[test]
 fn dora_saves_in_peft_format_merges_and_starts_as_the_base() {
     let dir = reference_dir().join("tiny-llama");
-    let batch = example();
+    let batch = common::lora_example_batch();
     let mut model = load_model(&dir, &Device::flex(), DType::F32).unwrap();
     let base_loss = eval_loss(&model, &batch).0.into_scalar::<f32>();
     // Fresh DoRA: m = ||W||, B = 0, so the model is the base model.
@@ -149,7 +129,7 @@ fn dora_saves_in_peft_format_merges_and_starts_as_the_base() {
 #[test]
 fn fusing_a_dora_adapter_gives_the_adapted_model() {
     let dir = reference_dir().join("tiny-llama");
-    let batch = example();
+    let batch = common::lora_example_batch();
     let mut model = load_model(&dir, &Device::flex(), DType::F32).unwrap();
     load_adapter(&mut model, &fixture().join("adapter")).unwrap();
     let adapted = eval_loss(&model, &batch).0.into_scalar::<f32>();

@@ -5,33 +5,13 @@ mod common;
 use std::path::Path;
 
 use burn::tensor::{DType, Device};
-use common::{Expected, reference_dir};
-use tuna::data::dataset::Batch;
+use common::reference_dir;
 use tuna::export::fuse::{FuseOptions, fuse};
 use tuna::formats::safetensors::{FloatType, read_dir, write_as};
 use tuna::model::load::{build_model, load_model};
 use tuna::model::lora::load_adapter;
 use tuna::source::base::load_base;
 use tuna::train::step::eval_loss;
-
-fn example() -> Batch {
-    let exp = Expected::load();
-    let ids: Vec<u32> = exp
-        .i64("tiny-llama.lora.ids")
-        .iter()
-        .map(|&x| x as u32)
-        .collect();
-    let p = exp.i64("tiny-llama.lora.prompt_len")[0] as usize;
-    let n = ids.len();
-    Batch {
-        batch: 1,
-        seq: n,
-        attention: vec![1.0; n],
-        loss_mask: (0..n).map(|t| if t >= p { 1.0 } else { 0.0 }).collect(),
-        lengths: vec![n],
-        ids,
-    }
-}
 
 /// A model folder from `model_dir` (config and weights) with the reference tokenizer files.
 fn folder_with_tokenizer(model_dir: &Path, to: &Path) {
@@ -50,7 +30,9 @@ fn folder_with_tokenizer(model_dir: &Path, to: &Path) {
 
 fn loss_of(dir: &Path) -> f32 {
     let m = load_model(dir, &Device::flex(), DType::F32).unwrap();
-    eval_loss(&m, &example()).0.into_scalar::<f32>()
+    eval_loss(&m, &common::lora_example_batch())
+        .0
+        .into_scalar::<f32>()
 }
 
 fn stored_dtype(dir: &Path) -> safetensors::Dtype {
@@ -85,7 +67,9 @@ fn an_f16_base_fuses_to_f16() {
     // Same function as the adapted base, to f16 precision.
     let mut adapted = load_model(&base_dir, &Device::flex(), DType::F32).unwrap();
     load_adapter(&mut adapted, &adapter).unwrap();
-    let want = eval_loss(&adapted, &example()).0.into_scalar::<f32>();
+    let want = eval_loss(&adapted, &common::lora_example_batch())
+        .0
+        .into_scalar::<f32>();
     let got = loss_of(&out);
     assert!((got - want).abs() < 1e-2, "{got} vs {want}");
     // f32 only when asked.
@@ -127,9 +111,13 @@ fn a_quantized_base_fuses_only_with_dequantize() {
     // The dense fused model computes what the quantized base with the adapter computes.
     let mut adapted = load_model(&base_dir, &Device::flex(), DType::F32).unwrap();
     load_adapter(&mut adapted, &adapter).unwrap();
-    let want = eval_loss(&adapted, &example()).0.into_scalar::<f32>();
+    let want = eval_loss(&adapted, &common::lora_example_batch())
+        .0
+        .into_scalar::<f32>();
     let fused = load_base(out.to_str().unwrap()).unwrap();
     let m = build_model(&fused.config, &fused.weights, &Device::flex(), DType::F32).unwrap();
-    let got = eval_loss(&m, &example()).0.into_scalar::<f32>();
+    let got = eval_loss(&m, &common::lora_example_batch())
+        .0
+        .into_scalar::<f32>();
     assert!((got - want).abs() < 1e-2, "{got} vs {want}");
 }

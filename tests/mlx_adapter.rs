@@ -7,7 +7,6 @@ mod common;
 use burn::tensor::{DType, Device};
 use common::{Expected, reference_dir};
 use safetensors::SafeTensors;
-use tuna::data::dataset::Batch;
 use tuna::generate::{GenerateConfig, generate};
 use tuna::model::load::load_model;
 use tuna::model::lora::{load_adapter, save_mlx_adapter};
@@ -46,21 +45,7 @@ fn an_mlx_lm_adapter_gives_mlx_lm_loss_and_tokens_and_writes_back_unchanged() {
         .map(|b| i32::from_le_bytes(b) as u32)
         .collect();
 
-    let ids: Vec<u32> = exp
-        .i64("tiny-llama.lora.ids")
-        .iter()
-        .map(|&x| x as u32)
-        .collect();
-    let p = exp.i64("tiny-llama.lora.prompt_len")[0] as usize;
-    let n = ids.len();
-    let batch = Batch {
-        batch: 1,
-        seq: n,
-        attention: vec![1.0; n],
-        loss_mask: (0..n).map(|t| if t >= p { 1.0 } else { 0.0 }).collect(),
-        lengths: vec![n],
-        ids,
-    };
+    let batch = common::lora_example_batch();
     let loss = eval_loss(&model, &batch).0.into_scalar::<f32>();
     assert!(
         ((loss - want_loss) / want_loss).abs() < 1e-5,

@@ -5,6 +5,7 @@
 mod common;
 
 use burn::tensor::{DType, Device, Tensor, TensorData};
+use common::max_abs;
 use safetensors::SafeTensors;
 use tuna::model::quant::{QuantSpec, QuantWeight, quantize};
 
@@ -49,14 +50,6 @@ impl Fixture {
 
 fn values(t: Tensor<2>) -> Vec<f32> {
     t.try_into_vec_as::<f32>().unwrap()
-}
-
-fn max_abs(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
 }
 
 #[test]

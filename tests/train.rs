@@ -107,6 +107,17 @@ fn run_folder(out: &Path) -> PathBuf {
     dirs.pop().unwrap()
 }
 
+/// The validation losses a run logged, in order.
+fn val_losses(run: &Path) -> Vec<f64> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v["kind"] == "val")
+        .map(|v| v["val_loss"].as_f64().unwrap())
+        .collect()
+}
+
 fn metrics(run: &Path) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(run.join("metrics.json")).unwrap()).unwrap()
 }
@@ -400,13 +411,7 @@ fn qlora_sweep_trains_a_base_quantized_at_load() {
         .filter(|p| p.join("metrics.jsonl").exists() && p.join("adapter").exists())
         .collect();
     assert_eq!(runs.len(), 1, "{row}");
-    let vals: Vec<f64> = std::fs::read_to_string(runs[0].join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-        .filter(|v| v["kind"] == "val")
-        .map(|v| v["val_loss"].as_f64().unwrap())
-        .collect();
+    let vals = val_losses(&runs[0]);
     assert!(
         vals.last().unwrap() < &(vals[0] * 0.95),
         "QLoRA validation loss must fall: {vals:?}"
@@ -434,13 +439,7 @@ fn dora_sweep_learns_and_saves_a_peft_dora_adapter() {
     )
     .unwrap();
     assert_eq!(config["use_dora"], true);
-    let vals: Vec<f64> = std::fs::read_to_string(run.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-        .filter(|v| v["kind"] == "val")
-        .map(|v| v["val_loss"].as_f64().unwrap())
-        .collect();
+    let vals = val_losses(&run);
     assert!(
         vals.last().unwrap() < &(vals[0] * 0.95),
         "DoRA validation loss must fall: {vals:?}"

@@ -65,3 +65,33 @@ impl Expected {
             .collect()
     }
 }
+
+/// The reference's masked LoRA example (`tiny-llama.lora`) as the trainer's one-row batch: the
+/// loss covers the tokens after `prompt_len`.
+pub fn lora_example_batch() -> tuna::data::dataset::Batch {
+    let exp = Expected::load();
+    let ids: Vec<u32> = exp
+        .i64("tiny-llama.lora.ids")
+        .iter()
+        .map(|&x| x as u32)
+        .collect();
+    let p = exp.i64("tiny-llama.lora.prompt_len")[0] as usize;
+    let n = ids.len();
+    tuna::data::dataset::Batch {
+        batch: 1,
+        seq: n,
+        attention: vec![1.0; n],
+        loss_mask: (0..n).map(|t| if t >= p { 1.0 } else { 0.0 }).collect(),
+        lengths: vec![n],
+        ids,
+    }
+}
+
+/// Largest absolute difference of two equally long slices.
+pub fn max_abs(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
