@@ -184,7 +184,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Train { spec, sets, place } => {
-            let exp = config::load_experiment(&spec, &place.with(sets))?;
+            let exp = config::load_experiment(&spec, &place.with(sets)?)?;
             let runs = config::expand(&exp)?;
             if runs.len() != 1 {
                 anyhow::bail!(
@@ -268,7 +268,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             sets,
             place,
         } => {
-            let exp = config::load_experiment(&experiment, &place.with(sets))?;
+            let exp = config::load_experiment(&experiment, &place.with(sets)?)?;
             let runs = config::expand(&exp)?;
             sweep_runs(&exp, &runs)
         }
@@ -289,14 +289,20 @@ pub struct Placement {
 }
 
 impl Placement {
-    fn with(&self, mut sets: Vec<String>) -> Vec<String> {
-        if let Some(d) = &self.device {
-            sets.push(format!("device={d}"));
+    /// `sets` with the flags appended; a bad value is reported as the flag the user typed.
+    fn with(&self, mut sets: Vec<String>) -> anyhow::Result<Vec<String>> {
+        for (flag, key, value) in [
+            ("--device", "device", &self.device),
+            ("--dtype", "dtype", &self.dtype),
+        ] {
+            if let Some(v) = value {
+                let set = format!("{key}={v}");
+                config::layer::parse_set(&set)
+                    .map_err(|e| anyhow::anyhow!("{flag} `{v}`: {}", e.message))?;
+                sets.push(set);
+            }
         }
-        if let Some(d) = &self.dtype {
-            sets.push(format!("dtype={d}"));
-        }
-        sets
+        Ok(sets)
     }
 }
 

@@ -456,7 +456,10 @@ fn sweep_takes_device_and_dtype_like_eval_and_generate() {
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");
-    assert!(err.contains("`device`") && err.contains("vulkan"), "{err}");
+    assert!(
+        err.contains("--device `gpu`") && err.contains("vulkan"),
+        "{err}"
+    );
     let text = std::fs::read_to_string(&spec)
         .unwrap()
         .replace("iters: 400", "iters: 2")

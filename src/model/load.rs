@@ -28,6 +28,12 @@ impl Builder<'_> {
     /// Reads one tensor, checks its shape and uploads it in the model's dtype; the host copy
     /// is dropped as soon as it is on the device.
     fn tensor<const D: usize>(&self, name: &str, shape: [usize; D]) -> Result<Tensor<D>> {
+        let data = self.host(name, &shape)?;
+        Ok(Tensor::from_data(data, (self.device, self.dtype)))
+    }
+
+    /// One tensor's host data, after checking it has `shape`.
+    fn host(&self, name: &str, shape: &[usize]) -> Result<TensorData> {
         let found = self
             .weights
             .shape(name)
@@ -35,8 +41,7 @@ impl Builder<'_> {
         if found != shape {
             bail!("tensor `{name}` has shape {found:?}, expected {shape:?}");
         }
-        let data = self.weights.data(name)?;
-        Ok(Tensor::from_data(data, (self.device, self.dtype)))
+        self.weights.data(name)
     }
 
     fn t1(&self, name: &str, n: usize) -> Result<Tensor<1>> {
@@ -84,20 +89,9 @@ impl Builder<'_> {
         spec.check([out, inp])
             .with_context(|| format!("quantized weight `{prefix}`"))?;
         let name = format!("{prefix}.weight");
-        let packed = [out, inp * spec.bits / 32];
-        let found = self
-            .weights
-            .shape(&name)
-            .with_context(|| format!("missing tensor `{name}`"))?;
-        if found != packed {
-            bail!(
-                "quantized tensor `{name}` has shape {found:?}, expected {packed:?} ({} bits)",
-                spec.bits
-            );
-        }
         let words: Vec<u32> = self
-            .weights
-            .data(&name)?
+            .host(&name, &[out, inp * spec.bits / 32])
+            .with_context(|| format!("packed {}-bit words", spec.bits))?
             .try_to_vec::<u32>()
             .map_err(|e| anyhow!("tensor `{name}` is not packed u32 words: {e:?}"))?;
         let scales = self.weights.data(&format!("{prefix}.scales"))?;
@@ -121,19 +115,8 @@ impl Builder<'_> {
             (None, Some(spec)) if spec.check([out, inp]).is_ok() => {
                 // Quantized from the stored values on the host, one layer at a time.
                 let name = format!("{prefix}.weight");
-                let found = self
-                    .weights
-                    .shape(&name)
-                    .with_context(|| format!("missing tensor `{name}`"))?;
-                if found != [out, inp] {
-                    bail!(
-                        "tensor `{name}` has shape {found:?}, expected {:?}",
-                        [out, inp]
-                    );
-                }
                 let host: Vec<f32> = self
-                    .weights
-                    .data(&name)?
+                    .host(&name, &[out, inp])?
                     .convert::<f32>()
                     .try_to_vec::<f32>()
                     .map_err(|e| anyhow!("tensor `{name}`: {e:?}"))?;
