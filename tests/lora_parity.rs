@@ -290,6 +290,7 @@ fn checkpointing_scaling_and_optimizer_state_round_trip() {
         keys: vec!["q_proj".into(), "v_proj".into(), "down_proj".into()],
         num_layers: 1,
         dora: false,
+        full: false,
     };
     apply_lora(&mut m, &cfg, 3).unwrap();
     for layer in m.layers.iter_mut() {
@@ -415,6 +416,7 @@ fn lora_dropout_only_in_training() {
             keys: vec!["q_proj".into(), "down_proj".into()],
             num_layers: 1,
             dora: false,
+            full: false,
         },
         1,
     )

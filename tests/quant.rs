@@ -250,6 +250,7 @@ fn qlora_step_equals_lora_on_the_dequantized_base_and_learns() {
         keys: vec!["q_proj".into(), "v_proj".into(), "down_proj".into()],
         num_layers: -1,
         dora: false,
+        full: false,
     };
     apply_lora(&mut q, &lcfg, 3).unwrap();
     apply_lora(&mut dense, &lcfg, 3).unwrap();

@@ -488,3 +488,61 @@ fn sweep_takes_device_and_dtype_like_eval_and_generate() {
         "{config}"
     );
 }
+
+#[test]
+fn full_fine_tuning_sweep_learns_saves_for_mlx_lm_and_fuses() {
+    let d = tempfile::tempdir().unwrap();
+    let spec = experiment(d.path(), "");
+    let text = std::fs::read_to_string(&spec)
+        .unwrap()
+        .replace("iters: 400", "iters: 60")
+        .replace("learning_rate: 5e-3", "learning_rate: 1e-3")
+        .replace(
+            "  num_layers: -1\n",
+            "  num_layers: 1\n  fine_tune_type: full\n",
+        );
+    std::fs::write(&spec, text).unwrap();
+    let out = tuna()
+        .args(["sweep", spec.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    let run = run_folder(&d.path().join("out"));
+    let adapter = run.join("adapter");
+    let config: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(adapter.join("adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(config["fine_tune_type"], "full");
+    assert!(
+        !run.join("adapter-mlx").exists(),
+        "the full fine-tune is already mlx-lm's form"
+    );
+    let vals = val_losses(&run);
+    assert!(
+        vals.last().unwrap() < &(vals[0] * 0.95),
+        "full fine-tuning must lower the validation loss: {vals:?}"
+    );
+
+    // The saved blocks load onto the base for evaluation, and fusing them gives the same model.
+    let base_dir = reference_dir().join("tiny-llama");
+    let base = load_base(base_dir.to_str().unwrap()).unwrap();
+    let mut tuned = build_model(&base.config, &base.weights, &Device::flex(), DType::F32).unwrap();
+    load_adapter(&mut tuned, &adapter).unwrap();
+    let fused_dir = d.path().join("fused");
+    tuna::export::fuse::fuse(&base, &adapter, &fused_dir, Default::default()).unwrap();
+    let fused = load_base(fused_dir.to_str().unwrap()).unwrap();
+    let fused = build_model(&fused.config, &fused.weights, &Device::flex(), DType::F32).unwrap();
+    let exp = Expected::load();
+    let (a, b) = (
+        loss_of(&tuned, &exp, "tiny-llama"),
+        loss_of(&fused, &exp, "tiny-llama"),
+    );
+    assert!((a - b).abs() < 1e-5, "adapter {a} vs fused {b}");
+    let plain = build_model(&base.config, &base.weights, &Device::flex(), DType::F32).unwrap();
+    assert!(
+        (loss_of(&plain, &exp, "tiny-llama") - a).abs() > 1e-3,
+        "the blocks changed"
+    );
+}

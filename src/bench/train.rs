@@ -50,6 +50,9 @@ pub struct BenchTrainArgs {
     /// Quantize the base's linear layers to this many bits at load (QLoRA); 0 = off.
     #[arg(long, default_value_t = 0)]
     pub quantize_bits: usize,
+    /// lora, dora or full (every weight of the last `--num-layers` blocks).
+    #[arg(long, default_value = "lora", value_parser = ["lora", "dora", "full"])]
+    pub fine_tune_type: String,
     #[arg(long, default_value_t = 64)]
     pub group_size: usize,
     /// Time forward+backward and the optimizer separately: synchronizes after each phase, so
@@ -74,14 +77,15 @@ pub fn bench_train(a: &BenchTrainArgs) -> Result<Value> {
     drop(weights);
     let load_s = t0.elapsed().as_secs_f64();
     let lcfg = LoraConfig {
-        dora: false,
+        dora: a.fine_tune_type == "dora",
+        full: a.fine_tune_type == "full",
         rank: a.rank,
         scale: 2.0,
         dropout: 0.0,
         keys: a.keys.clone(),
         num_layers: a.num_layers,
     };
-    lora::apply_lora(&mut model, &lcfg, 0)?;
+    lora::apply_fine_tune(&mut model, &lcfg, 0)?;
     let mut opt = AdamW::new(1e-4, 0.0);
     let scaler = (model.dtype == DType::F16).then(LossScaler::for_f16);
     let mut rng = SplitMix64(7);
@@ -150,7 +154,7 @@ pub fn bench_train(a: &BenchTrainArgs) -> Result<Value> {
         "bench": "train", "shape": a.shape, "device": sel.kind.to_string(), "dtype": format!("{:?}", sel.dtype),
         "batch": a.batch, "seq": a.seq, "steps": a.steps, "warmup_steps": a.warmup, "rank": a.rank, "keys": a.keys,
         "num_layers": a.num_layers, "grad_checkpoint": a.grad_checkpoint, "quantize_bits": a.quantize_bits, "params": model.num_parameters(),
-        "lora_params": lora::num_lora_parameters(&model),
+        "fine_tune_type": a.fine_tune_type, "trainable_params": lora::num_trainable_parameters(&model),
         "tokens_per_s": tokens / secs, "s_per_step": secs / a.steps as f64, "warmup_s": warmup_s, "load_s": load_s,
         "first_loss": losses.first(), "last_loss": losses.last(), "peak_rss_mb": peak_rss_mb(),
         "gpu_reserved_mb": device_mem_mb(&model.device),

@@ -239,9 +239,9 @@ pub static CATALOG: &[KeyInfo] = &[
     ),
     k!(
         "lora.fine_tune_type",
-        Kind::Choice(&["lora", "dora"]),
+        Kind::Choice(&["lora", "dora", "full"]),
         "lora",
-        "`lora`, or `dora` (LoRA plus a trainable magnitude per output row; PEFT's `use_dora`). Full fine-tuning is not supported yet."
+        "`lora`; `dora` (LoRA plus a trainable magnitude per output row; PEFT's `use_dora`); or `full` (every weight of the last `lora.num_layers` blocks, as mlx-lm's full fine-tuning; saved in mlx-lm's full form, needs a full-precision base)."
     ),
     k!(
         "lora.num_layers",

@@ -13,7 +13,11 @@ use crate::formats::weights::RawWeights;
 use crate::source::base::BaseModel;
 
 /// Merges the adapter in `adapter_dir` into a copy of the base weights.
+/// A full fine-tune (mlx-lm's `fine_tune_type: full`) replaces the blocks' tensors instead.
 pub fn merged_weights(base: &BaseModel, adapter_dir: &Path) -> Result<RawWeights> {
+    if crate::formats::mlx_adapter::is_full_fine_tune(adapter_dir) {
+        return replaced_weights(base, adapter_dir);
+    }
     let (config, tensors) =
         crate::formats::read_adapter(adapter_dir, base.config.num_hidden_layers)?;
     let file = adapter_dir.to_path_buf();
@@ -82,6 +86,31 @@ pub fn merged_weights(base: &BaseModel, adapter_dir: &Path) -> Result<RawWeights
     }
     if merged == 0 {
         bail!("{}: no lora_A/lora_B pairs found", file.display());
+    }
+    Ok(weights)
+}
+
+/// The base weights with a full fine-tune's tensors in place of the blocks' own.
+fn replaced_weights(base: &BaseModel, dir: &Path) -> Result<RawWeights> {
+    let (_, tensors) = crate::formats::mlx_adapter::read_full(dir)?;
+    let file = dir.join("adapters.safetensors");
+    let mut weights = base.weights.clone();
+    for (name, t) in tensors {
+        let w = weights.get_mut(&name).with_context(|| {
+            format!(
+                "{}: `{name}` is not a tensor of the base model",
+                file.display()
+            )
+        })?;
+        if w.shape != t.shape {
+            bail!(
+                "{}: `{name}` has shape {:?}, the base model's is {:?}",
+                file.display(),
+                t.shape,
+                w.shape
+            );
+        }
+        *w = t;
     }
     Ok(weights)
 }

@@ -32,6 +32,51 @@ fn transpose(t: &RawTensor) -> RawTensor {
     }
 }
 
+/// Whether `dir` holds a full fine-tune as mlx-lm saves one (`fine_tune_type: full`): the
+/// trained blocks' own weights under the model's tensor names, not LoRA factors.
+pub fn is_full_fine_tune(dir: &Path) -> bool {
+    is_mlx_adapter(dir)
+        && std::fs::read_to_string(dir.join("adapter_config.json"))
+            .ok()
+            .and_then(|t| serde_json::from_str::<Value>(&t).ok())
+            .is_some_and(|v| v["fine_tune_type"] == "full")
+}
+
+/// A full fine-tune's weights by the model's tensor names (`model.layers.3.mlp.up_proj.weight`),
+/// and how many trailing blocks were trained (-1 = all).
+pub fn read_full(dir: &Path) -> Result<(i64, RawWeights)> {
+    let cfg_path = dir.join("adapter_config.json");
+    let text = std::fs::read_to_string(&cfg_path)
+        .with_context(|| format!("cannot read {}", cfg_path.display()))?;
+    let v: Value = serde_json::from_str(&text)
+        .with_context(|| format!("{}: not valid JSON", cfg_path.display()))?;
+    let num_layers = v["num_layers"]
+        .as_i64()
+        .with_context(|| format!("{}: num_layers is missing", cfg_path.display()))?;
+    Ok((
+        num_layers,
+        safetensors::read_file(&dir.join("adapters.safetensors"))?,
+    ))
+}
+
+/// Writes a full fine-tune as mlx-lm does: `adapters.safetensors` with the trained blocks'
+/// tensors (f32) and `adapter_config.json` with `fine_tune_type: full`, which
+/// `mlx_lm.generate --adapter-path` and `mlx_lm.fuse` load as they are.
+pub fn write_full(dir: &Path, num_layers: i64, tensors: &RawWeights) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    safetensors::write_f32(tensors, &[], &dir.join("adapters.safetensors"))?;
+    let json = json!({
+        "fine_tune_type": "full",
+        "num_layers": num_layers,
+        // mlx-lm reads these even for full fine-tunes; they describe no tensors here.
+        "lora_parameters": {"rank": 8, "scale": 20.0, "dropout": 0.0},
+    });
+    crate::files::write_atomic(
+        &dir.join("adapter_config.json"),
+        serde_json::to_string_pretty(&json)?.as_bytes(),
+    )
+}
+
 /// Reads an mlx-lm adapter of a model with `n_layers` blocks, in PEFT's form.
 pub fn read_as_peft(dir: &Path, n_layers: usize) -> Result<(PeftConfig, RawWeights)> {
     let cfg_path = dir.join("adapter_config.json");
@@ -41,8 +86,13 @@ pub fn read_as_peft(dir: &Path, n_layers: usize) -> Result<(PeftConfig, RawWeigh
         .with_context(|| format!("{}: not valid JSON", cfg_path.display()))?;
     let src = cfg_path.display();
     let kind = v["fine_tune_type"].as_str().unwrap_or("lora");
+    if kind == "full" {
+        bail!(
+            "{src}: a full fine-tune (fine_tune_type: full) holds whole weights, not LoRA factors"
+        );
+    }
     if kind != "lora" && kind != "dora" {
-        bail!("{src}: fine_tune_type `{kind}` is not supported (lora or dora)");
+        bail!("{src}: fine_tune_type `{kind}` is not supported (lora, dora or full)");
     }
     let p = &v["lora_parameters"];
     let rank = p["rank"]

@@ -164,7 +164,11 @@ impl Linear {
             };
         }
         if let Some(bias) = &self.bias {
-            y = y + bias.clone().unsqueeze_dim::<2>(0);
+            let bias = match bias.dtype() == dtype {
+                true => bias.clone(),
+                false => bias.clone().cast(dtype),
+            };
+            y = y + bias.unsqueeze_dim::<2>(0);
         }
         let out = y.dims()[1];
         y.reshape([b, t, out])
@@ -196,7 +200,12 @@ impl RmsNorm {
         } else {
             normed
         };
-        normed * self.weight.clone().unsqueeze_dims::<3>(&[0, 1])
+        // A fully fine-tuned norm keeps its weight in f32 (the optimizer's copy).
+        let w = match self.weight.dtype() == normed.dtype() {
+            true => self.weight.clone(),
+            false => self.weight.clone().cast(normed.dtype()),
+        };
+        normed * w.unsqueeze_dims::<3>(&[0, 1])
     }
 }
 
@@ -243,6 +252,8 @@ pub struct DecoderLayer {
     pub self_attn: Attention,
     pub post_attention_layernorm: RmsNorm,
     pub mlp: Mlp,
+    /// Fully fine-tuned (`model::full`): every weight of the block is trained, kept in f32.
+    pub full: bool,
 }
 
 /// Per-layer keys and values (after RoPE), `[B, kv_heads, S, head_dim]`.

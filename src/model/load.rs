@@ -216,6 +216,7 @@ pub fn build_model_quantized(
                     c.mlp_bias,
                 )?,
             },
+            full: false,
         });
     }
     let norm = b.norm("model.norm.weight", d, c.rms_norm_eps)?;

@@ -19,6 +19,7 @@ use rand::{Rng, SeedableRng};
 
 use crate::formats::peft::{self, Factor, PeftConfig};
 use crate::formats::weights::{RawTensor, RawWeights};
+use crate::model::full;
 use crate::model::llama::{BaseWeight, DecoderLayer, Linear, Llama, LoraBranch};
 
 /// Module keys LoRA can target, with their path inside a decoder layer.
@@ -44,6 +45,9 @@ pub struct LoraConfig {
     pub num_layers: i64,
     /// DoRA: a trainable magnitude per output row on top of the LoRA factors.
     pub dora: bool,
+    /// Full fine-tuning (`model::full`): the blocks' own weights are trained and no adapter is
+    /// attached; rank, scale, dropout and keys do not apply.
+    pub full: bool,
 }
 
 impl Default for LoraConfig {
@@ -55,6 +59,7 @@ impl Default for LoraConfig {
             keys: vec!["q_proj".into(), "v_proj".into()],
             num_layers: -1,
             dora: false,
+            full: false,
         }
     }
 }
@@ -73,7 +78,7 @@ fn module_path(key: &str) -> Result<&'static str> {
         })
 }
 
-fn linear_mut<'a>(layer: &'a mut DecoderLayer, path: &str) -> &'a mut Linear {
+pub(crate) fn linear_mut<'a>(layer: &'a mut DecoderLayer, path: &str) -> &'a mut Linear {
     match path {
         "self_attn.q_proj" => &mut layer.self_attn.q_proj,
         "self_attn.k_proj" => &mut layer.self_attn.k_proj,
@@ -86,7 +91,7 @@ fn linear_mut<'a>(layer: &'a mut DecoderLayer, path: &str) -> &'a mut Linear {
     }
 }
 
-fn linear_ref<'a>(layer: &'a DecoderLayer, path: &str) -> &'a Linear {
+pub(crate) fn linear_ref<'a>(layer: &'a DecoderLayer, path: &str) -> &'a Linear {
     match path {
         "self_attn.q_proj" => &layer.self_attn.q_proj,
         "self_attn.k_proj" => &layer.self_attn.k_proj,
@@ -123,6 +128,16 @@ fn adapted(model: &Llama) -> Vec<(usize, &'static str)> {
 
 fn f32_tensor(data: Vec<f32>, shape: [usize; 2], model: &Llama) -> Tensor<2> {
     Tensor::from_data(TensorData::new(data, shape), (&model.device, DType::F32))
+}
+
+/// Makes the model trainable as `config` says: fresh LoRA/DoRA adapters ([`apply_lora`]), or
+/// whole blocks for full fine-tuning ([`full::apply_full`]).
+pub fn apply_fine_tune(model: &mut Llama, config: &LoraConfig, seed: u64) -> Result<()> {
+    if config.full {
+        full::apply_full(model, config.num_layers)
+    } else {
+        apply_lora(model, config, seed)
+    }
 }
 
 /// Attaches fresh adapters: A ~ U(±1/√in) (PEFT's and mlx-lm's init), B = 0, so the model's
@@ -167,6 +182,25 @@ pub fn apply_lora(model: &mut Llama, config: &LoraConfig, seed: u64) -> Result<(
         }
     }
     Ok(())
+}
+
+/// Every trainable tensor by name: adapter factors (PEFT names) and fully fine-tuned block
+/// weights (model names), in layer order within each kind.
+pub fn trainable_parameters(model: &Llama) -> Vec<(String, Tensor<2>)> {
+    let mut out = lora_parameters(model);
+    out.extend(full::full_parameters(model));
+    out
+}
+
+/// Replaces trainable tensors by name ([`trainable_parameters`]' names), e.g. after an
+/// optimizer step.
+pub fn set_trainable_parameters(model: &mut Llama, params: Vec<(String, Tensor<2>)>) -> Result<()> {
+    let (full, lora): (Vec<_>, Vec<_>) =
+        params.into_iter().partition(|(n, _)| full::is_full_name(n));
+    for (name, t) in full {
+        full::set_full_parameter(model, &name, t)?;
+    }
+    set_lora_parameters(model, lora)
 }
 
 /// Replaces adapter factors by name (as [`lora_parameters`] names them), e.g. after an
@@ -214,12 +248,22 @@ pub fn trainable_layer(layer: &DecoderLayer, i: usize) -> (DecoderLayer, Vec<(St
             }
         }
     }
+    full::make_leaves(&mut copy, i, &mut leaves);
     (copy, leaves)
 }
 
-/// Indices of the layers that carry at least one adapter, ascending.
+/// Indices of the layers that train: those with an adapter or fully fine-tuned, ascending.
 pub fn adapted_layers(model: &Llama) -> Vec<usize> {
     let mut out: Vec<usize> = adapted(model).into_iter().map(|(i, _)| i).collect();
+    out.extend(
+        model
+            .layers
+            .iter()
+            .enumerate()
+            .filter(|(_, l)| l.full)
+            .map(|(i, _)| i),
+    );
+    out.sort_unstable();
     out.dedup();
     out
 }
@@ -239,9 +283,9 @@ pub fn lora_parameters(model: &Llama) -> Vec<(String, Tensor<2>)> {
     out
 }
 
-/// Number of trainable adapter values.
-pub fn num_lora_parameters(model: &Llama) -> usize {
-    lora_parameters(model)
+/// Number of trainable values (adapters or fully fine-tuned blocks).
+pub fn num_trainable_parameters(model: &Llama) -> usize {
+    trainable_parameters(model)
         .iter()
         .map(|(_, t)| t.shape().num_elements())
         .sum()
@@ -280,13 +324,23 @@ pub fn lora_config_of(p: &PeftConfig) -> LoraConfig {
         keys: p.target_modules.clone(),
         num_layers: -1,
         dora: p.use_dora,
+        full: false,
     }
 }
 
 /// Loads a PEFT adapter directory (`adapter_config.json` + `adapter_model.safetensors`) onto
 /// the model, replacing any adapters it has. Which modules get adapters follows the tensors in
 /// the file. Returns the config, with `num_layers` set when the layers are a trailing block.
+/// A full fine-tune (mlx-lm's `fine_tune_type: full`) replaces the blocks' weights instead.
 pub fn load_adapter(model: &mut Llama, dir: &Path) -> Result<LoraConfig> {
+    if crate::formats::mlx_adapter::is_full_fine_tune(dir) {
+        let num_layers = full::load_full(model, dir)?;
+        return Ok(LoraConfig {
+            full: true,
+            num_layers,
+            ..LoraConfig::default()
+        });
+    }
     let (peft_config, tensors) = crate::formats::read_adapter(dir, model.layers.len())?;
     let mut config = lora_config_of(&peft_config);
     let file = if crate::formats::mlx_adapter::is_mlx_adapter(dir) {
@@ -380,6 +434,17 @@ pub fn load_adapter(model: &mut Llama, dir: &Path) -> Result<LoraConfig> {
         n as i64
     };
     Ok(config)
+}
+
+/// Writes what the model trained: its adapters as a PEFT folder, or its fully fine-tuned blocks
+/// as an mlx-lm full fine-tune folder (PEFT has no form for those).
+pub fn save_adapter(model: &Llama, dir: &Path, base_model: Option<&str>) -> Result<()> {
+    if model.layers.iter().any(|l| l.full) {
+        let (num_layers, tensors) = full::full_tensors(model)?;
+        crate::formats::mlx_adapter::write_full(dir, num_layers, &tensors)
+    } else {
+        save_peft_adapter(model, dir, base_model)
+    }
 }
 
 /// Writes the model's adapters as a PEFT adapter directory that `PeftModel.from_pretrained`

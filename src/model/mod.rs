@@ -1,8 +1,9 @@
-//! The network: llama-family configuration, the decoder on burn, LoRA adapters, device and
+//! The network: llama-family configuration, the decoder on burn, LoRA adapters, full fine-tuning, device and
 //! dtype choice, and building the model from host weights.
 
 pub mod config;
 pub mod device;
+pub mod full;
 pub mod llama;
 pub mod load;
 pub mod lora;

@@ -59,7 +59,7 @@ pub fn save(run_dir: &Path, model: &Llama, opt: &AdamW, c: &Checkpoint) -> Resul
 }
 
 fn write_into(tmp: &Path, model: &Llama, opt: &AdamW, c: &Checkpoint) -> Result<()> {
-    lora::save_peft_adapter(model, tmp, None)?;
+    lora::save_adapter(model, tmp, None)?;
     let (step, moments) = opt.export_state();
     let mut tensors = RawWeights::new();
     for (name, m, v) in moments {

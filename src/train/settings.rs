@@ -78,6 +78,7 @@ impl TrainSettings {
                 keys: r.strings("lora.keys")?,
                 num_layers: r.i64("lora.num_layers")?,
                 dora: r.str("lora.fine_tune_type")? == "dora",
+                full: r.str("lora.fine_tune_type")? == "full",
             },
             quantize: match r.usize("quantize.bits")? {
                 0 => None,

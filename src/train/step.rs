@@ -1,4 +1,4 @@
-//! One micro-batch's loss and LoRA gradients: what a training step runs.
+//! One micro-batch's loss and the gradients of what trains (adapters or whole blocks): what a training step runs.
 //!
 //! The backward is cut in segments, each seeded through a surrogate `sum(out · grad)`, whose
 //! gradient with respect to `out` is `grad` (burn's backward starts from a tensor, not from a
@@ -19,7 +19,7 @@ use burn::tensor::{Bool, DType, Int, Tensor, TensorData, activation};
 
 use crate::data::dataset::Batch;
 use crate::model::llama::Llama;
-use crate::model::lora::{self, lora_parameters};
+use crate::model::lora::{self, trainable_parameters};
 use crate::optim::AdamW;
 
 /// Logits computed at once in the head: about 2^25 f32 values (128 MB) per chunk.
@@ -52,7 +52,7 @@ pub struct StepGrads {
     /// Mean loss over the target tokens, f32 `[1]`, still on the device.
     pub loss: Tensor<1>,
     pub targets: usize,
-    /// Adapter gradients (times `loss_scale`), named and ordered as [`lora_parameters`].
+    /// Adapter gradients (times `loss_scale`), named and ordered as [`trainable_parameters`].
     pub grads: Vec<(String, Tensor<2>)>,
 }
 
@@ -203,7 +203,7 @@ pub fn loss_and_grads(model: &Llama, b: &Batch, o: &StepOptions) -> StepGrads {
         }
         nll
     };
-    let grads = lora_parameters(model)
+    let grads = trainable_parameters(model)
         .into_iter()
         .filter_map(|(name, _)| found.remove(&name).map(|g| (name, g)))
         .collect();
@@ -223,7 +223,7 @@ pub fn update_adapters(
     apply: Option<&Tensor<1, Bool>>,
     grad_mul: f64,
 ) -> Result<()> {
-    let mut params = lora_parameters(model);
+    let mut params = trainable_parameters(model);
     opt.step_where(&mut params, grads, apply, grad_mul);
-    lora::set_lora_parameters(model, params)
+    lora::set_trainable_parameters(model, params)
 }

@@ -137,7 +137,7 @@ impl Trainer for LoraTrainer {
             }
         }
         let mut model = base.model.clone();
-        lora::apply_lora(&mut model, &s.lora, s.seed)?;
+        lora::apply_fine_tune(&mut model, &s.lora, s.seed)?;
         let pad = base
             .tokenizer
             .pad_token_id()
@@ -474,9 +474,12 @@ impl Run<'_> {
     ) -> Result<RunMetrics> {
         let s = self.s;
         let dir = &self.ctx.dir.path;
-        lora::save_peft_adapter(model, &dir.join("adapter"), Some(&s.model))?;
-        // The same adapters for mlx-lm users (`mlx_lm.generate --adapter-path`).
-        lora::save_mlx_adapter(model, &dir.join("adapter-mlx"))?;
+        lora::save_adapter(model, &dir.join("adapter"), Some(&s.model))?;
+        // The same adapters for mlx-lm users (`mlx_lm.generate --adapter-path`); a full
+        // fine-tune is already in mlx-lm's form.
+        if !s.lora.full {
+            lora::save_mlx_adapter(model, &dir.join("adapter-mlx"))?;
+        }
         let (test_loss, test_ppl) = match (&self.data.test, s.test) {
             (Some(test), true) => {
                 let t = self.evaluate(model, test, s.test_batches)?;

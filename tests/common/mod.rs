@@ -69,13 +69,18 @@ impl Expected {
 /// The reference's masked LoRA example (`tiny-llama.lora`) as the trainer's one-row batch: the
 /// loss covers the tokens after `prompt_len`.
 pub fn lora_example_batch() -> tuna::data::dataset::Batch {
+    example_batch("tiny-llama")
+}
+
+/// The reference's masked example of `model` (`<model>.lora`), as a one-row batch.
+pub fn example_batch(model: &str) -> tuna::data::dataset::Batch {
     let exp = Expected::load();
     let ids: Vec<u32> = exp
-        .i64("tiny-llama.lora.ids")
+        .i64(&format!("{model}.lora.ids"))
         .iter()
         .map(|&x| x as u32)
         .collect();
-    let p = exp.i64("tiny-llama.lora.prompt_len")[0] as usize;
+    let p = exp.i64(&format!("{model}.lora.prompt_len"))[0] as usize;
     let n = ids.len();
     tuna::data::dataset::Batch {
         batch: 1,
