@@ -34,7 +34,18 @@ CASES = {
                  "--num-layers", "16", "--grad-checkpoint", "--steps", "30"]),
     "tinyllama-f32": (["--shape", "tinyllama-1.1b", "--dtype", "f32"],
                       ["--shape", "tinyllama-1.1b", "--dtype", "f32"]),
+    # Issue 11's target: a Mistral-7B shape on a 4-bit base (QLoRA), batch 1 x 512, block
+    # checkpointing, beside the same shape on an f16 base. tuna only (the peer has no 4-bit
+    # path installed on the device machine).
+    "mistral7b-q4-gc": (["--shape", "mistral-7b", "--dtype", "f16", "--quantize-bits", "4", "--batch", "1",
+                         "--grad-checkpoint", "--steps", "5", "--warmup", "2"], None),
+    "mistral7b-f16-gc": (["--shape", "mistral-7b", "--dtype", "f16", "--batch", "1",
+                          "--grad-checkpoint", "--steps", "5", "--warmup", "2"], None),
 }
+
+# A case name with one of these suffixes runs tuna with that attention path in training
+# (TUNA_ATTENTION) against the peer of the case without it, e.g. `smollm2-f16@composed`.
+ATTENTION_PATHS = ("explicit", "fused", "composed")
 
 
 def gpu_mem_mb():
@@ -43,7 +54,7 @@ def gpu_mem_mb():
     return max(int(x) for x in out) if out else 0
 
 
-def run(cmd, log, timeout):
+def run(cmd, log, timeout, env=None):
     """Runs cmd, returns (last JSON line of stdout, peak GPU MiB above the idle level)."""
     idle = gpu_mem_mb()
     peak = [idle]
@@ -58,7 +69,8 @@ def run(cmd, log, timeout):
     th.start()
     t0 = time.time()
     try:
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                           env={**os.environ, **(env or {})})
     except subprocess.TimeoutExpired as e:
         done.set()
         th.join()
@@ -90,12 +102,23 @@ def main():
                          capture_output=True, text=True).stdout.strip()
     results = []
     with open(os.path.join(a.out, "compare.log"), "w") as log:
+        peers = {}
         for name in names:
-            targs, pargs = CASES[name]
+            base, _, path = name.partition("@")
+            if path and path not in ATTENTION_PATHS:
+                sys.exit(f"{name}: the attention path after @ is one of {ATTENTION_PATHS}")
+            targs, pargs = CASES[base]
+            env = {"TUNA_ATTENTION": path} if path else {}
             tcmd = [a.tuna, "bench", "train", "--device", a.device, *targs, *a.tuna_extra.split()]
-            t, tmem, twall = run(tcmd, log, a.timeout)
-            p, pmem, pwall = ({}, 0, 0) if a.skip_peer else run(
-                [sys.executable, os.path.join(HERE, "peer_peft.py"), *pargs], log, a.timeout)
+            log.write(f"# env {env}\n")
+            t, tmem, twall = run(tcmd, log, a.timeout, env)
+            if pargs is None or a.skip_peer:
+                p, pmem, pwall = {}, 0, 0
+            elif base in peers:
+                p, pmem, pwall = peers[base]
+            else:
+                p, pmem, pwall = peers.setdefault(base, run(
+                [sys.executable, os.path.join(HERE, "peer_peft.py"), *pargs], log, a.timeout))
             row = {"case": name, "tuna": t, "tuna_gpu_mb": tmem, "tuna_wall_s": twall,
                    "peer": p, "peer_gpu_mb": pmem, "peer_wall_s": pwall}
             results.append(row)

@@ -100,6 +100,8 @@ pub enum Command {
 pub enum BenchCommand {
     /// LoRA training tokens/s on a model shape with random weights.
     Train(crate::bench::train::BenchTrainArgs),
+    /// Causal attention paths (explicit, fused, composed): gradient error and speed on random tensors.
+    Attention(crate::bench::attention::BenchAttentionArgs),
     /// Prompt and generation tokens/s.
     Generate(crate::bench::generate::BenchGenerateArgs),
     /// Seconds to read a model into host weights (best of a few).
@@ -235,6 +237,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             command: BenchCommand::Train(a),
         } => {
             println!("{}", crate::bench::train::bench_train(&a)?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench {
+            command: BenchCommand::Attention(a),
+        } => {
+            println!("{}", crate::bench::attention::bench_attention(&a)?);
             Ok(ExitCode::SUCCESS)
         }
         Command::Bench {

@@ -2,6 +2,7 @@
 //! random weights (no download needed) or on a real model. Warmup (autotune, shader compiles)
 //! is run first and kept out of the timing. Timings live here, never in tests.
 
+pub mod attention;
 pub mod generate;
 pub mod load;
 pub mod train;
