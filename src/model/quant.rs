@@ -7,6 +7,7 @@
 //! weight is dequantized only for the matmul that needs it; under block checkpointing only the
 //! block being recomputed holds dense weights.
 
+use rayon::prelude::*;
 use anyhow::{Result, bail};
 use burn::tensor::{DType, Device, Int, Tensor, TensorData};
 
@@ -166,36 +167,44 @@ pub fn quantize(w: &[f32], shape: [usize; 2], spec: QuantSpec) -> (Vec<u32>, Vec
     let n_bins = ((1u32 << bits) - 1) as f32;
     let per_word = 32 / bits;
     let groups = inp / group_size;
-    let mut words = vec![0u32; out * inp / per_word];
-    let mut scales = Vec::with_capacity(out * groups);
-    let mut biases = Vec::with_capacity(out * groups);
-    for r in 0..out {
-        for g in 0..groups {
-            let vals = &w[r * inp + g * group_size..r * inp + (g + 1) * group_size];
-            let (lo, hi) = vals
-                .iter()
-                .fold((f32::MAX, f32::MIN), |(a, b), &v| (a.min(v), b.max(v)));
-            let min_is_edge = lo.abs() > hi.abs();
-            let mut scale = ((hi - lo) / n_bins).max(1e-7);
-            if !min_is_edge {
-                scale = -scale;
+    let row_words = inp / per_word;
+    let mut words = vec![0u32; out * row_words];
+    let mut scales = vec![0f32; out * groups];
+    let mut biases = vec![0f32; out * groups];
+    // Rows are independent: one row's words, scales and biases per task (a 7B model's weights
+    // are quantized at load in seconds on a many-core host, not minutes).
+    words
+        .par_chunks_mut(row_words.max(1))
+        .zip(scales.par_chunks_mut(groups.max(1)))
+        .zip(biases.par_chunks_mut(groups.max(1)))
+        .enumerate()
+        .for_each(|(r, ((row, scales), biases))| {
+            for g in 0..groups {
+                let vals = &w[r * inp + g * group_size..r * inp + (g + 1) * group_size];
+                let (lo, hi) = vals
+                    .iter()
+                    .fold((f32::MAX, f32::MIN), |(a, b), &v| (a.min(v), b.max(v)));
+                let min_is_edge = lo.abs() > hi.abs();
+                let mut scale = ((hi - lo) / n_bins).max(1e-7);
+                if !min_is_edge {
+                    scale = -scale;
+                }
+                let edge = if min_is_edge { lo } else { hi };
+                let q0 = (edge / scale).round();
+                let (scale, bias) = if q0 != 0.0 {
+                    (edge / q0, edge)
+                } else {
+                    (scale, 0.0)
+                };
+                scales[g] = scale;
+                biases[g] = bias;
+                for (i, &v) in vals.iter().enumerate() {
+                    let q = ((v - bias) / scale).round().clamp(0.0, n_bins) as u32;
+                    let idx = g * group_size + i;
+                    row[idx / per_word] |= q << ((idx % per_word) * bits);
+                }
             }
-            let edge = if min_is_edge { lo } else { hi };
-            let q0 = (edge / scale).round();
-            let (scale, bias) = if q0 != 0.0 {
-                (edge / q0, edge)
-            } else {
-                (scale, 0.0)
-            };
-            scales.push(scale);
-            biases.push(bias);
-            for (i, &v) in vals.iter().enumerate() {
-                let q = ((v - bias) / scale).round().clamp(0.0, n_bins) as u32;
-                let idx = r * inp + g * group_size + i;
-                words[idx / per_word] |= q << ((idx % per_word) * bits);
-            }
-        }
-    }
+        });
     (words, scales, biases)
 }
 
