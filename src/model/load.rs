@@ -96,9 +96,10 @@ impl Builder<'_> {
             .map_err(|e| anyhow!("tensor `{name}` is not packed u32 words: {e:?}"))?;
         let scales = self.weights.data(&format!("{prefix}.scales"))?;
         let biases = self.weights.data(&format!("{prefix}.biases"))?;
+        // mlx checkpoints: scales and biases in the model's float type, as mlx holds them.
         QuantWeight::new(&words, scales, biases, [out, inp], spec, self.device)
             .with_context(|| format!("quantized weight `{prefix}`"))
-            .map(Some)
+            .map(|q| Some(q.scales_as(self.dtype)))
     }
 
     /// A `[rows, cols]` matrix that may be stored quantized, dense in the model's dtype.
@@ -120,12 +121,10 @@ impl Builder<'_> {
                     .convert::<f32>()
                     .try_to_vec::<f32>()
                     .map_err(|e| anyhow!("tensor `{name}`: {e:?}"))?;
-                Linear::quantized(QuantWeight::from_dense(
-                    &host,
-                    [out, inp],
-                    spec,
-                    self.device,
-                )?)
+                Linear::quantized(
+                    QuantWeight::from_dense(&host, [out, inp], spec, self.device)?
+                        .scales_as(self.dtype),
+                )
             }
             (None, _) => Linear::new(self.t2(&format!("{prefix}.weight"), out, inp)?, None),
         };

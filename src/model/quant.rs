@@ -126,6 +126,17 @@ impl QuantWeight {
         )
     }
 
+    /// The same weight with its scales and biases held in `dtype` (mlx keeps them in the
+    /// model's float type: f16 halves their share of a 4-bit model's memory). The
+    /// dequantization itself still runs in f32.
+    pub fn scales_as(self, dtype: DType) -> Self {
+        Self {
+            scales: self.scales.cast(dtype),
+            biases: self.biases.cast(dtype),
+            ..self
+        }
+    }
+
     /// The dense `[out, in]` weight in `dtype`, computed on the device.
     pub fn dequantize(&self, dtype: DType) -> Tensor<2> {
         let [out, inp] = self.shape;
@@ -145,15 +156,19 @@ impl QuantWeight {
             .reshape([out, inp / group_size, group_size])
             .float()
             .cast(DType::F32);
-        let w = q * self.scales.clone().unsqueeze_dim::<3>(2)
-            + self.biases.clone().unsqueeze_dim::<3>(2);
+        let f32 = |t: &Tensor<2>| match t.dtype() {
+            DType::F32 => t.clone(),
+            _ => t.clone().cast(DType::F32),
+        };
+        let w = q * f32(&self.scales).unsqueeze_dim::<3>(2) + f32(&self.biases).unsqueeze_dim::<3>(2);
         w.reshape([out, inp]).cast(dtype)
     }
 
     /// Bytes the weight takes on the device (codes, scales and biases).
     pub fn device_bytes(&self) -> usize {
         let [out, inp] = self.shape;
-        out * inp * self.spec.bits / 8 + 2 * 4 * out * (inp / self.spec.group_size)
+        let scale_bytes = self.scales.dtype().size();
+        out * inp * self.spec.bits / 8 + 2 * scale_bytes * out * (inp / self.spec.group_size)
     }
 }
 
