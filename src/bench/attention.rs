@@ -50,7 +50,11 @@ fn random(rng: &mut SplitMix64, shape: [usize; 4], device: &Device, dtype: DType
 fn rel_l2(a: Tensor<4>, b: Tensor<4>) -> Result<f64> {
     let a = a.cast(DType::F32).try_into_vec_as::<f32>()?;
     let b = b.cast(DType::F32).try_into_vec_as::<f32>()?;
-    let num: f64 = a.iter().zip(&b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
+    let num: f64 = a
+        .iter()
+        .zip(&b)
+        .map(|(x, y)| ((x - y) as f64).powi(2))
+        .sum();
     let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
     Ok((num / den.max(1e-30)).sqrt())
 }
@@ -76,14 +80,20 @@ fn pass(
     let g = (out.clone() * r.reshape([b, t, h * hd])).sum().backward();
     let grad = |x: &Tensor<4>| x.grad(&g).expect("a leaf");
     let _ = kvh;
-    [out.inner().reshape([b, t, h, hd]), grad(&q), grad(&k), grad(&v)]
+    [
+        out.inner().reshape([b, t, h, hd]),
+        grad(&q),
+        grad(&k),
+        grad(&v),
+    ]
 }
 
 pub fn bench_attention(a: &BenchAttentionArgs) -> Result<Value> {
     let sel = device_for(&a.device, &a.dtype)?;
     let (device, dtype) = (sel.device.clone(), sel.dtype);
     let mut rows = Vec::new();
-    let wanted = |name: &str| a.cases.is_empty() || a.cases.iter().any(|c| name.contains(c.as_str()));
+    let wanted =
+        |name: &str| a.cases.is_empty() || a.cases.iter().any(|c| name.contains(c.as_str()));
     for &(name, b, h, kvh, t, hd) in CASES.iter().filter(|c| wanted(c.0)) {
         let mut rng = SplitMix64(t as u64 * 31 + h as u64);
         let inputs = [
@@ -95,7 +105,11 @@ pub fn bench_attention(a: &BenchAttentionArgs) -> Result<Value> {
         let shape = (b, h, kvh, t, hd);
         let reference = pass(AttentionPath::Explicit, &inputs, shape);
         let mut paths = serde_json::Map::new();
-        for path in [AttentionPath::Explicit, AttentionPath::Composed, AttentionPath::Fused] {
+        for path in [
+            AttentionPath::Explicit,
+            AttentionPath::Composed,
+            AttentionPath::Fused,
+        ] {
             let got = pass(path, &inputs, shape);
             let mut err = serde_json::Map::new();
             for (label, (x, y)) in ["out", "dq", "dk", "dv"]
@@ -120,7 +134,8 @@ pub fn bench_attention(a: &BenchAttentionArgs) -> Result<Value> {
                 json!({"rel_l2_vs_explicit": err, "ms_fwd_bwd": ms}),
             );
         }
-        let row = json!({"case": name, "b": b, "h": h, "kv": kvh, "t": t, "hd": hd, "paths": paths});
+        let row =
+            json!({"case": name, "b": b, "h": h, "kv": kvh, "t": t, "hd": hd, "paths": paths});
         // One line per case as it finishes: a slow case (kernel compiles) loses nothing before it.
         eprintln!("{row}");
         rows.push(row);

@@ -7,9 +7,9 @@
 //! weight is dequantized only for the matmul that needs it; under block checkpointing only the
 //! block being recomputed holds dense weights.
 
-use rayon::prelude::*;
 use anyhow::{Result, bail};
 use burn::tensor::{DType, Device, Int, Tensor, TensorData};
+use rayon::prelude::*;
 
 /// The bit widths whose codes tile a u32 word exactly.
 pub const SUPPORTED_BITS: &[usize] = &[2, 4, 8];
@@ -160,7 +160,8 @@ impl QuantWeight {
             DType::F32 => t.clone(),
             _ => t.clone().cast(DType::F32),
         };
-        let w = q * f32(&self.scales).unsqueeze_dim::<3>(2) + f32(&self.biases).unsqueeze_dim::<3>(2);
+        let w =
+            q * f32(&self.scales).unsqueeze_dim::<3>(2) + f32(&self.biases).unsqueeze_dim::<3>(2);
         w.reshape([out, inp]).cast(dtype)
     }
 

