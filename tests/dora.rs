@@ -6,7 +6,6 @@ mod common;
 
 use burn::tensor::{DType, Device, Tensor};
 use common::reference_dir;
-use safetensors::SafeTensors;
 use tuna::model::load::load_model;
 use tuna::model::lora::{
     LoraConfig, apply_lora, load_adapter, lora_parameters, merge_lora, save_peft_adapter,
@@ -17,25 +16,8 @@ fn fixture() -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/peft_dora")
 }
 
-fn peft_values(bytes: &[u8], name: &str) -> Vec<f32> {
-    let st = SafeTensors::deserialize(bytes).unwrap();
-    st.tensor(name)
-        .unwrap_or_else(|e| panic!("{name}: {e}"))
-        .data()
-        .chunks_exact(4)
-        .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
-        .collect()
-}
-
 fn values(t: &Tensor<2>) -> Vec<f32> {
     t.clone().inner().try_into_vec_as::<f32>().unwrap()
-}
-
-fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
-    assert_eq!(a.len(), b.len());
-    let num: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
-    let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
-    (num / den.max(1e-30)).sqrt()
 }
 
 #[test]
@@ -49,7 +31,7 @@ fn dora_loss_and_gradients_match_peft() {
     let cfg = load_adapter(&mut model, &fixture().join("adapter")).unwrap();
     assert!(cfg.dora && cfg.rank == 4 && cfg.scale == 2.0, "{cfg:?}");
     let expected = std::fs::read(fixture().join("expected.safetensors")).unwrap();
-    let want = peft_values(&expected, "loss")[0];
+    let want = common::f32_tensor(&expected, "loss")[0];
     let batch = common::lora_example_batch();
     for checkpoint in [false, true] {
         let sg = loss_and_grads(
@@ -75,7 +57,7 @@ fn dora_loss_and_gradients_match_peft() {
                 Some(p) => format!("grad.{p}.lora_magnitude_vector.default.weight"),
                 None => format!("grad.{}", name.replace(".weight", ".default.weight")),
             };
-            let e = rel_l2(&values(g), &peft_values(&expected, &peft));
+            let e = common::rel_l2(&values(g), &common::f32_tensor(&expected, &peft));
             assert!(e < 1e-4, "{name} (checkpoint {checkpoint}): rel L2 {e}");
         }
     }

@@ -21,24 +21,6 @@ fn expected() -> Vec<u8> {
     .unwrap()
 }
 
-fn tensor(bytes: &[u8], name: &str) -> Vec<f32> {
-    SafeTensors::deserialize(bytes)
-        .unwrap()
-        .tensor(name)
-        .unwrap_or_else(|e| panic!("{name}: {e}"))
-        .data()
-        .chunks_exact(4)
-        .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
-        .collect()
-}
-
-fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
-    assert_eq!(a.len(), b.len());
-    let num: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
-    let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
-    (num / den.max(1e-30)).sqrt()
-}
-
 fn full_last_block() -> LoraConfig {
     LoraConfig {
         full: true,
@@ -55,7 +37,7 @@ fn full_fine_tuning_matches_pytorch() {
         let mut model = load_model(&dir, &Device::flex(), DType::F32).unwrap();
         lora::apply_fine_tune(&mut model, &full_last_block(), 0).unwrap();
         let batch = example_batch(name);
-        let loss0 = tensor(&want, &format!("{name}.loss0"))[0];
+        let loss0 = common::f32_tensor(&want, &format!("{name}.loss0"))[0];
         for checkpoint in [false, true] {
             let sg = loss_and_grads(
                 &model,
@@ -83,13 +65,13 @@ fn full_fine_tuning_matches_pytorch() {
             );
             for (n, g) in &sg.grads {
                 let g = g.clone().inner().try_into_vec_as::<f32>().unwrap();
-                let e = rel_l2(&g, &tensor(&want, &format!("{name}.grad.{n}")));
+                let e = common::rel_l2(&g, &common::f32_tensor(&want, &format!("{name}.grad.{n}")));
                 assert!(e < 1e-4, "{name} {n} (checkpoint {checkpoint}): rel L2 {e}");
             }
         }
         // Three AdamW steps as torch.optim.AdamW takes them.
         let mut opt = AdamW::new(1e-3, 0.01);
-        let losses = tensor(&want, &format!("{name}.losses"));
+        let losses = common::f32_tensor(&want, &format!("{name}.losses"));
         for (k, want_loss) in losses.iter().enumerate() {
             let sg = loss_and_grads(&model, &batch, &StepOptions::default());
             update_adapters(&mut model, &mut opt, &sg.grads, None, 1.0).unwrap();
@@ -118,12 +100,11 @@ fn full_fine_tuning_matches_pytorch() {
             a, b,
             "{name}: the reloaded fine-tune computes the same loss"
         );
-        assert_eq!(trainable_parameters(&again).len(), sg_len(&model));
+        assert_eq!(
+            trainable_parameters(&again).len(),
+            trainable_parameters(&model).len()
+        );
     }
-}
-
-fn sg_len(model: &tuna::model::llama::Llama) -> usize {
-    trainable_parameters(model).len()
 }
 
 #[test]
