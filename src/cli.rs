@@ -51,7 +51,7 @@ pub enum Command {
     Eval(crate::train::eval::EvalArgs),
     /// Generate text, streaming it to stdout.
     Generate(crate::generate::cli::GenerateArgs),
-    /// Merge an adapter into the base weights and write a Hugging Face folder (f32).
+    /// Merge an adapter into the base weights and write a Hugging Face folder (and a GGUF file).
     Fuse {
         #[arg(long)]
         model: String,
@@ -65,6 +65,9 @@ pub enum Command {
         /// Write a dense model from a quantized base (mlx-lm's flag).
         #[arg(long)]
         dequantize: bool,
+        /// Also write OUT/ggml-model-TYPE.gguf for llama.cpp / Ollama: f16, q8_0 or q4_0.
+        #[arg(long, value_name = "TYPE")]
+        gguf: Option<String>,
     },
     /// Convert a GGUF file into a Hugging Face folder (dequantized to f32).
     Convert { gguf: PathBuf, out: PathBuf },
@@ -212,6 +215,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             out,
             dtype,
             dequantize,
+            gguf,
         } => {
             use crate::formats::safetensors::FloatType;
             let dtype = match dtype.as_deref() {
@@ -222,9 +226,21 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 Some(other) => anyhow::bail!("--dtype `{other}`: use f32, f16 or bf16"),
             };
             let base = crate::source::base::load_base(&model)?;
-            let opts = crate::export::fuse::FuseOptions { dtype, dequantize };
+            let gguf = gguf
+                .as_deref()
+                .map(crate::export::gguf::GgufType::parse)
+                .transpose()?;
+            let opts = crate::export::fuse::FuseOptions {
+                dtype,
+                dequantize,
+                gguf,
+            };
             let ty = crate::export::fuse::fuse(&base, &adapter, &out, opts)?;
             eprintln!("wrote {} ({})", out.display(), ty.torch_name());
+            if let Some(g) = gguf {
+                let p = crate::export::fuse::gguf_path(&out, g);
+                eprintln!("wrote {}", p.display());
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Bench {

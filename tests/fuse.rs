@@ -77,6 +77,7 @@ fn an_f16_base_fuses_to_f16() {
     let opts = FuseOptions {
         dtype: Some(FloatType::F32),
         dequantize: false,
+        ..Default::default()
     };
     fuse(&base, &adapter, &out32, opts).unwrap();
     assert_eq!(stored_dtype(&out32), safetensors::Dtype::F32);
@@ -103,6 +104,7 @@ fn a_quantized_base_fuses_only_with_dequantize() {
     let opts = FuseOptions {
         dtype: None,
         dequantize: true,
+        ..Default::default()
     };
     assert_eq!(fuse(&base, &adapter, &out, opts).unwrap(), FloatType::F16);
     assert_eq!(stored_dtype(&out), safetensors::Dtype::F16);

@@ -121,6 +121,13 @@ fn replaced_weights(base: &BaseModel, dir: &Path) -> Result<RawWeights> {
 pub struct FuseOptions {
     pub dtype: Option<FloatType>,
     pub dequantize: bool,
+    /// Also write `ggml-model-<type>.gguf` into the output folder (mlx-lm's `--export-gguf` name).
+    pub gguf: Option<crate::export::gguf::GgufType>,
+}
+
+/// Where `tuna fuse --gguf TYPE` puts the GGUF file.
+pub fn gguf_path(out: &Path, ty: crate::export::gguf::GgufType) -> std::path::PathBuf {
+    out.join(format!("ggml-model-{}.gguf", ty.name()))
 }
 
 /// The float type a config.json declares (`torch_dtype`, or transformers 5's `dtype`).
@@ -162,5 +169,20 @@ pub fn fuse(base: &BaseModel, adapter_dir: &Path, out: &Path, o: FuseOptions) ->
     )?;
     safetensors::write_as(&weights, ty, &out.join("model.safetensors"))?;
     base.tokenizer.save_folder(out)?;
+    if let Some(g) = o.gguf {
+        let name = base
+            .path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "model".into());
+        crate::export::gguf::write_gguf_model(
+            &weights,
+            &base.config,
+            &base.tokenizer,
+            &name,
+            g,
+            &gguf_path(out, g),
+        )?;
+    }
     Ok(ty)
 }

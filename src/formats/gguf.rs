@@ -1677,7 +1677,7 @@ pub mod token_type {
 
 /// The pre-tokenizer split regex for a `tokenizer.ggml.pre` name, and whether digits are split
 /// individually first. `None` for names this crate does not know.
-fn bpe_pre_tokenizer(pre: &str) -> Option<Value> {
+pub fn bpe_pre_tokenizer_json(pre: &str) -> Option<Value> {
     const LLAMA3: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
     const QWEN2: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
     let byte_level = |use_regex: bool| json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": use_regex});
@@ -1884,7 +1884,7 @@ fn post_processor_json(tokens: &[&str], add_bos: bool, bos: Option<u32>) -> Valu
 /// merges as stored in the file.
 fn bpe_tokenizer_json(file: &GgufFile, common: TokenizerParts) -> Result<Value, GgufError> {
     let pre = file.meta_str("tokenizer.ggml.pre")?.unwrap_or("default");
-    let pre_tokenizer = bpe_pre_tokenizer(pre).ok_or_else(|| {
+    let pre_tokenizer = bpe_pre_tokenizer_json(pre).ok_or_else(|| {
         file.err(GgufErrorKind::BadValue {
             key: "tokenizer.ggml.pre".into(),
             msg: format!(

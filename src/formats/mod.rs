@@ -2,6 +2,7 @@
 //! adapters. Nothing here knows the network; `model` builds on these.
 
 pub mod gguf;
+pub mod gguf_write;
 pub mod mlx_adapter;
 pub mod peft;
 pub mod safetensors;
