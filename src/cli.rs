@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use clap::{Parser, Subcommand};
 
 use crate::config::{self, ConfigError};
-use crate::sweep::{self, executor};
+use crate::sweep::executor;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -38,6 +38,13 @@ pub enum Command {
         sets: Vec<String>,
         #[command(flatten)]
         place: Placement,
+        /// Runs to train at once in this process (default: one per entry of `devices`, else 1).
+        #[arg(long)]
+        jobs: Option<usize>,
+        /// Devices to spread the runs over, one run per device at a time: vulkan:0,vulkan:1
+        /// (overrides the experiment's `devices:`).
+        #[arg(long, value_delimiter = ',')]
+        devices: Vec<String>,
     },
     /// Train one run: an experiment without a grid, or a run folder's `config.yaml`.
     Train {
@@ -199,7 +206,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     spec.display()
                 );
             }
-            sweep_runs(&exp, &runs)
+            sweep_runs(&exp, &runs, &sweep_options(&exp, Some(1), Vec::new())?)
         }
         Command::Eval(args) => {
             crate::train::eval::run(&args)?;
@@ -291,10 +298,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             experiment,
             sets,
             place,
+            jobs,
+            devices,
         } => {
             let exp = config::load_experiment(&experiment, &place.with(sets)?)?;
             let runs = config::expand(&exp)?;
-            sweep_runs(&exp, &runs)
+            let opts = sweep_options(&exp, jobs, devices)?;
+            sweep_runs(&exp, &runs, &opts)
         }
     }
 }
@@ -330,20 +340,54 @@ impl Placement {
     }
 }
 
+/// `--jobs` and `--devices` (else the experiment's `devices:`), each device checked.
+fn sweep_options(
+    exp: &config::Experiment,
+    jobs: Option<usize>,
+    devices: Vec<String>,
+) -> anyhow::Result<executor::SweepOptions> {
+    let devices = if devices.is_empty() {
+        config::keys::Resolved(&exp.base)
+            .strings("devices")
+            .unwrap_or_default()
+    } else {
+        devices
+    };
+    for d in &devices {
+        let (name, _) = crate::model::device::split_index(d)?;
+        name.parse::<crate::model::device::DeviceChoice>()
+            .map_err(|e| anyhow::anyhow!("device `{d}` in devices: {e}"))?;
+    }
+    if jobs == Some(0) {
+        anyhow::bail!("--jobs 0: use 1 or more");
+    }
+    Ok(executor::SweepOptions {
+        jobs: jobs.unwrap_or(devices.len().max(1)),
+        devices,
+        ..Default::default()
+    })
+}
+
 /// Runs planned runs with the real trainer and prints the outcome.
-fn sweep_runs(exp: &config::Experiment, runs: &[config::RunPlan]) -> anyhow::Result<ExitCode> {
+fn sweep_runs(
+    exp: &config::Experiment,
+    runs: &[config::RunPlan],
+    opts: &executor::SweepOptions,
+) -> anyhow::Result<ExitCode> {
     let Some(trainer) = crate::train::default_trainer() else {
         anyhow::bail!("no trainer is available in this build");
     };
     let cancel = install_ctrl_c();
-    let outcome = sweep::run_sweep(exp, runs, trainer.as_ref(), &cancel, |line| {
-        eprintln!("{line}")
-    })?;
+    let outcome =
+        executor::run_sweep_with(exp, runs, trainer.as_ref(), &cancel, opts, |line| {
+            eprintln!("{line}")
+        })?;
     eprintln!(
-        "{}: {} done, {} skipped (already done), {} failed{}; leaderboard: {}",
+        "{}: {} done, {} skipped (already done), {} by other processes, {} failed{}; leaderboard: {}",
         exp.name,
         outcome.done.len(),
         outcome.skipped.len(),
+        outcome.elsewhere.len(),
         outcome.failed.len(),
         if outcome.interrupted {
             ", interrupted"

@@ -122,6 +122,12 @@ pub static CATALOG: &[KeyInfo] = &[
         "Float type of the weights; auto picks per device (f32 CPU, f16 Vulkan/WGSL)."
     ),
     k!(
+        "devices",
+        Kind::Strings,
+        [(); 0],
+        "GPUs a sweep trains on at once, one run per device (`[vulkan:0, vulkan:1]`); not part of a run's identity."
+    ),
+    k!(
         "train.iters",
         Kind::Int { min: 1 },
         1000,

@@ -87,7 +87,7 @@ mod gpu {
 
     use super::DeviceChoice;
 
-    type Key = (DeviceChoice, u8);
+    type Key = (DeviceChoice, u8, usize);
     static CACHE: OnceLock<Mutex<HashMap<Key, Result<Device, String>>>> = OnceLock::new();
 
     fn api(choice: DeviceChoice) -> WgpuBackend {
@@ -99,14 +99,15 @@ mod gpu {
     }
 
     /// `kind`: 0 = wgpu's default pick (may be a software adapter), 1 = discrete, 2 = integrated.
-    pub fn try_init(choice: DeviceChoice, kind: u8) -> Result<Device, String> {
+    /// `index`: which discrete GPU (for `kind` 1).
+    pub fn try_init(choice: DeviceChoice, kind: u8, index: usize) -> Result<Device, String> {
         let cache = CACHE.get_or_init(|| Mutex::new(HashMap::new()));
         let mut cache = cache.lock().unwrap_or_else(|e| e.into_inner());
         cache
-            .entry((choice, kind))
+            .entry((choice, kind, index))
             .or_insert_with(|| {
                 let device_kind = match kind {
-                    1 => DeviceKind::DiscreteGpu(0),
+                    1 => DeviceKind::DiscreteGpu(index),
                     2 => DeviceKind::IntegratedGpu(0),
                     _ => DeviceKind::DefaultDevice,
                 };
@@ -121,7 +122,45 @@ mod gpu {
 }
 
 fn try_gpu(choice: DeviceChoice, kind: u8) -> Result<Device, String> {
-    gpu::try_init(choice, kind)
+    gpu::try_init(choice, kind, 0)
+}
+
+fn try_gpu_at(choice: DeviceChoice, index: usize) -> Result<Device, String> {
+    gpu::try_init(choice, 1, index)
+}
+
+/// `vulkan:1` → (`vulkan`, Some(1)); a name without `:N` has no index.
+pub fn split_index(device: &str) -> Result<(&str, Option<usize>)> {
+    match device.split_once(':') {
+        None => Ok((device, None)),
+        Some((name, i)) => match i.parse::<usize>() {
+            Ok(i) => Ok((name, Some(i))),
+            Err(_) => bail!("device `{device}`: the part after `:` must be a GPU number, as in vulkan:1"),
+        },
+    }
+}
+
+/// The `index`-th discrete GPU of an API (`vulkan:1`), for sweeps that put one run on each GPU.
+pub fn select_gpu(choice: DeviceChoice, index: usize) -> Result<SelectedDevice> {
+    let choice = match choice {
+        DeviceChoice::Cpu => bail!("device `cpu:{index}`: the CPU has no numbered devices; use cpu"),
+        DeviceChoice::Auto => {
+            if cfg!(target_os = "macos") {
+                DeviceChoice::Metal
+            } else {
+                DeviceChoice::Vulkan
+            }
+        }
+        c => c,
+    };
+    match try_gpu_at(choice, index) {
+        Ok(device) => Ok(SelectedDevice {
+            dtype: dtype_for(&device, choice),
+            device,
+            kind: choice,
+        }),
+        Err(e) => bail!("device `{choice}:{index}`: no such GPU: {e}"),
+    }
 }
 
 /// Resolves `--device`. `auto` tries a real (discrete, then integrated) GPU on Metal, Vulkan or
@@ -176,8 +215,12 @@ pub fn select_device(choice: DeviceChoice) -> Result<SelectedDevice> {
 
 /// Picks the device and float type a config asks for.
 pub fn device_for(device: &str, dtype: &str) -> Result<SelectedDevice> {
-    let choice: DeviceChoice = device.parse()?;
-    let mut sel = select_device(choice)?;
+    let (name, index) = split_index(device)?;
+    let choice: DeviceChoice = name.parse()?;
+    let mut sel = match index {
+        None => select_device(choice)?,
+        Some(i) => select_gpu(choice, i)?,
+    };
     sel.dtype = match dtype {
         "f32" => DType::F32,
         "f16" => DType::F16,

@@ -7,7 +7,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use serde_json::Value as J;
 
 use super::leaderboard::{Leaderboard, Row};
@@ -21,6 +21,8 @@ pub struct RunContext<'a> {
     pub dir: &'a RunDir,
     /// Set by Ctrl-C: the trainer should checkpoint and return [`Interrupted`] soon.
     pub cancel: &'a AtomicBool,
+    /// The device this worker trains on (`vulkan:1`), in place of the config's `device`.
+    pub device: Option<&'a str>,
 }
 
 /// The error a trainer returns when it stopped because `cancel` was set.
@@ -35,7 +37,7 @@ impl std::fmt::Display for Interrupted {
 impl std::error::Error for Interrupted {}
 
 /// Trains one run. The real implementation lives in `train/`; tests use doubles.
-pub trait Trainer {
+pub trait Trainer: Sync {
     fn train(&self, ctx: &RunContext) -> Result<RunMetrics>;
 }
 
@@ -45,6 +47,8 @@ pub struct SweepOutcome {
     pub done: Vec<String>,
     pub skipped: Vec<String>,
     pub failed: Vec<(String, String)>,
+    /// Runs another `tuna sweep` process trained (or failed) while this one ran.
+    pub elsewhere: Vec<String>,
     pub interrupted: bool,
 }
 
@@ -126,79 +130,248 @@ enum RunEnd {
     Failed(String),
 }
 
-/// Runs every planned run that is not already done. A run whose training fails, or whose
-/// bookkeeping (status, metrics, leaderboard) cannot be written, fails alone: the sweep goes
-/// on with the next run.
+/// How a sweep process spreads its runs.
+#[derive(Debug, Clone)]
+pub struct SweepOptions {
+    /// Runs trained at once by this process (each on its own thread).
+    pub jobs: usize,
+    /// The device of each worker (`vulkan:0`, `vulkan:1`, …): worker `i` trains every run it
+    /// takes on `devices[i % len]`. Empty: each run trains where its config says.
+    pub devices: Vec<String>,
+    /// How often a process whose remaining runs are all held by other processes looks again.
+    pub poll: std::time::Duration,
+}
+
+impl Default for SweepOptions {
+    fn default() -> Self {
+        Self {
+            jobs: 1,
+            devices: Vec::new(),
+            poll: std::time::Duration::from_secs(2),
+        }
+    }
+}
+
+/// Runs every planned run that is not already done, one at a time (see [`run_sweep_with`]).
 pub fn run_sweep(
     exp: &Experiment,
     runs: &[RunPlan],
     trainer: &dyn Trainer,
     cancel: &AtomicBool,
-    mut log: impl FnMut(&str),
+    log: impl Fn(&str) + Sync,
+) -> Result<SweepOutcome> {
+    run_sweep_with(exp, runs, trainer, cancel, &SweepOptions::default(), log)
+}
+
+/// Which runs this process has dealt with, shared by its workers.
+#[derive(Default)]
+struct Claims {
+    /// Runs this process trained, skipped or saw finished: never taken again.
+    settled: std::collections::HashSet<usize>,
+    /// Runs found locked by another process at some point.
+    seen_held: std::collections::HashSet<usize>,
+    outcome: SweepOutcome,
+    /// A run stopped with [`Interrupted`]: take no more.
+    stop: bool,
+}
+
+/// What a worker gets when it asks for work.
+enum Next {
+    Train(usize, std::fs::File),
+    /// Every remaining run is held by another process: look again later.
+    Wait,
+    Finished,
+}
+
+/// Runs every planned run that is not already done, on `opts.jobs` workers. Each run is claimed
+/// with an exclusive lock on `<run>/.lock` for as long as it trains, so any number of `tuna
+/// sweep` processes (on one machine, or sharing the results folder over a network filesystem)
+/// can work on one experiment: none trains a run another holds, and the lock of a process that
+/// died is released by the kernel, so its run is taken over and resumed from its checkpoint. A
+/// run another process finished (or failed) is not trained again. A run whose training fails, or
+/// whose bookkeeping cannot be written, fails alone: the sweep goes on with the next run.
+pub fn run_sweep_with(
+    exp: &Experiment,
+    runs: &[RunPlan],
+    trainer: &dyn Trainer,
+    cancel: &AtomicBool,
+    opts: &SweepOptions,
+    log: impl Fn(&str) + Sync,
 ) -> Result<SweepOutcome> {
     let out_dir = output_dir(&exp.base);
     let board = leaderboard_of(&out_dir);
-    let mut outcome = SweepOutcome::default();
-    for (i, plan) in runs.iter().enumerate() {
-        let dir = RunDir::new(&out_dir, &exp.name, &plan.id);
-        let prefix = format!("[{}/{}] run {}", i + 1, runs.len(), plan.id);
-        if dir.status().is_some_and(|s| s.state == State::Done) {
-            log(&format!("{prefix}: done already, skipped"));
-            if let Err(e) = board.upsert(&row(
-                exp,
-                plan,
-                State::Done,
-                dir.metrics().unwrap_or_default(),
-            )) {
-                log(&format!("{prefix}: cannot update the leaderboard: {e:#}"));
+    let claims = Mutex::new(Claims::default());
+    let jobs = opts.jobs.max(1).min(runs.len().max(1));
+    let worker = |w: usize| {
+        let device = (!opts.devices.is_empty()).then(|| opts.devices[w % opts.devices.len()].clone());
+        loop {
+            match next_run(exp, runs, &out_dir, &board, &claims, cancel, &log) {
+                Next::Finished => return,
+                Next::Wait => std::thread::sleep(opts.poll),
+                Next::Train(i, lock) => {
+                    let plan = &runs[i];
+                    let dir = RunDir::new(&out_dir, &exp.name, &plan.id);
+                    let on = device.as_deref().map(|d| format!(" on {d}")).unwrap_or_default();
+                    let prefix = format!("[{}/{}] run {}", i + 1, runs.len(), plan.id);
+                    log(&format!("{prefix}: training{on}"));
+                    let end = train_claimed(exp, plan, &dir, &board, trainer, cancel, device.as_deref());
+                    drop(lock);
+                    let mut c = claims.lock().unwrap_or_else(|p| p.into_inner());
+                    match end.0 {
+                        RunEnd::Done => {
+                            log(&format!("{prefix}: done in {:.1} s", end.1));
+                            c.outcome.done.push(plan.id.clone());
+                        }
+                        RunEnd::Interrupted => {
+                            log(&format!("{prefix}: interrupted; run `tuna sweep` again to resume"));
+                            c.outcome.interrupted = true;
+                            c.stop = true;
+                        }
+                        RunEnd::Failed(msg) => {
+                            log(&format!("{prefix}: FAILED: {msg}"));
+                            c.outcome.failed.push((plan.id.clone(), msg));
+                        }
+                    }
+                }
             }
-            outcome.skipped.push(plan.id.clone());
+        }
+    };
+    if jobs == 1 {
+        worker(0);
+    } else {
+        std::thread::scope(|s| {
+            for w in 0..jobs {
+                let worker = &worker;
+                s.spawn(move || worker(w));
+            }
+        });
+    }
+    let mut c = claims.into_inner().unwrap_or_else(|p| p.into_inner());
+    if cancel.load(Ordering::SeqCst) && c.settled.len() < runs.len() {
+        c.outcome.interrupted = true;
+    }
+    Ok(c.outcome)
+}
+
+/// The next run this process may train, claimed; or whether to wait for other processes.
+fn next_run(
+    exp: &Experiment,
+    runs: &[RunPlan],
+    out_dir: &Path,
+    board: &Leaderboard,
+    claims: &Mutex<Claims>,
+    cancel: &AtomicBool,
+    log: &(impl Fn(&str) + Sync),
+) -> Next {
+    let mut c = claims.lock().unwrap_or_else(|p| p.into_inner());
+    let mut held = false;
+    for (i, plan) in runs.iter().enumerate() {
+        if c.settled.contains(&i) {
             continue;
         }
-        if cancel.load(Ordering::SeqCst) {
-            outcome.interrupted = true;
-            break;
+        if c.stop || cancel.load(Ordering::SeqCst) {
+            return Next::Finished;
         }
-        log(&format!("{prefix}: training"));
-        let started = Instant::now();
-        {
-            let (dir, board) = (dir.clone(), board.clone());
-            let aborted = row(exp, plan, State::Interrupted, RunMetrics::default());
-            set_on_abort(
-                &dir.path.clone(),
-                Some(Box::new(move || {
-                    let _ = dir.set_status(
-                        State::Interrupted,
-                        Some("stopped by a second Ctrl-C; `tuna sweep` resumes it".into()),
-                    );
-                    let _ = board.upsert(&aborted);
-                })),
-            );
+        let dir = RunDir::new(out_dir, &exp.name, &plan.id);
+        let prefix = format!("[{}/{}] run {}", i + 1, runs.len(), plan.id);
+        let state = dir.status().map(|s| s.state);
+        if state == Some(State::Done) {
+            c.settled.insert(i);
+            if c.seen_held.contains(&i) {
+                log(&format!("{prefix}: done by another process"));
+                c.outcome.elsewhere.push(plan.id.clone());
+            } else {
+                log(&format!("{prefix}: done already, skipped"));
+                if let Err(e) = board.upsert(&row(exp, plan, State::Done, dir.metrics().unwrap_or_default())) {
+                    log(&format!("{prefix}: cannot update the leaderboard: {e:#}"));
+                }
+                c.outcome.skipped.push(plan.id.clone());
+            }
+            continue;
         }
-        let end = run_one(exp, plan, &dir, &board, trainer, cancel);
-        set_on_abort(&dir.path, None);
-        match end {
-            RunEnd::Done => {
-                log(&format!(
-                    "{prefix}: done in {:.1} s",
-                    started.elapsed().as_secs_f64()
-                ));
-                outcome.done.push(plan.id.clone());
+        let lock = match dir.create().and_then(|()| try_claim(&dir)) {
+            Ok(Some(lock)) => lock,
+            Ok(None) => {
+                if c.seen_held.insert(i) {
+                    log(&format!("{prefix}: being trained by another process"));
+                }
+                held = true;
+                continue;
             }
-            RunEnd::Interrupted => {
-                log(&format!(
-                    "{prefix}: interrupted; run `tuna sweep` again to resume"
-                ));
-                outcome.interrupted = true;
-                break;
-            }
-            RunEnd::Failed(msg) => {
+            Err(e) => {
+                c.settled.insert(i);
+                let msg = format!("{e:#}");
                 log(&format!("{prefix}: FAILED: {msg}"));
-                outcome.failed.push((plan.id.clone(), msg));
+                c.outcome.failed.push((plan.id.clone(), msg));
+                continue;
             }
+        };
+        // Claimed: read the status again, another process may have finished it meanwhile.
+        let state = dir.status().map(|s| s.state);
+        if c.seen_held.contains(&i) && state == Some(State::Failed) {
+            // It failed in the process that held it: that process reports it.
+            c.settled.insert(i);
+            c.outcome.elsewhere.push(plan.id.clone());
+            continue;
+        }
+        if state == Some(State::Done) {
+            c.settled.insert(i);
+            c.outcome.elsewhere.push(plan.id.clone());
+            continue;
+        }
+        c.settled.insert(i);
+        return Next::Train(i, lock);
+    }
+    if held { Next::Wait } else { Next::Finished }
+}
+
+/// Takes `<run>/.lock` without waiting; `None` when another process (or worker) holds it.
+fn try_claim(dir: &RunDir) -> Result<Option<std::fs::File>> {
+    let path = dir.path.join(".lock");
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("cannot open the run's lock file {}", path.display()))?;
+    match f.try_lock() {
+        Ok(()) => Ok(Some(f)),
+        Err(std::fs::TryLockError::WouldBlock) => Ok(None),
+        Err(std::fs::TryLockError::Error(e)) => {
+            Err(e).with_context(|| format!("cannot lock {}", path.display()))
         }
     }
-    Ok(outcome)
+}
+
+/// Trains a claimed run with the second-Ctrl-C hook in place; returns how it ended and the
+/// seconds it took.
+fn train_claimed(
+    exp: &Experiment,
+    plan: &RunPlan,
+    dir: &RunDir,
+    board: &Leaderboard,
+    trainer: &dyn Trainer,
+    cancel: &AtomicBool,
+    device: Option<&str>,
+) -> (RunEnd, f64) {
+    let started = Instant::now();
+    {
+        let (dir, board) = (dir.clone(), board.clone());
+        let aborted = row(exp, plan, State::Interrupted, RunMetrics::default());
+        set_on_abort(
+            &dir.path.clone(),
+            Some(Box::new(move || {
+                let _ = dir.set_status(
+                    State::Interrupted,
+                    Some("stopped by a second Ctrl-C; `tuna sweep` resumes it".into()),
+                );
+                let _ = board.upsert(&aborted);
+            })),
+        );
+    }
+    let end = run_one(exp, plan, dir, board, trainer, cancel, device);
+    set_on_abort(&dir.path, None);
+    (end, started.elapsed().as_secs_f64())
 }
 
 /// Trains one run and records how it ended in its folder and the leaderboard.
@@ -209,6 +382,7 @@ fn run_one(
     board: &Leaderboard,
     trainer: &dyn Trainer,
     cancel: &AtomicBool,
+    device: Option<&str>,
 ) -> RunEnd {
     let started = Instant::now();
     let prepared = (|| -> Result<()> {
@@ -223,6 +397,7 @@ fn run_one(
             plan,
             dir,
             cancel,
+            device,
         };
         std::panic::catch_unwind(AssertUnwindSafe(|| trainer.train(&ctx)))
             .unwrap_or_else(|p| Err(anyhow::anyhow!("the trainer panicked: {}", panic_text(&p))))

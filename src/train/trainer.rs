@@ -44,11 +44,13 @@ pub struct DeviceBase {
     pub model: Llama,
 }
 
-/// Trains runs one after another, keeping the last base model on its device so that a sweep
-/// loads (and, for GGUF, dequantizes) it once.
+/// Trains runs, keeping the last base model of each device on that device so that a sweep
+/// loads (and, for GGUF, dequantizes) it once per device, also when several workers train at
+/// once on different GPUs.
 #[derive(Default)]
 pub struct LoraTrainer {
-    cache: Mutex<Option<(String, Arc<DeviceBase>)>>,
+    /// (device, full key, model): one model per device.
+    cache: Mutex<Vec<(String, String, Arc<DeviceBase>)>>,
     /// Print report lines even without a terminal (tests keep this off).
     pub quiet: bool,
 }
@@ -61,15 +63,14 @@ impl LoraTrainer {
         sel: &SelectedDevice,
         quantize: Option<QuantSpec>,
     ) -> Result<Arc<DeviceBase>> {
-        let key = format!("{spec}|{:?}|{:?}|{quantize:?}", sel.device, sel.dtype);
+        let dev = format!("{:?}", sel.device);
+        let key = format!("{spec}|{dev}|{:?}|{quantize:?}", sel.dtype);
         let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((k, m)) = cache.as_ref()
-            && *k == key
-        {
+        if let Some((_, _, m)) = cache.iter().find(|(_, k, _)| *k == key) {
             return Ok(m.clone());
         }
-        // Drop the previous model before building the next one: one model in memory at a time.
-        *cache = None;
+        // Drop the device's previous model before building the next one: one model per device.
+        cache.retain(|(d, _, _)| *d != dev);
         let started = Instant::now();
         let b = open_base(spec).with_context(|| format!("loading model `{spec}`"))?;
         if let Some(q) = quantize {
@@ -104,7 +105,7 @@ impl LoraTrainer {
             tokenizer: b.tokenizer,
             model,
         });
-        *cache = Some((key, m.clone()));
+        cache.push((dev, key, m.clone()));
         Ok(m)
     }
 }
@@ -112,7 +113,7 @@ impl LoraTrainer {
 impl Trainer for LoraTrainer {
     fn train(&self, ctx: &RunContext) -> Result<RunMetrics> {
         let s = TrainSettings::from_config(&ctx.plan.config)?;
-        let sel = device_for(&s.device, &s.dtype)?;
+        let sel = device_for(ctx.device.unwrap_or(&s.device), &s.dtype)?;
         let base = self.base(&s.model, &sel, s.quantize)?;
         check_against_model(&s, &base.config)?;
         let data = dataset::load(
