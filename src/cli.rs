@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use clap::{Parser, Subcommand};
 
 use crate::config::{self, ConfigError};
-use crate::sweep::executor;
+use crate::sweep::{executor, identity};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -191,13 +191,20 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Plan { experiment, sets } => {
             let exp = config::load_experiment(&experiment, &sets)?;
-            let runs = config::expand(&exp)?;
+            let mut runs = config::expand(&exp)?;
+            let fin = identity::assign_ids(&mut runs, identity::Resolve::Offline)?;
             print!("{}", executor::plan_table(&exp, &runs));
+            if !fin {
+                println!(
+                    "note: the model is not downloaded yet; run ids are final once `tuna sweep` has fetched it"
+                );
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Train { spec, sets, place } => {
             let exp = config::load_experiment(&spec, &place.with(sets)?)?;
-            let runs = config::expand(&exp)?;
+            let mut runs = config::expand(&exp)?;
+            identity::assign_ids(&mut runs, identity::Resolve::Fetch)?;
             if runs.len() != 1 {
                 anyhow::bail!(
                     "{} expands to {} runs; `tuna train` trains one (use `tuna sweep {}`)",
@@ -302,7 +309,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             devices,
         } => {
             let exp = config::load_experiment(&experiment, &place.with(sets)?)?;
-            let runs = config::expand(&exp)?;
+            let mut runs = config::expand(&exp)?;
+            identity::assign_ids(&mut runs, identity::Resolve::Fetch)?;
             let opts = sweep_options(&exp, jobs, devices)?;
             sweep_runs(&exp, &runs, &opts)
         }

@@ -922,8 +922,9 @@ fn a_run_whose_status_cannot_be_written_fails_alone() {
 
 #[test]
 fn run_ids_do_not_change_when_new_keys_are_left_unset() {
-    // The example report's runs were trained before the `quantize` keys existed; a sweep of the
-    // same experiment must still find them by id.
+    // The config part of a run's id (`config::run_id`, before `sweep::identity` adds the data
+    // and model fingerprints) is what the example report's runs were named by, before the
+    // `quantize` and `devices` keys existed: leaving new keys unset must not change it.
     let exp = load_experiment(Path::new("experiments/diagnosis.yaml"), &[]).unwrap();
     let board = std::fs::read_to_string("docs/example-report/leaderboard.csv").unwrap();
     for run in config::expand(&exp).unwrap() {

@@ -286,3 +286,67 @@ fn three_processes_share_a_sweep_and_survive_a_kill_9() {
     assert!(ok);
     assert!(started(&lines).is_empty(), "{lines:?}");
 }
+
+// ---- run identity ----
+
+/// `tuna plan`'s run ids for an experiment, with its own hash cache.
+fn plan_ids(spec: &Path, cache: &Path) -> Vec<String> {
+    let out = Command::new(env!("CARGO_BIN_EXE_tuna"))
+        .args(["plan", spec.to_str().unwrap()])
+        .env("TUNA_CACHE", cache)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .skip(3)
+        .filter_map(|l| l.split_whitespace().next().map(str::to_string))
+        .filter(|id| id.len() == 10)
+        .collect()
+}
+
+#[test]
+fn changed_data_or_model_files_make_new_run_ids() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let data = tmp.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    for f in ["train.jsonl", "valid.jsonl"] {
+        std::fs::copy(root.join("experiments/data/diagnosis").join(f), data.join(f)).unwrap();
+    }
+    let model = tmp.path().join("model");
+    std::fs::create_dir_all(&model).unwrap();
+    for f in ["config.json", "model.safetensors", "tokenizer.json"] {
+        std::fs::copy(reference_dir().join("tiny-llama").join(f), model.join(f)).unwrap();
+    }
+    let spec = tmp.path().join("exp.yaml");
+    std::fs::write(
+        &spec,
+        "name: id\nmodel: model\ndata: data\ngrid:\n  lora.rank: [2, 4]\n",
+    )
+    .unwrap();
+    let cache = tmp.path().join("cache");
+    let first = plan_ids(&spec, &cache);
+    assert_eq!(first.len(), 2);
+    assert_eq!(plan_ids(&spec, &cache), first, "same inputs, same ids (from the hash cache)");
+    let cached = std::fs::read_to_string(cache.join("fingerprints.json")).unwrap();
+    assert!(cached.contains("model.safetensors") && cached.contains("train.jsonl"));
+
+    // One more training example: new runs.
+    let mut train = std::fs::read_to_string(data.join("train.jsonl")).unwrap();
+    let first_line = train.lines().next().unwrap().to_string();
+    train.push_str(&first_line);
+    train.push('\n');
+    std::fs::write(data.join("train.jsonl"), &train).unwrap();
+    let edited = plan_ids(&spec, &cache);
+    assert!(edited.iter().all(|id| !first.contains(id)), "{first:?} vs {edited:?}");
+
+    // Another model under the same path: new runs again.
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(model.join("config.json")).unwrap()).unwrap();
+    cfg["rms_norm_eps"] = serde_json::json!(1e-6);
+    std::fs::write(model.join("config.json"), cfg.to_string()).unwrap();
+    let other_model = plan_ids(&spec, &cache);
+    assert!(other_model.iter().all(|id| !edited.contains(id)));
+
+}

@@ -18,6 +18,15 @@ pub struct RunPlan {
     /// The values this run takes for the experiment's varied keys, in axis order.
     pub varied: Vec<(String, J)>,
     pub seed: i64,
+    /// The data and model fingerprints the id covers, once `sweep::identity` has set them.
+    pub fingerprints: Option<Fingerprints>,
+}
+
+/// Fingerprints of a run's inputs (12 hex digits each; `missing` for a path that does not exist).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fingerprints {
+    pub data: String,
+    pub model: String,
 }
 
 /// Expands an experiment into its runs, checking each resolved config.
@@ -66,6 +75,7 @@ pub fn expand(exp: &Experiment) -> Result<Vec<RunPlan>, ConfigError> {
                 config: c,
                 varied: point.clone(),
                 seed,
+                fingerprints: None,
             });
         }
     }

@@ -11,5 +11,5 @@ pub mod spec;
 pub mod vary;
 
 pub use error::ConfigError;
-pub use grid::{RunPlan, expand, run_id};
+pub use grid::{Fingerprints, RunPlan, expand, run_id};
 pub use spec::{Experiment, load_experiment};

@@ -73,7 +73,7 @@ pub fn resolve_model_in(spec: &str, base_dir: Option<&Path>) -> Result<ModelFile
 }
 
 /// `org/name` (optionally `@revision`): two valid repository parts and nothing path-like.
-fn looks_like_repo_id(spec: &str) -> bool {
+pub fn looks_like_repo_id(spec: &str) -> bool {
     let (repo, _) = spec.split_once('@').unwrap_or((spec, ""));
     match repo.split_once('/') {
         Some((org, name)) => {

@@ -86,6 +86,7 @@ pub fn row(exp: &Experiment, plan: &RunPlan, state: State, metrics: RunMetrics) 
             .collect(),
         seed: plan.seed,
         metrics,
+        fingerprints: plan.fingerprints.clone(),
     }
 }
 

@@ -16,6 +16,7 @@ pub const HEAD: &[&str] = &["run_id", "experiment", "status"];
 pub fn tail() -> Vec<&'static str> {
     std::iter::once("seed")
         .chain(RunMetrics::default().columns().into_iter().map(|(c, _)| c))
+        .chain(["data_fingerprint", "model_fingerprint"])
         .collect()
 }
 
@@ -28,6 +29,8 @@ pub struct Row {
     pub varied: Vec<(String, String)>,
     pub seed: i64,
     pub metrics: RunMetrics,
+    /// The run's input fingerprints (data, model), when known.
+    pub fingerprints: Option<crate::config::Fingerprints>,
 }
 
 impl Row {
@@ -42,6 +45,10 @@ impl Row {
         m.insert("seed".into(), self.seed.to_string());
         for (k, v) in self.metrics.columns() {
             m.insert(k.into(), v.unwrap_or_default());
+        }
+        if let Some(f) = &self.fingerprints {
+            m.insert("data_fingerprint".into(), f.data.clone());
+            m.insert("model_fingerprint".into(), f.model.clone());
         }
         m
     }

@@ -1,6 +1,7 @@
 //! Sweeps: run folders, the executor that walks a grid, and the shared leaderboard.
 
 pub mod executor;
+pub mod identity;
 pub mod leaderboard;
 pub mod metrics_log;
 pub mod run_dir;

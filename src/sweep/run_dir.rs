@@ -158,8 +158,15 @@ impl RunDir {
     pub fn write_config(&self, plan: &RunPlan) -> Result<()> {
         let config = rebase_paths(&plan.config, Path::new("."), &self.path);
         let yaml = serde_saphyr::to_string(&config).context("cannot write config.yaml")?;
+        let inputs = match &plan.fingerprints {
+            Some(f) => format!(
+                "# Its id also covers the inputs: data fingerprint {}, model fingerprint {}.\n",
+                f.data, f.model
+            ),
+            None => String::new(),
+        };
         let text = format!(
-            "# Resolved config of run {} (tuna writes this file; it is valid input to `tuna train`).\n{yaml}",
+            "# Resolved config of run {} (tuna writes this file; it is valid input to `tuna train`).\n{inputs}{yaml}",
             plan.id
         );
         write_atomic(&self.path.join("config.yaml"), text.as_bytes())
