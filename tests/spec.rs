@@ -791,6 +791,7 @@ fn row(exp: &str, id: &str, varied: &[(&str, &str)]) -> tuna::sweep::leaderboard
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect(),
         seed: 0,
+        fingerprints: None,
         metrics: RunMetrics {
             best_val_loss: Some(1.25),
             ..Default::default()
