@@ -154,6 +154,18 @@ fn sweep_learns_and_a_killed_run_resumes_to_the_same_result() {
         "validation loss must fall: {vals:?}"
     );
     assert!(ma["test_ppl"].as_f64().unwrap() > 1.0);
+    // Ranking: the untrained model's loss is the baseline, not the best; the best adapter is kept.
+    assert_eq!(ma["base_val_loss"].as_f64().unwrap(), vals[0]);
+    let best = vals[1..].iter().cloned().fold(f64::INFINITY, f64::min);
+    assert_eq!(ma["best_val_loss"].as_f64().unwrap(), best);
+    let best_step = ma["best_val_step"].as_u64().unwrap();
+    assert_eq!(vals[(best_step / 100) as usize], best);
+    let saved: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(run_a.join("adapter-best/step.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(saved["step"].as_u64(), Some(best_step));
+    assert!(run_a.join("adapter-best/adapter_model.safetensors").exists());
     assert!(run_a.join("adapter/adapter_model.safetensors").exists());
     let mlx: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(run_a.join("adapter-mlx/adapter_config.json")).unwrap(),

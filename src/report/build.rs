@@ -1024,10 +1024,15 @@ type Answers<'a> = (String, &'a Vec<Generation>);
 /// Loss alone does not say whether fine-tuning helped: the task score and the answers
 /// themselves, next to the base model's, do.
 fn answers(res: &Results, groups: &[Group]) -> Vec<Block> {
-    let mut blocks = vec![Block::Heading(
-        2,
-        "Answers: base model vs fine-tuned".into(),
-    )];
+    let mut blocks = vec![
+        Block::Heading(2, "Answers: base model vs fine-tuned".into()),
+        Block::Para(
+            "Each run answers with its final adapter (`adapter/`, the last step). The adapter with \
+             the lowest validation loss after step 0 is kept beside it as `adapter-best/`; the \
+             leaderboard's `best_val_step` says which step that was."
+                .into(),
+        ),
+    ];
     for exp in &res.experiments {
         let sub = |what: &str| {
             if res.experiments.len() > 1 {

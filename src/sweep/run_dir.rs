@@ -50,7 +50,14 @@ pub struct Status {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct RunMetrics {
     pub final_train_loss: Option<f64>,
+    /// Best validation loss after step 0 (the untrained model's is `base_val_loss`).
     pub best_val_loss: Option<f64>,
+    /// The step of `best_val_loss`; the adapter of that step is `adapter-best/`.
+    #[serde(default)]
+    pub best_val_step: Option<u64>,
+    /// Validation loss of the base model, before training (step 0).
+    #[serde(default)]
+    pub base_val_loss: Option<f64>,
     pub final_val_loss: Option<f64>,
     pub test_loss: Option<f64>,
     pub test_ppl: Option<f64>,
@@ -84,6 +91,8 @@ impl RunMetrics {
         vec![
             ("final_train_loss", f(self.final_train_loss)),
             ("best_val_loss", f(self.best_val_loss)),
+            ("best_val_step", self.best_val_step.map(|s| s.to_string())),
+            ("base_val_loss", f(self.base_val_loss)),
             ("final_val_loss", f(self.final_val_loss)),
             ("test_loss", f(self.test_loss)),
             ("test_ppl", f(self.test_ppl)),

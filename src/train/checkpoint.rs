@@ -23,6 +23,10 @@ pub struct Checkpoint {
     pub run_id: String,
     pub trained_tokens: u64,
     pub best_val_loss: Option<f64>,
+    #[serde(default)]
+    pub best_val_step: Option<u64>,
+    #[serde(default)]
+    pub base_val_loss: Option<f64>,
     pub last_val_loss: Option<f64>,
     pub last_train_loss: Option<f64>,
     pub seed: u64,

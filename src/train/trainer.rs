@@ -316,6 +316,8 @@ impl Run<'_> {
                     run_id: self.ctx.plan.id.clone(),
                     trained_tokens: st.trained_tokens,
                     best_val_loss: st.best_val,
+                    best_val_step: st.best_step,
+                    base_val_loss: st.base_val,
                     last_val_loss: st.last_val,
                     last_train_loss: st.last_train_loss,
                     seed: s.seed,
@@ -460,8 +462,23 @@ impl Run<'_> {
         let v = self.evaluate(model, &self.data.valid, self.s.val_batches)?;
         log.log("val", step, json!({"val_loss": v}))?;
         say(pb, self.quiet, &format!("step {step}: val loss {v:.4}"));
-        st.best_val = Some(st.best_val.map_or(v, |b: f64| b.min(v)));
         st.last_val = Some(v);
+        if step == 0 {
+            // The untrained model's loss is the baseline, not a result of training.
+            st.base_val = Some(v);
+            return Ok(());
+        }
+        if st.best_val.is_none_or(|b| v < b) {
+            st.best_val = Some(v);
+            st.best_step = Some(step);
+            // The best adapter by validation loss, kept beside the final one.
+            let best = self.ctx.dir.path.join("adapter-best");
+            lora::save_adapter(model, &best, Some(&self.s.model))?;
+            crate::files::write_atomic(
+                &best.join("step.json"),
+                json!({"step": step, "val_loss": v}).to_string().as_bytes(),
+            )?;
+        }
         Ok(())
     }
 
@@ -502,6 +519,8 @@ impl Run<'_> {
         Ok(RunMetrics {
             final_train_loss: st.last_train_loss,
             best_val_loss: st.best_val,
+            best_val_step: st.best_step,
+            base_val_loss: st.base_val,
             final_val_loss: st.last_val,
             test_loss,
             test_ppl,
@@ -519,7 +538,11 @@ impl Run<'_> {
 
 /// What the training loop carries from step to step; a checkpoint restores the first four.
 struct LoopState {
+    /// Best validation loss after step 0, and its step.
     best_val: Option<f64>,
+    best_step: Option<u64>,
+    /// Validation loss of the untrained model (step 0).
+    base_val: Option<f64>,
     last_val: Option<f64>,
     trained_tokens: u64,
     last_train_loss: Option<f64>,
@@ -533,6 +556,8 @@ impl LoopState {
     fn new(resumed: Option<&Checkpoint>, dtype: DType) -> Self {
         Self {
             best_val: resumed.and_then(|c| c.best_val_loss),
+            best_step: resumed.and_then(|c| c.best_val_step),
+            base_val: resumed.and_then(|c| c.base_val_loss),
             last_val: resumed.and_then(|c| c.last_val_loss),
             trained_tokens: resumed.map_or(0, |c| c.trained_tokens),
             last_train_loss: resumed.and_then(|c| c.last_train_loss),
@@ -545,7 +570,8 @@ impl LoopState {
 }
 
 /// Token-weighted mean loss over up to `max_batches` length-grouped batches of a split
-/// (-1 = all), with the model as it is.
+/// (-1 = all), with the model as it is. The batches are spread evenly over the lengths (always
+/// the same ones), so a few of them stand for the whole split, not for its shortest examples.
 pub fn split_loss(
     model: &Llama,
     split: &Split,
@@ -560,7 +586,7 @@ pub fn split_loss(
         (max_batches as usize).min(groups.len())
     };
     let (mut sums, mut count) = (Vec::new(), 0usize);
-    for g in &groups[..take] {
+    for g in spread(groups.len(), take).map(|i| &groups[i]) {
         let exs: Vec<&Tokenized> = g.iter().map(|&i| &split.examples[i]).collect();
         let b = dataset::collate(&exs, pad, SEQ_ROUND);
         let (loss, n) = step::eval_loss(model, &b);
@@ -580,6 +606,11 @@ pub fn split_loss(
         .map(|&x| x as f64)
         .sum();
     Ok(total / count as f64)
+}
+
+/// `take` of `n` indices, evenly spaced (the middle of each of `take` equal slices).
+pub fn spread(n: usize, take: usize) -> impl Iterator<Item = usize> {
+    (0..take).map(move |i| ((2 * i + 1) * n) / (2 * take))
 }
 
 /// A short device name for the leaderboard (`cpu (flex)`, `wgpu DiscreteGpu(0)`).
@@ -726,5 +757,17 @@ fn say(pb: &ProgressBar, quiet: bool, line: &str) {
         eprintln!("{line}");
     } else {
         pb.println(line);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn validation_batches_spread_over_the_lengths() {
+        let got: Vec<usize> = super::spread(10, 3).collect();
+        assert_eq!(got, vec![1, 5, 8]);
+        let all: Vec<usize> = super::spread(4, 4).collect();
+        assert_eq!(all, vec![0, 1, 2, 3]);
+        assert_eq!(super::spread(7, 1).collect::<Vec<_>>(), vec![3]);
     }
 }
