@@ -386,10 +386,9 @@ fn sweep_runs(
         anyhow::bail!("no trainer is available in this build");
     };
     let cancel = install_ctrl_c();
-    let outcome =
-        executor::run_sweep_with(exp, runs, trainer.as_ref(), &cancel, opts, |line| {
-            eprintln!("{line}")
-        })?;
+    let outcome = executor::run_sweep_with(exp, runs, trainer.as_ref(), &cancel, opts, |line| {
+        eprintln!("{line}")
+    })?;
     eprintln!(
         "{}: {} done, {} skipped (already done), {} by other processes, {} failed{}; leaderboard: {}",
         exp.name,

@@ -56,7 +56,10 @@ fn tensor_names_round_trip_with_the_reader() {
         let g = gguf_tensor_name(hf).unwrap();
         assert_eq!(hf_tensor_name(&g).as_deref(), Some(hf), "{g}");
     }
-    assert_eq!(gguf_tensor_name("model.layers.0.self_attn.rotary_emb.inv_freq"), None);
+    assert_eq!(
+        gguf_tensor_name("model.layers.0.self_attn.rotary_emb.inv_freq"),
+        None
+    );
 }
 
 /// Fuses `model` with its reference adapter into `dir`, writing a GGUF of `ty`.
@@ -100,7 +103,10 @@ fn check_against_fixture(model: &str, path: &Path) {
             Value::String(s) => assert_eq!(got.as_str(), Some(s.as_str()), "{model}: {k}"),
             _ => {
                 let (g, w) = (got.as_f64().unwrap(), v.as_f64().unwrap());
-                assert!((g - w).abs() <= 1e-6 * w.abs(), "{model}: {k} = {g}, want {w}");
+                assert!(
+                    (g - w).abs() <= 1e-6 * w.abs(),
+                    "{model}: {k} = {g}, want {w}"
+                );
             }
         }
     }
@@ -126,7 +132,11 @@ fn check_against_fixture(model: &str, path: &Path) {
             "pad" => "tokenizer.ggml.padding_token_id".to_string(),
             other => format!("tokenizer.ggml.{other}_token_id"),
         };
-        assert_eq!(f.get(&key).and_then(GgufValue::as_u64), id.as_u64(), "{model}: {key}");
+        assert_eq!(
+            f.get(&key).and_then(GgufValue::as_u64),
+            id.as_u64(),
+            "{model}: {key}"
+        );
     }
     assert_eq!(
         f.get("tokenizer.chat_template").and_then(GgufValue::as_str),
@@ -179,9 +189,16 @@ fn f16_export_holds_what_gguf_py_and_the_converter_expect() {
         let f = GgufFile::open(&path).unwrap();
         for t in &f.tensors {
             let want = if t.dims.len() == 1 { 0 } else { 1 };
-            assert_eq!(t.ggml_type.0, want, "{model}: {} is {}", t.name, t.ggml_type);
+            assert_eq!(
+                t.ggml_type.0, want,
+                "{model}: {} is {}",
+                t.name, t.ggml_type
+            );
         }
-        assert_eq!(f.get("general.file_type").and_then(GgufValue::as_u64), Some(1));
+        assert_eq!(
+            f.get("general.file_type").and_then(GgufValue::as_u64),
+            Some(1)
+        );
     }
 }
 
@@ -197,7 +214,11 @@ fn logits_pair(model: &str, ty: GgufType) -> (Vec<f32>, Vec<f32>) {
     let text = "The quick brown fox: 12345 jumps!\n<|im_start|>user";
     let base_tok = tuna::tokenizer::Tokenizer::from_folder(reference_dir().join(model)).unwrap();
     let ids = base_tok.encode(text, true);
-    assert_eq!(src.tokenizer.encode(text, true), ids, "{model}: GGUF tokenizer");
+    assert_eq!(
+        src.tokenizer.encode(text, true),
+        ids,
+        "{model}: GGUF tokenizer"
+    );
     assert_eq!(src.tokenizer.chat_template(), base_tok.chat_template());
     let run = |m: &tuna::model::llama::Llama| {
         m.forward(m.ids_tensor(&ids, 1), None)
@@ -237,7 +258,10 @@ fn quantized_exports_store_blocks() {
     assert_eq!(ty("blk.0.attn_norm.weight").0, 0, "norms stay f32");
     // The intermediate size 88 is not whole blocks of 32: ffn_down rows fall back to f16.
     assert_eq!(ty("blk.0.ffn_down.weight"), F16);
-    assert_eq!(f.get("general.file_type").and_then(GgufValue::as_u64), Some(2));
+    assert_eq!(
+        f.get("general.file_type").and_then(GgufValue::as_u64),
+        Some(2)
+    );
     // Smaller files the fewer the bits.
     let q8 = fuse_to_gguf("tiny-llama", GgufType::Q8_0, &tmp.path().join("q8"));
     let f16 = fuse_to_gguf("tiny-llama", GgufType::F16, &tmp.path().join("f16"));
@@ -264,10 +288,17 @@ fn cli_writes_the_gguf_and_rejects_unknown_types() {
             .unwrap()
     };
     let ok = run("q8_0");
-    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
     assert!(tmp.path().join("out/ggml-model-q8_0.gguf").is_file());
     let bad = run("q5_k");
     assert!(!bad.status.success());
     let err = String::from_utf8_lossy(&bad.stderr);
-    assert!(err.contains("q5_k") && err.contains("f16, q8_0 or q4_0"), "{err}");
+    assert!(
+        err.contains("q5_k") && err.contains("f16, q8_0 or q4_0"),
+        "{err}"
+    );
 }

@@ -610,3 +610,27 @@ fn several_experiments_go_to_the_parent_folder() {
         "{md}"
     );
 }
+
+#[test]
+fn pruned_runs_rank_below_runs_that_went_further() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("results");
+    fs::create_dir_all(out.join("es")).unwrap();
+    // Rank 4 was stopped at step 10 with a lower loss than rank 8 reached at the end: it must
+    // not win on a loss measured after fewer steps.
+    let csv = "run_id,experiment,status,lora.rank,seed,best_val_loss,stopped_step\n\
+               a,es,done,8,0,1.5,\n\
+               b,es,pruned,4,0,1.2,10\n\
+               c,es,pruned,2,0,1.3,30\n";
+    fs::write(out.join("leaderboard.csv"), csv).unwrap();
+    let r = report::run(&opts(&out.join("es"), None)).unwrap();
+    assert_eq!(r.winner.as_deref(), Some("lora.rank=8"));
+    let md = fs::read_to_string(&r.markdown).unwrap();
+    assert!(md.contains("stopped early"), "{md}");
+    let pos = |s: &str| md.find(s).unwrap();
+    let table = &md[pos("## Leaderboard")..];
+    // Place, then lora.rank: 8 (went to the end), 2 (stopped at 30), 4 (stopped at 10).
+    assert!(table.contains("| **1 ★ winner** | **8** |"), "{table}");
+    assert!(table.contains("| 2 | 2 | 1.3000 |"), "{table}");
+    assert!(table.contains("| 3 | 4 | 1.2000 |"), "{table}");
+}

@@ -1,5 +1,5 @@
-//! Sweeps that share work: `--jobs`/`devices` inside one process, and several `tuna sweep`
-//! processes on one experiment, one of them killed with SIGKILL mid-run.
+//! Sweeps across runs: `--jobs`/`devices` inside one process, several `tuna sweep` processes on
+//! one experiment (one of them killed with SIGKILL mid-run), run identity, early stopping.
 
 mod common;
 
@@ -82,7 +82,10 @@ fn jobs_train_runs_side_by_side_one_per_device() {
     let wall = started.elapsed();
     assert_eq!(o.done.len(), 6);
     assert_eq!(t.max_active.load(Ordering::SeqCst), 3, "three at once");
-    assert!(wall < Duration::from_millis(6 * 150), "ran in parallel: {wall:?}");
+    assert!(
+        wall < Duration::from_millis(6 * 150),
+        "ran in parallel: {wall:?}"
+    );
     let trained = t.trained.lock().unwrap();
     assert_eq!(trained.len(), 6);
     for (id, devs) in trained.iter() {
@@ -143,7 +146,9 @@ fn a_run_locked_by_another_holder_is_waited_for_not_trained() {
     assert!(!t.trained.lock().unwrap().contains_key(&runs[0].id));
     let lines = lines.into_inner().unwrap();
     assert!(
-        lines.iter().any(|l| l.contains("being trained by another process")),
+        lines
+            .iter()
+            .any(|l| l.contains("being trained by another process")),
         "{lines:?}"
     );
 }
@@ -215,7 +220,15 @@ fn started(lines: &[String]) -> Vec<String> {
     lines
         .iter()
         .filter(|l| l.ends_with(": training"))
-        .map(|l| l.split("run ").nth(1).unwrap().split(':').next().unwrap().to_string())
+        .map(|l| {
+            l.split("run ")
+                .nth(1)
+                .unwrap()
+                .split(':')
+                .next()
+                .unwrap()
+                .to_string()
+        })
         .collect()
 }
 
@@ -235,8 +248,14 @@ fn three_processes_share_a_sweep_and_survive_a_kill_9() {
         {
             break id.clone();
         }
-        assert!(procs[0].child.try_wait().unwrap().is_none(), "process 0 ended early");
-        assert!(t0.elapsed() < Duration::from_secs(300), "no checkpoint from process 0");
+        assert!(
+            procs[0].child.try_wait().unwrap().is_none(),
+            "process 0 ended early"
+        );
+        assert!(
+            t0.elapsed() < Duration::from_secs(300),
+            "no checkpoint from process 0"
+        );
         std::thread::sleep(Duration::from_millis(5));
     };
     procs[0].child.kill().unwrap(); // SIGKILL: its lock goes with it
@@ -248,7 +267,9 @@ fn three_processes_share_a_sweep_and_survive_a_kill_9() {
     for p in procs {
         let (ok, lines) = p.finish();
         assert!(ok, "{}", lines.join("\n"));
-        resumed |= lines.iter().any(|l| l.contains(&format!("resuming run {victim_run}")));
+        resumed |= lines
+            .iter()
+            .any(|l| l.contains(&format!("resuming run {victim_run}")));
         all_started.extend(started(&lines));
     }
     // Every run was started once, except the killed one, taken over and resumed once.
@@ -279,7 +300,11 @@ fn three_processes_share_a_sweep_and_survive_a_kill_9() {
         .read()
         .unwrap();
     assert_eq!(table.rows.len(), 6);
-    assert!(table.rows.iter().all(|r| r["status"] == "done"), "{:?}", table.rows);
+    assert!(
+        table.rows.iter().all(|r| r["status"] == "done"),
+        "{:?}",
+        table.rows
+    );
 
     // A fourth process has nothing to do.
     let (ok, lines) = Sweeper::start(&spec).finish();
@@ -296,7 +321,11 @@ fn plan_ids(spec: &Path, cache: &Path) -> Vec<String> {
         .env("TUNA_CACHE", cache)
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout)
         .lines()
         .skip(3)
@@ -312,7 +341,11 @@ fn changed_data_or_model_files_make_new_run_ids() {
     let data = tmp.path().join("data");
     std::fs::create_dir_all(&data).unwrap();
     for f in ["train.jsonl", "valid.jsonl"] {
-        std::fs::copy(root.join("experiments/data/diagnosis").join(f), data.join(f)).unwrap();
+        std::fs::copy(
+            root.join("experiments/data/diagnosis").join(f),
+            data.join(f),
+        )
+        .unwrap();
     }
     let model = tmp.path().join("model");
     std::fs::create_dir_all(&model).unwrap();
@@ -328,7 +361,11 @@ fn changed_data_or_model_files_make_new_run_ids() {
     let cache = tmp.path().join("cache");
     let first = plan_ids(&spec, &cache);
     assert_eq!(first.len(), 2);
-    assert_eq!(plan_ids(&spec, &cache), first, "same inputs, same ids (from the hash cache)");
+    assert_eq!(
+        plan_ids(&spec, &cache),
+        first,
+        "same inputs, same ids (from the hash cache)"
+    );
     let cached = std::fs::read_to_string(cache.join("fingerprints.json")).unwrap();
     assert!(cached.contains("model.safetensors") && cached.contains("train.jsonl"));
 
@@ -339,7 +376,10 @@ fn changed_data_or_model_files_make_new_run_ids() {
     train.push('\n');
     std::fs::write(data.join("train.jsonl"), &train).unwrap();
     let edited = plan_ids(&spec, &cache);
-    assert!(edited.iter().all(|id| !first.contains(id)), "{first:?} vs {edited:?}");
+    assert!(
+        edited.iter().all(|id| !first.contains(id)),
+        "{first:?} vs {edited:?}"
+    );
 
     // Another model under the same path: new runs again.
     let mut cfg: serde_json::Value =
@@ -348,5 +388,124 @@ fn changed_data_or_model_files_make_new_run_ids() {
     std::fs::write(model.join("config.json"), cfg.to_string()).unwrap();
     let other_model = plan_ids(&spec, &cache);
     assert!(other_model.iter().all(|id| !edited.contains(id)));
+}
 
+// ---- early stopping ----
+
+/// Reports a fixed validation loss per run (by its rank) at every rung and at the end, as the
+/// real trainer logs it, and stops when the pruner says so.
+struct Rungs {
+    steps: Mutex<BTreeMap<i64, u64>>,
+}
+
+impl Trainer for Rungs {
+    fn train(&self, ctx: &RunContext) -> anyhow::Result<RunMetrics> {
+        const LOSS: [f64; 9] = [5.0, 3.0, 8.0, 1.0, 9.0, 2.0, 7.0, 4.0, 6.0];
+        let rank = ctx.plan.config["lora"]["rank"].as_i64().unwrap();
+        let loss = LOSS[rank as usize - 1];
+        let p = ctx.pruner.expect("early_stop is set");
+        let mut log = String::new();
+        let mut stopped = None;
+        for step in p.eval_steps().into_iter().chain([p.iters]) {
+            log.push_str(&format!(
+                "{{\"kind\":\"val\",\"step\":{step},\"val_loss\":{loss}}}\n"
+            ));
+            std::fs::write(ctx.dir.path.join("metrics.jsonl"), &log)?;
+            if step < p.iters
+                && let Some(why) = p.check(step, loss, loss, Some(10.0))
+            {
+                stopped = Some((step, why));
+                break;
+            }
+        }
+        self.steps
+            .lock()
+            .unwrap()
+            .insert(rank, stopped.as_ref().map_or(p.iters, |s| s.0));
+        Ok(RunMetrics {
+            best_val_loss: Some(loss),
+            stopped_step: stopped.as_ref().map(|s| s.0),
+            stop_reason: stopped.map(|s| s.1),
+            ..Default::default()
+        })
+    }
+}
+
+#[test]
+fn asha_stops_the_runs_outside_the_best_third_at_each_rung() {
+    let tmp = tempfile::tempdir().unwrap();
+    let p = tmp.path().join("exp.yaml");
+    std::fs::write(
+        &p,
+        "name: asha\nmodel: m\ndata: d\noutput:\n  dir: results\ntrain:\n  iters: 100\n\
+         early_stop:\n  method: asha\n  min_steps: 10\n  reduction_factor: 3\n\
+         grid:\n  lora.rank: [1, 2, 3, 4, 5, 6, 7, 8, 9]\n",
+    )
+    .unwrap();
+    let exp = load_experiment(&p, &[]).unwrap();
+    let runs = config::expand(&exp).unwrap();
+    let t = Rungs {
+        steps: Mutex::new(BTreeMap::new()),
+    };
+    let o = run_sweep_with(
+        &exp,
+        &runs,
+        &t,
+        &AtomicBool::new(false),
+        &SweepOptions::default(),
+        |_| {},
+    )
+    .unwrap();
+    assert_eq!(o.done.len(), 9);
+    // Rungs at 10, 30, 90. With losses 5 3 8 1 9 2 7 4 6 in grid order, a run goes on while its
+    // loss is at most the 1/3 quantile of the losses recorded at the rung so far: 8 (3 runs:
+    // cutoff 4.33), 9, 7, 4 and 6 stop at step 10; 5, 3, 1 and 2 lead every rung they reach.
+    let steps = t.steps.lock().unwrap().clone();
+    let want: BTreeMap<i64, u64> = [
+        (1, 100),
+        (2, 100),
+        (3, 10),
+        (4, 100),
+        (5, 10),
+        (6, 100),
+        (7, 10),
+        (8, 10),
+        (9, 10),
+    ]
+    .into_iter()
+    .collect();
+    assert_eq!(steps, want);
+    let spent: u64 = steps.values().sum();
+    assert!(spent < 9 * 100, "{spent}");
+    let table = Leaderboard::new(&tmp.path().join("results/leaderboard.csv"))
+        .read()
+        .unwrap();
+    let pruned: Vec<&str> = table
+        .rows
+        .iter()
+        .filter(|r| r["status"] == "pruned")
+        .map(|r| r["lora.rank"].as_str())
+        .collect();
+    assert_eq!(pruned.len(), 5);
+    assert!(
+        table
+            .rows
+            .iter()
+            .filter(|r| r["status"] == "pruned")
+            .all(|r| r["stopped_step"] == "10")
+    );
+    // Pruned runs are final: a second sweep trains nothing.
+    let t2 = Rungs {
+        steps: Mutex::new(BTreeMap::new()),
+    };
+    let o = run_sweep_with(
+        &exp,
+        &runs,
+        &t2,
+        &AtomicBool::new(false),
+        &SweepOptions::default(),
+        |_| {},
+    )
+    .unwrap();
+    assert_eq!(o.skipped.len(), 9);
 }

@@ -165,7 +165,11 @@ fn sweep_learns_and_a_killed_run_resumes_to_the_same_result() {
     )
     .unwrap();
     assert_eq!(saved["step"].as_u64(), Some(best_step));
-    assert!(run_a.join("adapter-best/adapter_model.safetensors").exists());
+    assert!(
+        run_a
+            .join("adapter-best/adapter_model.safetensors")
+            .exists()
+    );
     assert!(run_a.join("adapter/adapter_model.safetensors").exists());
     let mlx: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(run_a.join("adapter-mlx/adapter_config.json")).unwrap(),
@@ -557,4 +561,48 @@ fn full_fine_tuning_sweep_learns_saves_for_mlx_lm_and_fuses() {
         (loss_of(&plain, &exp, "tiny-llama") - a).abs() > 1e-3,
         "the blocks changed"
     );
+}
+
+#[test]
+fn early_stopping_sweep_spends_fewer_steps_than_the_grid() {
+    let tmp = tempfile::tempdir().unwrap();
+    // The first run learns; the two with a tiny learning rate barely move and are stopped at
+    // the first rung, where they are not within the best third.
+    let spec = experiment(
+        tmp.path(),
+        "early_stop:\n  method: asha\n  min_steps: 10\n  reduction_factor: 3\n\
+         grid:\n  train.learning_rate: [5e-3, 1e-6, 2e-6]\n",
+    );
+    let text = std::fs::read_to_string(&spec)
+        .unwrap()
+        .replace("iters: 400", "iters: 90")
+        .replace("steps_per_eval: 100", "steps_per_eval: 30")
+        .replace("steps_per_report: 50", "steps_per_report: 10");
+    std::fs::write(&spec, text).unwrap();
+    let out = tuna()
+        .args(["sweep", spec.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    let table = tuna::sweep::Leaderboard::new(&tmp.path().join("out/leaderboard.csv"))
+        .read()
+        .unwrap();
+    assert_eq!(table.rows.len(), 3);
+    let mut spent = 0;
+    for r in &table.rows {
+        match r["status"].as_str() {
+            "done" => spent += 90,
+            "pruned" => spent += r["stopped_step"].parse::<u64>().unwrap(),
+            other => panic!("status {other}"),
+        }
+    }
+    let pruned = table
+        .rows
+        .iter()
+        .filter(|r| r["status"] == "pruned")
+        .count();
+    assert_eq!(pruned, 2, "{:?}", table.rows);
+    assert!(spent < 3 * 90, "{spent} steps");
+    assert!(err.contains("stopped early: asha rung at step 10"), "{err}");
 }

@@ -142,8 +142,9 @@ pub fn run_id(config: &J) -> String {
         m.remove("name");
         m.remove("description");
         m.remove("output");
-        // Where a run trains is not what it is.
+        // Where a run trains, and the sweep's stopping policy, are not what it is.
         m.remove("devices");
+        m.remove("early_stop");
         // Sections added after runs already existed count only when set, so that those runs
         // keep their ids (and a new sweep still finds them done).
         for (section, off) in [("quantize", "bits")] {

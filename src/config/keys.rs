@@ -62,7 +62,7 @@ pub const LORA_MODULES: &[&str] = &[
 ];
 
 /// Top-level sections that hold keys of their own.
-pub const SECTIONS: &[&str] = &["train", "lora", "quantize", "eval", "output"];
+pub const SECTIONS: &[&str] = &["train", "lora", "quantize", "eval", "early_stop", "output"];
 
 /// Keys only an experiment (not a recipe, not a resolved run) may hold.
 pub const VARYING: &[&str] = &["grid", "zip", "exclude", "seeds"];
@@ -327,6 +327,36 @@ pub static CATALOG: &[KeyInfo] = &[
         Kind::Int { min: 1 },
         64,
         "Input values that share one scale and bias when `quantize.bits` is set (mlx's default)."
+    ),
+    k!(
+        "early_stop.method",
+        Kind::Choice(&["none", "asha", "median"]),
+        "none",
+        "Stop losing runs of a sweep: `asha` (successive halving at rungs min_steps·η^k), `median` (worse than the other runs' median), or none."
+    ),
+    k!(
+        "early_stop.min_steps",
+        Kind::Int { min: 1 },
+        100,
+        "The first rung (asha) or the first step the median rule may stop a run at."
+    ),
+    k!(
+        "early_stop.reduction_factor",
+        Kind::Float { min: 1.01 },
+        3.0,
+        "asha: each rung keeps the best 1/η of the runs that reached it, and the next rung is η times further."
+    ),
+    k!(
+        "early_stop.min_runs",
+        Kind::Int { min: 1 },
+        3,
+        "median: other runs that must have reached a step before it can stop a run there."
+    ),
+    k!(
+        "early_stop.divergence",
+        Kind::OptFloat { min: 1.0 },
+        (),
+        "Stop a run whose validation loss exceeds this many times the untrained model's (or is NaN); null = off."
     ),
     k!(
         "output.dir",

@@ -184,17 +184,19 @@ pub fn write_gguf_model(
     let mut meta = model_metadata(config, arch, name, ty);
     meta.extend(tokenizer_metadata(tokenizer, vocab_rows)?);
 
-    let pb = indicatif::ProgressBar::new(plans.len() as u64).with_message(format!(
-        "writing {}",
-        path.display()
-    ));
+    let pb = indicatif::ProgressBar::new(plans.len() as u64)
+        .with_message(format!("writing {}", path.display()));
     gguf_write::write_gguf(path, &meta, &plans, |i| {
         pb.inc(1);
         let plan = &plans[i];
         let Some((hf, heads)) = sources.get(i) else {
             let base = config_without_scaling(config).rope_inv_freq();
             let scaled = config.rope_inv_freq();
-            let div: Vec<f32> = base.iter().zip(&scaled).map(|(b, s)| (b / s) as f32).collect();
+            let div: Vec<f32> = base
+                .iter()
+                .zip(&scaled)
+                .map(|(b, s)| (b / s) as f32)
+                .collect();
             return gguf_write::encode(F32, &div);
         };
         let t = &weights[hf];
@@ -203,7 +205,12 @@ pub fn write_gguf_model(
                 let rows = t.shape[0];
                 let cols: usize = t.shape[1..].iter().product();
                 std::borrow::Cow::Owned(permute_qk_rows(&t.data, rows, cols, *h).with_context(
-                    || format!("`{hf}` {:?} does not split into {h} heads of even size", t.shape),
+                    || {
+                        format!(
+                            "`{hf}` {:?} does not split into {h} heads of even size",
+                            t.shape
+                        )
+                    },
                 )?)
             }
             None => std::borrow::Cow::Borrowed(&t.data),
@@ -222,7 +229,12 @@ fn config_without_scaling(config: &ModelConfig) -> ModelConfig {
 }
 
 /// `general.*` and `{arch}.*` metadata, as llama.cpp's converter writes them.
-fn model_metadata(config: &ModelConfig, arch: &str, name: &str, ty: GgufType) -> Vec<(String, MetaValue)> {
+fn model_metadata(
+    config: &ModelConfig,
+    arch: &str,
+    name: &str,
+    ty: GgufType,
+) -> Vec<(String, MetaValue)> {
     let k = |s: &str| format!("{arch}.{s}");
     let mut m = vec![
         ("general.architecture".into(), MetaValue::Str(arch.into())),
@@ -230,20 +242,53 @@ fn model_metadata(config: &ModelConfig, arch: &str, name: &str, ty: GgufType) ->
         ("general.name".into(), MetaValue::Str(name.into())),
         ("general.file_type".into(), MetaValue::U32(ty.file_type())),
         ("general.quantization_version".into(), MetaValue::U32(2)),
-        (k("block_count"), MetaValue::U32(config.num_hidden_layers as u32)),
-        (k("context_length"), MetaValue::U32(config.max_position_embeddings as u32)),
-        (k("embedding_length"), MetaValue::U32(config.hidden_size as u32)),
-        (k("feed_forward_length"), MetaValue::U32(config.intermediate_size as u32)),
-        (k("attention.head_count"), MetaValue::U32(config.num_attention_heads as u32)),
-        (k("attention.head_count_kv"), MetaValue::U32(config.num_key_value_heads as u32)),
-        (k("rope.freq_base"), MetaValue::F32(config.rope_theta as f32)),
-        (k("attention.layer_norm_rms_epsilon"), MetaValue::F32(config.rms_norm_eps as f32)),
-        (k("rope.dimension_count"), MetaValue::U32(config.head_dim as u32)),
+        (
+            k("block_count"),
+            MetaValue::U32(config.num_hidden_layers as u32),
+        ),
+        (
+            k("context_length"),
+            MetaValue::U32(config.max_position_embeddings as u32),
+        ),
+        (
+            k("embedding_length"),
+            MetaValue::U32(config.hidden_size as u32),
+        ),
+        (
+            k("feed_forward_length"),
+            MetaValue::U32(config.intermediate_size as u32),
+        ),
+        (
+            k("attention.head_count"),
+            MetaValue::U32(config.num_attention_heads as u32),
+        ),
+        (
+            k("attention.head_count_kv"),
+            MetaValue::U32(config.num_key_value_heads as u32),
+        ),
+        (
+            k("rope.freq_base"),
+            MetaValue::F32(config.rope_theta as f32),
+        ),
+        (
+            k("attention.layer_norm_rms_epsilon"),
+            MetaValue::F32(config.rms_norm_eps as f32),
+        ),
+        (
+            k("rope.dimension_count"),
+            MetaValue::U32(config.head_dim as u32),
+        ),
         (k("vocab_size"), MetaValue::U32(config.vocab_size as u32)),
     ];
     if config.head_dim * config.num_attention_heads != config.hidden_size {
-        m.push((k("attention.key_length"), MetaValue::U32(config.head_dim as u32)));
-        m.push((k("attention.value_length"), MetaValue::U32(config.head_dim as u32)));
+        m.push((
+            k("attention.key_length"),
+            MetaValue::U32(config.head_dim as u32),
+        ));
+        m.push((
+            k("attention.value_length"),
+            MetaValue::U32(config.head_dim as u32),
+        ));
     }
     if let Some(RopeScaling::Linear { factor }) = config.rope_scaling {
         m.push((k("rope.scaling.type"), MetaValue::Str("linear".into())));
@@ -296,10 +341,19 @@ fn tokenizer_metadata(tok: &Tokenizer, vocab_rows: usize) -> Result<Vec<(String,
         .as_array()
         .into_iter()
         .flatten()
-        .filter_map(|t| Some((t["id"].as_u64()? as u32, t["special"].as_bool().unwrap_or(false))))
+        .filter_map(|t| {
+            Some((
+                t["id"].as_u64()? as u32,
+                t["special"].as_bool().unwrap_or(false),
+            ))
+        })
         .collect();
     let spm = model["byte_fallback"].as_bool().unwrap_or(false);
-    let unk = tok.special_tokens().unk_token.as_deref().and_then(|u| tok.token_to_id(u));
+    let unk = tok
+        .special_tokens()
+        .unk_token
+        .as_deref()
+        .and_then(|u| tok.token_to_id(u));
     let mut tokens = Vec::with_capacity(n);
     let mut types = Vec::with_capacity(n);
     for id in 0..n as u32 {
@@ -344,12 +398,21 @@ fn tokenizer_metadata(tok: &Tokenizer, vocab_rows: usize) -> Result<Vec<(String,
                 }
             }
         }
-        m.push(("tokenizer.ggml.model".into(), MetaValue::Str("llama".into())));
+        m.push((
+            "tokenizer.ggml.model".into(),
+            MetaValue::Str("llama".into()),
+        ));
         m.push(("tokenizer.ggml.tokens".into(), MetaValue::StrArray(tokens)));
         m.push(("tokenizer.ggml.scores".into(), MetaValue::F32Array(scores)));
-        m.push(("tokenizer.ggml.token_type".into(), MetaValue::I32Array(types)));
+        m.push((
+            "tokenizer.ggml.token_type".into(),
+            MetaValue::I32Array(types),
+        ));
         let add_space = doc["normalizer"].to_string().contains("Prepend");
-        m.push(("tokenizer.ggml.add_space_prefix".into(), MetaValue::Bool(add_space)));
+        m.push((
+            "tokenizer.ggml.add_space_prefix".into(),
+            MetaValue::Bool(add_space),
+        ));
     } else {
         let pre = bpe_pre_name(&doc["pre_tokenizer"]).with_context(|| {
             format!(
@@ -360,14 +423,23 @@ fn tokenizer_metadata(tok: &Tokenizer, vocab_rows: usize) -> Result<Vec<(String,
         m.push(("tokenizer.ggml.model".into(), MetaValue::Str("gpt2".into())));
         m.push(("tokenizer.ggml.pre".into(), MetaValue::Str(pre.into())));
         m.push(("tokenizer.ggml.tokens".into(), MetaValue::StrArray(tokens)));
-        m.push(("tokenizer.ggml.token_type".into(), MetaValue::I32Array(types)));
+        m.push((
+            "tokenizer.ggml.token_type".into(),
+            MetaValue::I32Array(types),
+        ));
         m.push(("tokenizer.ggml.merges".into(), MetaValue::StrArray(merges)));
     }
     let id = |t: Option<&str>| t.and_then(|t| tok.token_to_id(t));
     let special = tok.special_tokens();
     for (key, v) in [
-        ("bos_token_id", tok.bos_token_id().or(id(special.bos_token.as_deref()))),
-        ("eos_token_id", id(special.eos_token.as_deref()).or(tok.eos_token_id())),
+        (
+            "bos_token_id",
+            tok.bos_token_id().or(id(special.bos_token.as_deref())),
+        ),
+        (
+            "eos_token_id",
+            id(special.eos_token.as_deref()).or(tok.eos_token_id()),
+        ),
         ("unknown_token_id", unk),
         ("padding_token_id", id(special.pad_token.as_deref())),
     ] {
@@ -375,8 +447,14 @@ fn tokenizer_metadata(tok: &Tokenizer, vocab_rows: usize) -> Result<Vec<(String,
             m.push((format!("tokenizer.ggml.{key}"), MetaValue::U32(v)));
         }
     }
-    m.push(("tokenizer.ggml.add_bos_token".into(), MetaValue::Bool(tok.add_bos_token())));
-    m.push(("tokenizer.ggml.add_eos_token".into(), MetaValue::Bool(special.add_eos_token)));
+    m.push((
+        "tokenizer.ggml.add_bos_token".into(),
+        MetaValue::Bool(tok.add_bos_token()),
+    ));
+    m.push((
+        "tokenizer.ggml.add_eos_token".into(),
+        MetaValue::Bool(special.add_eos_token),
+    ));
     if let Some(t) = tok.chat_template() {
         m.push(("tokenizer.chat_template".into(), MetaValue::Str(t.into())));
     }

@@ -135,7 +135,9 @@ pub fn split_index(device: &str) -> Result<(&str, Option<usize>)> {
         None => Ok((device, None)),
         Some((name, i)) => match i.parse::<usize>() {
             Ok(i) => Ok((name, Some(i))),
-            Err(_) => bail!("device `{device}`: the part after `:` must be a GPU number, as in vulkan:1"),
+            Err(_) => {
+                bail!("device `{device}`: the part after `:` must be a GPU number, as in vulkan:1")
+            }
         },
     }
 }
@@ -143,7 +145,9 @@ pub fn split_index(device: &str) -> Result<(&str, Option<usize>)> {
 /// The `index`-th discrete GPU of an API (`vulkan:1`), for sweeps that put one run on each GPU.
 pub fn select_gpu(choice: DeviceChoice, index: usize) -> Result<SelectedDevice> {
     let choice = match choice {
-        DeviceChoice::Cpu => bail!("device `cpu:{index}`: the CPU has no numbered devices; use cpu"),
+        DeviceChoice::Cpu => {
+            bail!("device `cpu:{index}`: the CPU has no numbered devices; use cpu")
+        }
         DeviceChoice::Auto => {
             if cfg!(target_os = "macos") {
                 DeviceChoice::Metal

@@ -182,15 +182,31 @@ impl<'a> Ranked<'a> {
             .iter()
             .map(|g| stats::summarize(&metric_values(res, &g.runs, metric)).map(|s| s.mean))
             .collect();
+        // With early stopping, runs are compared only on what both reached: a group stopped
+        // earlier ranks below every group that went further (it lost at a rung they passed).
+        let reach: Vec<f64> = groups
+            .iter()
+            .map(|g| {
+                g.runs
+                    .iter()
+                    .filter_map(|&i| res.runs[i].metrics.get("stopped_step").copied())
+                    .fold(f64::INFINITY, f64::min)
+            })
+            .collect();
         let mut order: Vec<usize> = (0..groups.len()).collect();
-        order.sort_by(|a, b| match (means[*a], means[*b]) {
-            (Some(x), Some(y)) => {
-                let c = x.partial_cmp(&y).unwrap_or(std::cmp::Ordering::Equal);
-                if higher { c.reverse() } else { c }
-            }
-            (Some(_), None) => std::cmp::Ordering::Less,
-            (None, Some(_)) => std::cmp::Ordering::Greater,
-            (None, None) => std::cmp::Ordering::Equal,
+        order.sort_by(|a, b| {
+            reach[*b]
+                .partial_cmp(&reach[*a])
+                .unwrap_or(std::cmp::Ordering::Equal)
+                .then_with(|| match (means[*a], means[*b]) {
+                    (Some(x), Some(y)) => {
+                        let c = x.partial_cmp(&y).unwrap_or(std::cmp::Ordering::Equal);
+                        if higher { c.reverse() } else { c }
+                    }
+                    (Some(_), None) => std::cmp::Ordering::Less,
+                    (None, Some(_)) => std::cmp::Ordering::Greater,
+                    (None, None) => std::cmp::Ordering::Equal,
+                })
         });
         let winner = order.first().copied().filter(|gi| means[*gi].is_some());
         Self {
@@ -302,7 +318,16 @@ fn leaderboard(r: &Ranked) -> Vec<Block> {
         }
         t.rows.push(leaderboard_row(r, rank, gi, &others));
     }
-    vec![Block::Heading(2, "Leaderboard".into()), Block::Table(t)]
+    let mut out = vec![Block::Heading(2, "Leaderboard".into()), Block::Table(t)];
+    if res.runs.iter().any(|r| r.state == "pruned") {
+        out.push(Block::Para(
+            "Some runs were stopped early (`early_stop`, status `pruned`, step in `stopped_step`). \
+             Runs are compared only on what both reached: a run stopped at a rung ranks below every \
+             run that went past it, and runs stopped at the same step are ranked by the metric."
+                .into(),
+        ));
+    }
+    out
 }
 
 /// A row with the seeds listed, unfinished ones marked, so a mean is never taken on trust.

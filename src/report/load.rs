@@ -17,6 +17,7 @@ type Row = BTreeMap<String, String>;
 /// Numeric metrics, in table order.
 pub const METRICS: &[&str] = &[
     "best_val_loss",
+    "base_val_loss",
     "final_val_loss",
     "final_train_loss",
     "test_loss",
@@ -26,6 +27,7 @@ pub const METRICS: &[&str] = &[
     "peak_mem_mb",
     "gpu_mem_mb",
     "wall_s",
+    "stopped_step",
 ];
 
 /// Whether a larger value of `metric` is better.
@@ -71,8 +73,9 @@ pub struct Run {
 }
 
 impl Run {
+    /// Finished: trained to the end, or stopped for good by `early_stop` (`pruned`).
     pub fn done(&self) -> bool {
-        self.state == "done"
+        self.state == "done" || self.state == "pruned"
     }
 }
 

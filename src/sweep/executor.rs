@@ -23,6 +23,8 @@ pub struct RunContext<'a> {
     pub cancel: &'a AtomicBool,
     /// The device this worker trains on (`vulkan:1`), in place of the config's `device`.
     pub device: Option<&'a str>,
+    /// The sweep's `early_stop` rules for this run, if any.
+    pub pruner: Option<&'a super::early_stop::Pruner>,
 }
 
 /// The error a trainer returns when it stopped because `cancel` was set.
@@ -204,7 +206,8 @@ pub fn run_sweep_with(
     let claims = Mutex::new(Claims::default());
     let jobs = opts.jobs.max(1).min(runs.len().max(1));
     let worker = |w: usize| {
-        let device = (!opts.devices.is_empty()).then(|| opts.devices[w % opts.devices.len()].clone());
+        let device =
+            (!opts.devices.is_empty()).then(|| opts.devices[w % opts.devices.len()].clone());
         loop {
             match next_run(exp, runs, &out_dir, &board, &claims, cancel, &log) {
                 Next::Finished => return,
@@ -212,10 +215,14 @@ pub fn run_sweep_with(
                 Next::Train(i, lock) => {
                     let plan = &runs[i];
                     let dir = RunDir::new(&out_dir, &exp.name, &plan.id);
-                    let on = device.as_deref().map(|d| format!(" on {d}")).unwrap_or_default();
+                    let on = device
+                        .as_deref()
+                        .map(|d| format!(" on {d}"))
+                        .unwrap_or_default();
                     let prefix = format!("[{}/{}] run {}", i + 1, runs.len(), plan.id);
                     log(&format!("{prefix}: training{on}"));
-                    let end = train_claimed(exp, plan, &dir, &board, trainer, cancel, device.as_deref());
+                    let end =
+                        train_claimed(exp, plan, &dir, &board, trainer, cancel, device.as_deref());
                     drop(lock);
                     let mut c = claims.lock().unwrap_or_else(|p| p.into_inner());
                     match end.0 {
@@ -224,7 +231,9 @@ pub fn run_sweep_with(
                             c.outcome.done.push(plan.id.clone());
                         }
                         RunEnd::Interrupted => {
-                            log(&format!("{prefix}: interrupted; run `tuna sweep` again to resume"));
+                            log(&format!(
+                                "{prefix}: interrupted; run `tuna sweep` again to resume"
+                            ));
                             c.outcome.interrupted = true;
                             c.stop = true;
                         }
@@ -276,14 +285,15 @@ fn next_run(
         let dir = RunDir::new(out_dir, &exp.name, &plan.id);
         let prefix = format!("[{}/{}] run {}", i + 1, runs.len(), plan.id);
         let state = dir.status().map(|s| s.state);
-        if state == Some(State::Done) {
+        if let Some(st) = state.filter(|s| s.is_final()) {
             c.settled.insert(i);
             if c.seen_held.contains(&i) {
                 log(&format!("{prefix}: done by another process"));
                 c.outcome.elsewhere.push(plan.id.clone());
             } else {
-                log(&format!("{prefix}: done already, skipped"));
-                if let Err(e) = board.upsert(&row(exp, plan, State::Done, dir.metrics().unwrap_or_default())) {
+                log(&format!("{prefix}: {} already, skipped", st.as_str()));
+                if let Err(e) = board.upsert(&row(exp, plan, st, dir.metrics().unwrap_or_default()))
+                {
                     log(&format!("{prefix}: cannot update the leaderboard: {e:#}"));
                 }
                 c.outcome.skipped.push(plan.id.clone());
@@ -315,7 +325,7 @@ fn next_run(
             c.outcome.elsewhere.push(plan.id.clone());
             continue;
         }
-        if state == Some(State::Done) {
+        if state.is_some_and(|s| s.is_final()) {
             c.settled.insert(i);
             c.outcome.elsewhere.push(plan.id.clone());
             continue;
@@ -392,8 +402,20 @@ fn run_one(
         dir.set_status(State::Running, None)?;
         board.upsert(&row(exp, plan, State::Running, RunMetrics::default()))
     })();
+    let pruner = super::early_stop::EarlyStop::from_config(&plan.config)
+        .ok()
+        .flatten()
+        .map(|rules| super::early_stop::Pruner {
+            rules,
+            experiment_dir: dir.path.parent().map(Path::to_path_buf).unwrap_or_default(),
+            run_id: plan.id.clone(),
+            iters: crate::config::keys::Resolved(&plan.config)
+                .u64("train.iters")
+                .unwrap_or(0),
+        });
     let result = prepared.and_then(|()| {
         let ctx = RunContext {
+            pruner: pruner.as_ref(),
             experiment: &exp.name,
             plan,
             dir,
@@ -410,10 +432,14 @@ fn run_one(
                 .get_or_insert(started.elapsed().as_secs_f64());
             // Trained: a second Ctrl-C from here on must not mark the run interrupted.
             set_on_abort(&dir.path, None);
+            let (state, note) = match metrics.stopped_step {
+                Some(_) => (State::Pruned, metrics.stop_reason.clone()),
+                None => (State::Done, None),
+            };
             let recorded = (|| -> Result<()> {
                 dir.write_metrics(&metrics)?;
-                dir.set_status(State::Done, None)?;
-                board.upsert(&row(exp, plan, State::Done, metrics.clone()))
+                dir.set_status(state, note)?;
+                board.upsert(&row(exp, plan, state, metrics.clone()))
             })();
             match recorded {
                 Ok(()) => return RunEnd::Done,

@@ -16,9 +16,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value as J;
 use sha2::{Digest, Sha256};
 
-use crate::config::{Fingerprints, RunPlan};
 use crate::config::keys::Resolved;
-
+use crate::config::{Fingerprints, RunPlan};
 
 /// How a model's fingerprint may be found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -190,7 +189,11 @@ fn model_files(dir: &Path) -> Vec<PathBuf> {
 
 /// The model's fingerprint, and whether it is final (false: an `hf:` model not downloaded yet,
 /// under [`Resolve::Offline`]).
-pub fn model_fingerprint(spec: &str, how: Resolve, cache: &mut HashCache) -> Result<(String, bool)> {
+pub fn model_fingerprint(
+    spec: &str,
+    how: Resolve,
+    cache: &mut HashCache,
+) -> Result<(String, bool)> {
     use crate::source::hub::{Hub, HubConfig, RepoRef};
     let spec = spec.trim();
     if spec.starts_with("pypi:") {
@@ -234,7 +237,11 @@ pub fn model_fingerprint(spec: &str, how: Resolve, cache: &mut HashCache) -> Res
     };
     let mut parts = Vec::new();
     for f in files {
-        let name = f.file_name().unwrap_or_default().to_string_lossy().into_owned();
+        let name = f
+            .file_name()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .into_owned();
         parts.push((name, cache.file_sha256(&f)?));
     }
     Ok((combine(&parts), true))

@@ -1,5 +1,6 @@
 //! Sweeps: run folders, the executor that walks a grid, and the shared leaderboard.
 
+pub mod early_stop;
 pub mod executor;
 pub mod identity;
 pub mod leaderboard;

@@ -23,9 +23,16 @@ pub enum State {
     Failed,
     /// Stopped by Ctrl-C; resumes on the next sweep.
     Interrupted,
+    /// Stopped by the sweep's `early_stop` rules; final, like `done`.
+    Pruned,
 }
 
 impl State {
+    /// Finished for good: a sweep does not train it again.
+    pub fn is_final(self) -> bool {
+        matches!(self, State::Done | State::Pruned)
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             State::Pending => "pending",
@@ -33,6 +40,7 @@ impl State {
             State::Done => "done",
             State::Failed => "failed",
             State::Interrupted => "interrupted",
+            State::Pruned => "pruned",
         }
     }
 }
@@ -68,6 +76,11 @@ pub struct RunMetrics {
     #[serde(default)]
     pub gpu_mem_mb: Option<f64>,
     pub wall_s: Option<f64>,
+    /// The step `early_stop` stopped the run at, and why.
+    #[serde(default)]
+    pub stopped_step: Option<u64>,
+    #[serde(default)]
+    pub stop_reason: Option<String>,
     pub backend: Option<String>,
     pub device: Option<String>,
     /// `eval.metric` and the fraction of test answers it scored correct.
@@ -100,6 +113,7 @@ impl RunMetrics {
             ("peak_mem_mb", f(self.peak_mem_mb)),
             ("gpu_mem_mb", f(self.gpu_mem_mb)),
             ("wall_s", f(self.wall_s)),
+            ("stopped_step", self.stopped_step.map(|s| s.to_string())),
             ("task_metric", self.task_metric.clone()),
             ("task_score", f(self.task_score)),
             ("backend", self.backend.clone()),

@@ -257,6 +257,8 @@ impl Run<'_> {
             );
         }
         let mut st = LoopState::new(resumed.as_ref(), model.dtype);
+        // Steps the sweep's early-stop rules need a validation loss at.
+        let rungs = self.ctx.pruner.map(|p| p.eval_steps()).unwrap_or_default();
         let pb = progress(s.iters, start, self.quiet);
         let started = Instant::now();
         if start == 0 {
@@ -303,8 +305,11 @@ impl Run<'_> {
                 let its = (done - start) as f64 / started.elapsed().as_secs_f64().max(1e-9);
                 self.report(model, &log, &pb, &mut st, done, lr, its)?;
             }
-            if done % s.steps_per_eval == 0 || done == s.iters {
+            if done % s.steps_per_eval == 0 || done == s.iters || rungs.contains(&done) {
                 self.validate(model, &log, &pb, &mut st, done)?;
+                if st.pruned.is_some() {
+                    break;
+                }
             }
             let stopping = self.ctx.cancel.load(Ordering::SeqCst);
             if (done % s.save_every == 0 || stopping) && done < s.iters {
@@ -468,7 +473,8 @@ impl Run<'_> {
             st.base_val = Some(v);
             return Ok(());
         }
-        if st.best_val.is_none_or(|b| v < b) {
+        let improved = st.best_val.is_none_or(|b| v < b);
+        if improved {
             st.best_val = Some(v);
             st.best_step = Some(step);
             // The best adapter by validation loss, kept beside the final one.
@@ -478,6 +484,18 @@ impl Run<'_> {
                 &best.join("step.json"),
                 json!({"step": step, "val_loss": v}).to_string().as_bytes(),
             )?;
+        }
+        if let Some(p) = self.ctx.pruner
+            && step < self.s.iters
+            && let Some(why) = p.check(step, v, st.best_val.unwrap_or(v), st.base_val)
+        {
+            log.log("pruned", step, json!({"reason": why}))?;
+            say(
+                pb,
+                self.quiet,
+                &format!("step {step}: stopped early: {why}"),
+            );
+            st.pruned = Some((step, why));
         }
         Ok(())
     }
@@ -503,7 +521,7 @@ impl Run<'_> {
                 let t = self.evaluate(model, test, s.test_batches)?;
                 log.log(
                     "test",
-                    s.iters,
+                    st.pruned.as_ref().map_or(s.iters, |p| p.0),
                     json!({"test_loss": t, "test_ppl": t.exp()}),
                 )?;
                 say(
@@ -528,6 +546,8 @@ impl Run<'_> {
             peak_mem_mb: peak_rss_mb(),
             gpu_mem_mb: device_mem_mb(&model.device),
             wall_s: None,
+            stopped_step: st.pruned.as_ref().map(|p| p.0),
+            stop_reason: st.pruned.map(|p| p.1),
             backend: Some(self.sel.kind.to_string()),
             device: Some(device_name(&self.sel.device)),
             task_metric: None,
@@ -543,6 +563,8 @@ struct LoopState {
     best_step: Option<u64>,
     /// Validation loss of the untrained model (step 0).
     base_val: Option<f64>,
+    /// Set when the sweep's early-stop rules stopped the run: (step, why).
+    pruned: Option<(u64, String)>,
     last_val: Option<f64>,
     trained_tokens: u64,
     last_train_loss: Option<f64>,
@@ -558,6 +580,7 @@ impl LoopState {
             best_val: resumed.and_then(|c| c.best_val_loss),
             best_step: resumed.and_then(|c| c.best_val_step),
             base_val: resumed.and_then(|c| c.base_val_loss),
+            pruned: None,
             last_val: resumed.and_then(|c| c.last_val_loss),
             trained_tokens: resumed.map_or(0, |c| c.trained_tokens),
             last_train_loss: resumed.and_then(|c| c.last_train_loss),
