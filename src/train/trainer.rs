@@ -411,6 +411,14 @@ impl Run<'_> {
                 ),
             );
         }
+        if let Some(bad) = read.non_finite
+            && read.overflow_at_floor
+        {
+            bail!(
+                "the gradients overflowed in f16 at step {bad} even at loss scale 1 (loss {:.4}, lr {lr:.2e}); train this run in f32 (`dtype: f32`), or lower train.learning_rate",
+                read.bad_value
+            );
+        }
         if let Some(bad) = read.non_finite {
             bail!(
                 "the training loss became {} at step {bad} (lr {lr:.2e}); lower train.learning_rate or set train.grad_clip",
@@ -671,6 +679,8 @@ struct WindowRead {
     /// The first step whose loss was not finite (and not a skipped f16 overflow).
     non_finite: Option<u64>,
     bad_value: f64,
+    /// The gradients overflowed f16 with the loss scale already at 1 (the loss may be finite).
+    overflow_at_floor: bool,
 }
 
 impl Window {
@@ -721,6 +731,7 @@ impl Window {
                     if at_floor {
                         out.non_finite = Some(*step);
                         out.bad_value = loss.unwrap_or(f64::NAN);
+                        out.overflow_at_floor = true;
                         return Ok(out);
                     }
                     out.skipped.push(*step);
