@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use clap::{Parser, Subcommand};
 
 use crate::config::{self, ConfigError};
-use crate::sweep::{executor, identity};
+use crate::sweep::{self, executor, identity};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -45,6 +45,24 @@ pub enum Command {
         /// (overrides the experiment's `devices:`).
         #[arg(long, value_delimiter = ',')]
         devices: Vec<String>,
+        /// `local` (train here) or `slurm` (submit one job array, a task per pending run).
+        #[arg(long, default_value = "local")]
+        executor: String,
+        /// Slurm partition (overrides `slurm.partition`).
+        #[arg(long)]
+        partition: Option<String>,
+        /// Slurm time limit per task, e.g. 2:00:00 (overrides `slurm.time`).
+        #[arg(long)]
+        time: Option<String>,
+        /// GPUs per Slurm task (overrides `slurm.gpus_per_task`).
+        #[arg(long)]
+        gpus_per_task: Option<u64>,
+        /// A further sbatch argument (repeatable): --sbatch-arg=--account=lab
+        #[arg(long = "sbatch-arg", allow_hyphen_values = true)]
+        sbatch_args: Vec<String>,
+        /// Train only this run of the grid (what each Slurm task runs).
+        #[arg(long)]
+        run: Option<String>,
     },
     /// Train one run: an experiment without a grid, or a run folder's `config.yaml`.
     Train {
@@ -307,12 +325,65 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             place,
             jobs,
             devices,
+            executor,
+            partition,
+            time,
+            gpus_per_task,
+            sbatch_args,
+            run,
         } => {
-            let exp = config::load_experiment(&experiment, &place.with(sets)?)?;
+            let sets = place.with(sets)?;
+            let exp = config::load_experiment(&experiment, &sets)?;
             let mut runs = config::expand(&exp)?;
             identity::assign_ids(&mut runs, identity::Resolve::Fetch)?;
-            let opts = sweep_options(&exp, jobs, devices)?;
-            sweep_runs(&exp, &runs, &opts)
+            if let Some(id) = run {
+                runs.retain(|r| r.id == id);
+                if runs.is_empty() {
+                    anyhow::bail!(
+                        "run `{id}` is not in {}'s grid (`tuna plan {}` lists its runs)",
+                        experiment.display(),
+                        experiment.display()
+                    );
+                }
+            }
+            match executor.as_str() {
+                "local" => {
+                    let opts = sweep_options(&exp, jobs, devices)?;
+                    sweep_runs(&exp, &runs, &opts)
+                }
+                "slurm" => {
+                    let opts = sweep::slurm::SlurmOptions::from_experiment(
+                        &exp.base,
+                        partition,
+                        time,
+                        gpus_per_task,
+                        sbatch_args,
+                    )?;
+                    let s = sweep::slurm::submit(&exp, &runs, &experiment, &sets, &opts)?;
+                    match &s.job {
+                        Some(job) => eprintln!(
+                            "{}: submitted Slurm job {job}: {} task(s), one per run ({}); {} done, {} still in Slurm; `tuna plan {}` shows progress",
+                            exp.name,
+                            s.runs.len(),
+                            s.script
+                                .as_ref()
+                                .map(|p| p.display().to_string())
+                                .unwrap_or_default(),
+                            s.finished.len(),
+                            s.in_slurm.len(),
+                            experiment.display()
+                        ),
+                        None => eprintln!(
+                            "{}: nothing to submit: {} done, {} still in Slurm",
+                            exp.name,
+                            s.finished.len(),
+                            s.in_slurm.len()
+                        ),
+                    }
+                    Ok(ExitCode::SUCCESS)
+                }
+                other => anyhow::bail!("--executor `{other}`: use local or slurm"),
+            }
         }
     }
 }

@@ -145,6 +145,7 @@ pub fn run_id(config: &J) -> String {
         // Where a run trains, and the sweep's stopping policy, are not what it is.
         m.remove("devices");
         m.remove("early_stop");
+        m.remove("slurm");
         // Sections added after runs already existed count only when set, so that those runs
         // keep their ids (and a new sweep still finds them done).
         for (section, off) in [("quantize", "bits")] {

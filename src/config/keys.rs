@@ -62,7 +62,15 @@ pub const LORA_MODULES: &[&str] = &[
 ];
 
 /// Top-level sections that hold keys of their own.
-pub const SECTIONS: &[&str] = &["train", "lora", "quantize", "eval", "early_stop", "output"];
+pub const SECTIONS: &[&str] = &[
+    "train",
+    "lora",
+    "quantize",
+    "eval",
+    "early_stop",
+    "slurm",
+    "output",
+];
 
 /// Keys only an experiment (not a recipe, not a resolved run) may hold.
 pub const VARYING: &[&str] = &["grid", "zip", "exclude", "seeds"];
@@ -357,6 +365,30 @@ pub static CATALOG: &[KeyInfo] = &[
         Kind::OptFloat { min: 1.0 },
         (),
         "Stop a run whose validation loss exceeds this many times the untrained model's (or is NaN); null = off."
+    ),
+    k!(
+        "slurm.partition",
+        Kind::Str,
+        "",
+        "`tuna sweep --executor slurm`: the partition to submit to (empty: the cluster's default)."
+    ),
+    k!(
+        "slurm.time",
+        Kind::Str,
+        "",
+        "Time limit of each task, in sbatch's form (`2:00:00`); empty: the partition's."
+    ),
+    k!(
+        "slurm.gpus_per_task",
+        Kind::Int { min: 0 },
+        0,
+        "GPUs each task (one run) asks for."
+    ),
+    k!(
+        "slurm.sbatch_args",
+        Kind::Strings,
+        [(); 0],
+        "Further sbatch arguments, one per item (`--account=lab`, `--mem=32G`)."
     ),
     k!(
         "output.dir",

@@ -336,6 +336,11 @@ fn next_run(
     if held { Next::Wait } else { Next::Finished }
 }
 
+/// Whether some process (or worker) holds the run's lock right now.
+pub fn is_claimed(dir: &RunDir) -> bool {
+    dir.path.join(".lock").exists() && matches!(try_claim(dir), Ok(None))
+}
+
 /// Takes `<run>/.lock` without waiting; `None` when another process (or worker) holds it.
 fn try_claim(dir: &RunDir) -> Result<Option<std::fs::File>> {
     let path = dir.path.join(".lock");
@@ -500,7 +505,11 @@ pub fn plan_table(exp: &Experiment, runs: &[RunPlan]) -> String {
             ));
         }
         r.push(plan.seed.to_string());
-        r.push(state_of(exp, plan).as_str().to_string());
+        let dir = RunDir::new(&output_dir(&exp.base), &exp.name, &plan.id);
+        r.push(
+            super::slurm::plan_status(&dir)
+                .unwrap_or_else(|| state_of(exp, plan).as_str().to_string()),
+        );
         rows.push(r);
     }
     let widths: Vec<usize> = (0..header.len())

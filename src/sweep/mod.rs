@@ -6,6 +6,7 @@ pub mod identity;
 pub mod leaderboard;
 pub mod metrics_log;
 pub mod run_dir;
+pub mod slurm;
 
 pub use executor::{RunContext, SweepOutcome, Trainer, run_sweep};
 pub use leaderboard::Leaderboard;

@@ -25,6 +25,8 @@ pub enum State {
     Interrupted,
     /// Stopped by the sweep's `early_stop` rules; final, like `done`.
     Pruned,
+    /// Submitted to Slurm, waiting for its task (the status note names it).
+    Queued,
 }
 
 impl State {
@@ -41,6 +43,7 @@ impl State {
             State::Failed => "failed",
             State::Interrupted => "interrupted",
             State::Pruned => "pruned",
+            State::Queued => "queued",
         }
     }
 }
