@@ -54,34 +54,18 @@ impl GgufType {
 /// llama.cpp's name for an HF tensor name (`model.layers.3.mlp.up_proj.weight` →
 /// `blk.3.ffn_up.weight`); the inverse of [`crate::formats::gguf::hf_tensor_name`].
 pub fn gguf_tensor_name(hf: &str) -> Option<String> {
+    use crate::formats::gguf::{BLOCK_TENSOR_NAMES, MODEL_TENSOR_NAMES};
     let (base, suffix) = hf.rsplit_once('.')?;
     if suffix != "weight" && suffix != "bias" {
         return None;
     }
-    let mapped = match base {
-        "model.embed_tokens" => "token_embd".to_string(),
-        "model.norm" => "output_norm".to_string(),
-        "lm_head" => "output".to_string(),
-        _ => {
-            let rest = base.strip_prefix("model.layers.")?;
-            let (layer, part) = rest.split_once('.')?;
-            let layer: usize = layer.parse().ok()?;
-            let g = match part {
-                "self_attn.q_proj" => "attn_q",
-                "self_attn.k_proj" => "attn_k",
-                "self_attn.v_proj" => "attn_v",
-                "self_attn.o_proj" => "attn_output",
-                "mlp.gate_proj" => "ffn_gate",
-                "mlp.up_proj" => "ffn_up",
-                "mlp.down_proj" => "ffn_down",
-                "input_layernorm" => "attn_norm",
-                "post_attention_layernorm" => "ffn_norm",
-                _ => return None,
-            };
-            format!("blk.{layer}.{g}")
-        }
-    };
-    Some(format!("{mapped}.{suffix}"))
+    if let Some((g, _)) = MODEL_TENSOR_NAMES.iter().find(|(_, h)| *h == base) {
+        return Some(format!("{g}.{suffix}"));
+    }
+    let (layer, part) = base.strip_prefix("model.layers.")?.split_once('.')?;
+    let layer: usize = layer.parse().ok()?;
+    let (g, _) = BLOCK_TENSOR_NAMES.iter().find(|(_, h)| *h == part)?;
+    Some(format!("blk.{layer}.{g}.{suffix}"))
 }
 
 /// llama.cpp's converter permutation of Q/K rows (`LlamaModel.permute`): inside each head,

@@ -1282,36 +1282,38 @@ pub fn to_affine(
 // GGUF -> Hugging Face
 // ---------------------------------------------------------------------------------------------
 
+/// llama.cpp's tensor names beside Hugging Face's: the model's own, then each block's parts
+/// (`blk.N.<gguf>` ↔ `model.layers.N.<hf>`), each with a `.weight` or `.bias` suffix.
+pub const MODEL_TENSOR_NAMES: &[(&str, &str)] = &[
+    ("token_embd", "model.embed_tokens"),
+    ("output_norm", "model.norm"),
+    ("output", "lm_head"),
+];
+pub const BLOCK_TENSOR_NAMES: &[(&str, &str)] = &[
+    ("attn_q", "self_attn.q_proj"),
+    ("attn_k", "self_attn.k_proj"),
+    ("attn_v", "self_attn.v_proj"),
+    ("attn_output", "self_attn.o_proj"),
+    ("ffn_gate", "mlp.gate_proj"),
+    ("ffn_up", "mlp.up_proj"),
+    ("ffn_down", "mlp.down_proj"),
+    ("attn_norm", "input_layernorm"),
+    ("ffn_norm", "post_attention_layernorm"),
+];
+
 /// The Hugging Face name of a llama.cpp tensor name, if there is one.
 pub fn hf_tensor_name(gguf_name: &str) -> Option<String> {
     let (base, suffix) = gguf_name.rsplit_once('.')?;
     if suffix != "weight" && suffix != "bias" {
         return None;
     }
-    let mapped = match base {
-        "token_embd" => "model.embed_tokens".to_string(),
-        "output_norm" => "model.norm".to_string(),
-        "output" => "lm_head".to_string(),
-        _ => {
-            let rest = base.strip_prefix("blk.")?;
-            let (layer, part) = rest.split_once('.')?;
-            let layer: usize = layer.parse().ok()?;
-            let hf = match part {
-                "attn_q" => "self_attn.q_proj",
-                "attn_k" => "self_attn.k_proj",
-                "attn_v" => "self_attn.v_proj",
-                "attn_output" => "self_attn.o_proj",
-                "ffn_gate" => "mlp.gate_proj",
-                "ffn_up" => "mlp.up_proj",
-                "ffn_down" => "mlp.down_proj",
-                "attn_norm" => "input_layernorm",
-                "ffn_norm" => "post_attention_layernorm",
-                _ => return None,
-            };
-            format!("model.layers.{layer}.{hf}")
-        }
-    };
-    Some(format!("{mapped}.{suffix}"))
+    if let Some((_, hf)) = MODEL_TENSOR_NAMES.iter().find(|(g, _)| *g == base) {
+        return Some(format!("{hf}.{suffix}"));
+    }
+    let (layer, part) = base.strip_prefix("blk.")?.split_once('.')?;
+    let layer: usize = layer.parse().ok()?;
+    let (_, hf) = BLOCK_TENSOR_NAMES.iter().find(|(g, _)| *g == part)?;
+    Some(format!("model.layers.{layer}.{hf}.{suffix}"))
 }
 
 /// Undoes llama.cpp's converter permutation of Q/K rows. The converter reorders, inside each

@@ -267,7 +267,8 @@ fn verify(path: &Path, checksum: &Checksum) -> Result<()> {
     Ok(())
 }
 
-fn hash_file<D: Digest>(path: &Path, mut d: D, prefix: Option<&[u8]>) -> Result<String> {
+/// The hex digest of a file's bytes (after `prefix`, as git's blob ids need), read in 1 MiB chunks.
+pub fn hash_file<D: Digest>(path: &Path, mut d: D, prefix: Option<&[u8]>) -> Result<String> {
     if let Some(p) = prefix {
         d.update(p);
     }

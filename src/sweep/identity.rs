@@ -8,7 +8,6 @@
 //! `hf:` model by the commit its revision resolves to.
 
 use std::collections::BTreeMap;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
@@ -86,17 +85,7 @@ impl HashCache {
                 meta.len() as f64 / 1e9
             );
         }
-        let mut f = std::fs::File::open(&abs)?;
-        let mut h = Sha256::new();
-        let mut buf = vec![0u8; 1 << 20];
-        loop {
-            let n = f.read(&mut buf)?;
-            if n == 0 {
-                break;
-            }
-            h.update(&buf[..n]);
-        }
-        let sha256 = hex(&h.finalize());
+        let sha256 = crate::source::http::hash_file(&abs, Sha256::new(), None)?;
         self.entries.insert(
             key,
             CacheEntry {
