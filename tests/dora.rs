@@ -2,7 +2,7 @@
 //! the tiny reference llama (every A, B and magnitude entry moved off its initial value) and
 //! PEFT's loss and gradients on the reference's masked example (`make.py` there made them).
 
-mod common;
+use crate::common;
 
 use burn::tensor::{DType, Device, Tensor};
 use common::reference_dir;

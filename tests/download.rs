@@ -4,7 +4,7 @@
 //! JSON API with a wheel. The model served is the tiny reference llama, so what lands in the
 //! cache is loaded and run.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};

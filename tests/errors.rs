@@ -2,7 +2,7 @@
 //! adapters and checkpoints of the wrong shape, token ids outside the model's vocabulary, and
 //! a tokenizer that cannot decode during generation.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 

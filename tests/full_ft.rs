@@ -3,7 +3,7 @@
 //! on the reference's masked examples (`make.py` there made them), for tiny-llama and for
 //! tiny-qwen2 (biases, tied embeddings).
 
-mod common;
+use crate::common;
 
 use burn::tensor::{DType, Device};
 use common::{example_batch, reference_dir};
@@ -148,12 +148,8 @@ fn a_full_fine_tune_checkpoint_resumes_exactly() {
     let c = tuna::train::checkpoint::Checkpoint {
         step: 1,
         run_id: "r".into(),
-        trained_tokens: 0,
-        best_val_loss: None,
-        last_val_loss: None,
-        last_train_loss: None,
-        seed: 0,
         batches_per_epoch: 1,
+        ..Default::default()
     };
     tuna::train::checkpoint::save(run.path(), &a, &opt_a, &c).unwrap();
     let (mut b, mut opt_b) = (fresh(), AdamW::new(1e-3, 0.01));

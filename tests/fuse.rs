@@ -1,6 +1,6 @@
 //! `tuna fuse` writes the base's float type, and a quantized base only with `--dequantize`.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 

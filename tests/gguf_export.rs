@@ -2,7 +2,7 @@
 //! `tests/fixtures/gguf_export/`, made by its `make.py` with gguf-py, PEFT and transformers), and
 //! tuna's own GGUF reader gets the fused model's logits back from it.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 

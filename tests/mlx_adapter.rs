@@ -2,7 +2,7 @@
 //! saves one (last layer, q_proj and v_proj, rank 4, scale 2) with mlx-lm's own loss on the
 //! reference example and its 16 greedy tokens (`make.py` there made them).
 
-mod common;
+use crate::common;
 
 use burn::tensor::{DType, Device};
 use common::{Expected, reference_dir};

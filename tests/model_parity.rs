@@ -3,7 +3,7 @@
 //! Reference data: `../shared/reference` next to the crate, or `$TUNA_REFERENCE`. Missing data
 //! is a failure, never a skip.
 
-mod common;
+use crate::common;
 
 use common::{Expected, reference_dir};
 use std::path::PathBuf;

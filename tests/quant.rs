@@ -2,7 +2,7 @@
 //! weight, mlx's `quantize` of it at 4 and 8 bits (group size 64) and mlx's `dequantize` of
 //! those (made by `tests/fixtures/mlx_quant/make.py` with mlx on CPU).
 
-mod common;
+use crate::common;
 
 use burn::tensor::{DType, Device, Tensor, TensorData};
 use common::max_abs;

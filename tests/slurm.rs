@@ -2,7 +2,7 @@
 //! this machine, configured in a temporary folder, started here and stopped at the end. Slurm
 //! comes from Debian's `slurm-wlm` (`tests/setup.sh` installs it).
 
-mod common;
+use crate::common;
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};

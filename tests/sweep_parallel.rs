@@ -1,7 +1,7 @@
 //! Sweeps across runs: `--jobs`/`devices` inside one process, several `tuna sweep` processes on
 //! one experiment (one of them killed with SIGKILL mid-run), run identity, early stopping.
 
-mod common;
+use crate::common;
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::{BufRead, BufReader};

@@ -1,7 +1,7 @@
 //! Tokenizer and chat-template parity with transformers, using the reference folder
 //! (`../shared/reference` next to the crate, or `$TUNA_REFERENCE`).
 
-mod common;
+use crate::common;
 
 use common::reference_dir;
 use std::path::PathBuf;

@@ -1,7 +1,7 @@
 //! The trainer end to end on the reference tiny models (CPU): its loss against PEFT's, fusing
 //! against PEFT's merged model, a sweep that learns, and kill -9 + resume.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
