@@ -154,7 +154,7 @@ fn experiment(dir: &Path) -> PathBuf {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let text = format!(
         "name: slurm\nmodel: {}\ndata: {}\ndevice: cpu\n\
-         train:\n  iters: 300\n  batch_size: 2\n  max_seq_length: 96\n  \
+         train:\n  iters: 160\n  batch_size: 2\n  max_seq_length: 96\n  \
          steps_per_report: 50\n  steps_per_eval: 100\n  val_batches: 2\n  save_every: 5\n\
          lora:\n  num_layers: -1\nslurm:\n  time: \"10:00\"\noutput:\n  dir: {}\n\
          grid:\n  train.learning_rate: [1e-3, 5e-3]\n  lora.rank: [2, 4]\n",
