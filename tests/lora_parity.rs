@@ -5,7 +5,7 @@
 
 use crate::common;
 
-use common::{Expected, reference_dir};
+use common::{Expected, reference_dir, rel_l2};
 use std::time::Instant;
 
 use burn::module::{Lora, Module};
@@ -34,13 +34,6 @@ fn read_tensors(path: &std::path::Path) -> Vec<(String, Vec<usize>, Vec<u8>, saf
             )
         })
         .collect()
-}
-
-fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
-    assert_eq!(a.len(), b.len());
-    let num: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
-    let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
-    (num / den.max(1e-30)).sqrt()
 }
 
 struct Example {

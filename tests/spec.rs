@@ -923,13 +923,19 @@ fn a_run_whose_status_cannot_be_written_fails_alone() {
 
 #[test]
 fn run_ids_do_not_change_when_new_keys_are_left_unset() {
-    // The config part of a run's id (`config::run_id`, before `sweep::identity` adds the data
-    // and model fingerprints) is what the example report's runs were named by, before the
-    // `quantize` and `devices` keys existed: leaving new keys unset must not change it.
+    // The example report's runs: a sweep of the same experiment, with the same data and model,
+    // must find them by id (config, data and model fingerprints), keys added since included.
     let exp = load_experiment(Path::new("experiments/diagnosis.yaml"), &[]).unwrap();
     let board = std::fs::read_to_string("docs/example-report/leaderboard.csv").unwrap();
-    for run in config::expand(&exp).unwrap() {
+    let mut runs = config::expand(&exp).unwrap();
+    tuna::sweep::identity::assign_ids(&mut runs, tuna::sweep::identity::Resolve::Offline).unwrap();
+    for run in &runs {
         assert!(board.contains(&run.id), "{} is not in {board}", run.id);
+        let fp = run.fingerprints.as_ref().unwrap();
+        assert!(
+            board.contains(&format!("{},{}", fp.data, fp.model)),
+            "{fp:?}"
+        );
     }
     // Setting a new key does make a new run.
     let q = load_experiment(
@@ -937,7 +943,10 @@ fn run_ids_do_not_change_when_new_keys_are_left_unset() {
         &["quantize.bits=4".into()],
     )
     .unwrap();
-    for run in config::expand(&q).unwrap() {
+    let mut quantized = config::expand(&q).unwrap();
+    tuna::sweep::identity::assign_ids(&mut quantized, tuna::sweep::identity::Resolve::Offline)
+        .unwrap();
+    for run in &quantized {
         assert!(!board.contains(&run.id));
     }
 }
