@@ -322,7 +322,14 @@ fn checkpointing_scaling_and_optimizer_state_round_trip() {
     for (variant, scale) in [(opts(true, 1.0), 1.0), (opts(false, 1024.0), 1024.0)] {
         let got = step(&m, &ex, &variant);
         assert_eq!(got.grads.len(), plain.grads.len());
-        assert!((scalar(got.loss) - scalar(plain.loss.clone())).abs() < 1e-6);
+        // Same math in another order (checkpointing recomputes; f32 sums may regroup
+        // across threads): equal to f32 rounding, relative.
+        let (a, b) = (scalar(got.loss), scalar(plain.loss.clone()));
+        assert!(
+            (a - b).abs() <= 1e-6 * b.abs().max(1.0),
+            "loss {a} vs {b} (checkpoint {}, scale {scale})",
+            variant.checkpoint
+        );
         for ((n, x), (_, y)) in plain.grads.iter().zip(&got.grads) {
             let y: Vec<f32> = values(y).iter().map(|v| v / scale as f32).collect();
             let e = rel_l2(&y, &values(x));
