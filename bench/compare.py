@@ -19,7 +19,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
-# name: (tuna bench train args, peer args). Same workload on both sides.
+# name: (tuna bench train args, peer args[, environment for tuna]). Same workload on both sides.
 CASES = {
     "tinyllama-f16": (["--shape", "tinyllama-1.1b", "--dtype", "f16"],
                       ["--shape", "tinyllama-1.1b", "--dtype", "f16"]),
@@ -32,6 +32,17 @@ CASES = {
                  "--num-layers", "16", "--grad-checkpoint", "--steps", "30"],
                 ["--shape", "tinyllama-1.1b", "--dtype", "f16", "--batch", "1",
                  "--num-layers", "16", "--grad-checkpoint", "--steps", "30"]),
+    # The same workloads with the optimizer updating one parameter at a time (before the flat
+    # update), tuna only: what the flat update saves, measured on its own.
+    "smollm2-f16-each": (["--shape", "smollm2-135m", "--dtype", "f16", "--optimizer-per-parameter"], None),
+    "tinyllama-f16-each": (["--shape", "tinyllama-1.1b", "--dtype", "f16", "--optimizer-per-parameter"],
+                           None),
+    # cubecl's default autotune level instead of the `full` tuna sets: what the level gives,
+    # measured on its own (a cache of its own, so neither reuses the other's picks).
+    "smollm2-f16-balanced": (["--shape", "smollm2-135m", "--dtype", "f16"], None,
+                             {"CUBECL_AUTOTUNE_LEVEL": "balanced", "TUNA_CACHE": "/tmp/tc-balanced"}),
+    "tinyllama-f16-balanced": (["--shape", "tinyllama-1.1b", "--dtype", "f16"], None,
+                               {"CUBECL_AUTOTUNE_LEVEL": "balanced", "TUNA_CACHE": "/tmp/tc-balanced"}),
     "tinyllama-f32": (["--shape", "tinyllama-1.1b", "--dtype", "f32"],
                       ["--shape", "tinyllama-1.1b", "--dtype", "f32"]),
     # Issue 11's target: a Mistral-7B shape on a 4-bit base (QLoRA), batch 1 x 512, block
@@ -107,8 +118,9 @@ def main():
             base, _, path = name.partition("@")
             if path and path not in ATTENTION_PATHS:
                 sys.exit(f"{name}: the attention path after @ is one of {ATTENTION_PATHS}")
-            targs, pargs = CASES[base]
+            targs, pargs, *case_env = CASES[base]
             env = {"TUNA_ATTENTION": path} if path else {}
+            env.update(*case_env)
             tcmd = [a.tuna, "bench", "train", "--device", a.device, *targs, *a.tuna_extra.split()]
             log.write(f"# env {env}\n")
             t, tmem, twall = run(tcmd, log, a.timeout, env)

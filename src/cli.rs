@@ -134,6 +134,8 @@ pub enum BenchCommand {
     Generate(crate::bench::generate::BenchGenerateArgs),
     /// Seconds to read a model into host weights (best of a few).
     Load(crate::bench::load::BenchLoadArgs),
+    /// Matrix-product throughput at the shapes a training step uses (peer: bench/peer_matmul.py).
+    Matmul(crate::bench::matmul::BenchMatmulArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -291,6 +293,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             command: BenchCommand::Attention(a),
         } => {
             println!("{}", crate::bench::attention::bench_attention(&a)?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench {
+            command: BenchCommand::Matmul(a),
+        } => {
+            println!("{}", crate::bench::matmul::bench_matmul(&a)?);
             Ok(ExitCode::SUCCESS)
         }
         Command::Bench {

@@ -6,7 +6,25 @@ use std::fs::File;
 use std::io::Write;
 use std::path::Path;
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, anyhow};
+
+/// The user's home folder, from `$HOME`.
+pub fn home_dir() -> Option<std::path::PathBuf> {
+    std::env::var_os("HOME")
+        .filter(|h| !h.is_empty())
+        .map(std::path::PathBuf::from)
+}
+
+/// tuna's cache folder (downloads, fingerprints, GPU kernels): `$TUNA_CACHE`, else
+/// `~/.cache/tuna`.
+pub fn tuna_cache_dir() -> Result<std::path::PathBuf> {
+    if let Some(p) = std::env::var_os("TUNA_CACHE").filter(|v| !v.is_empty()) {
+        return Ok(std::path::PathBuf::from(p));
+    }
+    home_dir()
+        .map(|h| h.join(".cache").join("tuna"))
+        .ok_or_else(|| anyhow!("cannot locate a cache folder: set TUNA_CACHE or HOME"))
+}
 
 /// Replaces `path` with `bytes` atomically (temporary file, fsync, rename, fsync the folder).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {

@@ -184,7 +184,7 @@ fn half_precision_tracks_f32() {
 /// On a GPU (`--ignored`, needs a wgpu adapter): forward, KV-cache generation and a LoRA
 /// training step, in f32 and in the device's own dtype.
 #[test]
-#[ignore = "needs a GPU: cargo test --test model_parity -- --ignored"]
+#[ignore = "needs a GPU: cargo test --test all model_parity -- --ignored"]
 fn gpu_matches_reference() {
     use tuna::model::device::{DeviceChoice, select_device};
     use tuna::model::lora;

@@ -5,6 +5,7 @@
 pub mod attention;
 pub mod generate;
 pub mod load;
+pub mod matmul;
 pub mod train;
 
 use anyhow::{Result, bail};

@@ -59,6 +59,10 @@ pub struct BenchTrainArgs {
     /// the whole step gets slightly slower.
     #[arg(long)]
     pub profile: bool,
+    /// Update the adapters one parameter at a time (what the optimizer did before its flat
+    /// update), to measure what the flat update saves.
+    #[arg(long)]
+    pub optimizer_per_parameter: bool,
 }
 
 /// Runs the benchmark and returns its result as one JSON object (also printed by the CLI).
@@ -118,17 +122,18 @@ pub fn bench_train(a: &BenchTrainArgs) -> Result<Value> {
                 phases[0] += t.elapsed().as_secs_f64();
             }
             let t = Instant::now();
-            let finite = match (&scaler, optim::global_norm_sq(&sg.grads)) {
+            // As the trainer does: the step's gradients as one flat vector, unless asked to
+            // update parameter by parameter (to measure what the flat update saves).
+            let grads = if a.optimizer_per_parameter {
+                optim::StepGradients::Named(sg.grads)
+            } else {
+                optim::StepGradients::new(sg.grads, step::trainable_layout(model))
+            };
+            let finite = match (&scaler, grads.norm_sq()) {
                 (Some(_), Some(n)) => Some(optim::finite(&n)),
                 _ => None,
             };
-            step::update_adapters(
-                model,
-                &mut opt,
-                &sg.grads,
-                finite.as_ref(),
-                1.0 / loss_scale,
-            )?;
+            step::apply_gradients(model, &mut opt, grads, finite.as_ref(), 1.0 / loss_scale)?;
             if a.profile {
                 sync(model);
                 phases[1] += t.elapsed().as_secs_f64();

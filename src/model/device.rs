@@ -101,6 +101,7 @@ mod gpu {
     /// `kind`: 0 = wgpu's default pick (may be a software adapter), 1 = discrete, 2 = integrated.
     /// `index`: which discrete GPU (for `kind` 1).
     pub fn try_init(choice: DeviceChoice, kind: u8, index: usize) -> Result<Device, String> {
+        super::configure_cubecl();
         let cache = CACHE.get_or_init(|| Mutex::new(HashMap::new()));
         let mut cache = cache.lock().unwrap_or_else(|e| e.into_inner());
         cache
@@ -119,6 +120,44 @@ mod gpu {
             })
             .clone()
     }
+}
+
+/// cubecl's settings for tuna, set before the first GPU is: what a GPU process learns (autotune
+/// results, compiled kernels) is kept in `$TUNA_CACHE/kernels`, so every run of a sweep and every
+/// later process starts warm whatever folder tuna runs in (cubecl's own default is
+/// `target/environment` under the outermost `Cargo.toml` above the working directory, else
+/// `~/.cache/cubecl`); and the autotuner measures every matmul candidate on exact shapes
+/// (`full`). At cubecl's default level (`balanced`) each candidate's time is cut off at a
+/// fraction of a modelled peak that Vulkan's matmuls never reach, so the pick is made on
+/// truncated timings: on an H200, `full` ran the training step's matmuls up to 2× faster and
+/// tuned them in less time (`bench/results/h200-2026-12-02/diag`). A `cubecl.toml` (or
+/// `CubeCL.toml`, `burn.toml`) in the working directory or above is the user's choice and is
+/// left alone, as are cubecl's environment variables (`CUBECL_AUTOTUNE_LEVEL=balanced`).
+pub fn configure_cubecl() {
+    use burn::cubecl::config::autotune::AutotuneLevel;
+    use burn::cubecl::config::{CubeClRuntimeConfig, RuntimeConfig};
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let user_file = std::env::current_dir().ok().is_some_and(|cwd| {
+            cwd.ancestors().any(|d| {
+                ["cubecl.toml", "CubeCL.toml", "burn.toml"]
+                    .iter()
+                    .any(|f| d.join(f).is_file())
+            })
+        });
+        if user_file {
+            return;
+        }
+        let mut config = CubeClRuntimeConfig::default();
+        config.autotune.level = AutotuneLevel::Full;
+        let mut config = config.override_from_env();
+        if let Ok(dir) = crate::files::tuna_cache_dir() {
+            config.environment.path =
+                burn::cubecl::config::cache::CacheConfig::Directory(dir.join("kernels"));
+        }
+        // Already read (a GPU was used before tuna could say): keep what cubecl chose.
+        let _ = CubeClRuntimeConfig::try_set(config);
+    });
 }
 
 fn try_gpu(choice: DeviceChoice, kind: u8) -> Result<Device, String> {

@@ -298,23 +298,26 @@ pub enum Mask {
 /// Position-dependent inputs shared by every layer of one forward call.
 #[derive(Debug, Clone)]
 pub struct Pass {
-    /// `[1, 1, T, head_dim]`, model dtype.
-    pub cos: Tensor<4>,
-    pub sin: Tensor<4>,
+    /// RoPE's `cos` and `[-sin, sin]` (see [`apply_rope`]), `[1, T, 1, 2, head_dim / 2]`,
+    /// model dtype.
+    pub cos: Tensor<5>,
+    pub sin_signed: Tensor<5>,
     pub mask: Mask,
     /// `Some` in training: LoRA dropout is on, its masks drawn from this seed.
     pub dropout_seed: Option<u64>,
 }
 
-fn rotate_half(x: Tensor<4>) -> Tensor<4> {
-    let [b, h, t, d] = x.dims();
-    let x1 = x.clone().slice([0..b, 0..h, 0..t, 0..d / 2]);
-    let x2 = x.slice([0..b, 0..h, 0..t, d / 2..d]);
-    Tensor::cat(vec![x2.neg(), x1], 3)
-}
-
-fn apply_rope(x: Tensor<4>, cos: &Tensor<4>, sin: &Tensor<4>) -> Tensor<4> {
-    x.clone() * cos.clone() + rotate_half(x) * sin.clone()
+/// RoPE on `x` `[B, T, heads, hd]` (HF's half-split layout): `x·cos + rotate_half(x)·sin`
+/// with `rotate_half([x1, x2]) = [-x2, x1]`, written as `x·cos + swap(x)·sin±` where `swap`
+/// exchanges the halves (one flip of a size-2 axis) and `sin±` is `[-sin, sin]`: the same
+/// products, but two ops and one backward op instead of slices, a negation and a concatenation
+/// (whose backward under autodiff is a zero tensor and a slice assignment per slice).
+/// `cos`, `sin±`: `[1, T, 1, 2, hd / 2]`.
+fn apply_rope(x: Tensor<4>, cos: &Tensor<5>, sin_signed: &Tensor<5>) -> Tensor<4> {
+    let [b, t, h, hd] = x.dims();
+    let x = x.reshape([b, t, h, 2, hd / 2]);
+    let swapped = x.clone().flip([3]);
+    (x * cos.clone() + swapped * sin_signed.clone()).reshape([b, t, h, hd])
 }
 
 /// `softmax(q kᵀ / √hd + mask) v` with the softmax in f32, for masks the fused kernel cannot
@@ -458,24 +461,16 @@ impl Attention {
         let [b, t, _] = x.dims();
         let (h, kvh, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let seed = |m| module_seed(pass, layer, m);
-        let q = self
-            .q_proj
-            .forward(x.clone(), seed(0))
-            .reshape([b, t, h, hd])
-            .swap_dims(1, 2);
-        let k = self
-            .k_proj
-            .forward(x.clone(), seed(1))
-            .reshape([b, t, kvh, hd])
-            .swap_dims(1, 2);
+        let q = self.q_proj.forward(x.clone(), seed(0)).reshape([b, t, h, hd]);
+        let k = self.k_proj.forward(x.clone(), seed(1)).reshape([b, t, kvh, hd]);
         let v = self
             .v_proj
             .forward(x, seed(2))
             .reshape([b, t, kvh, hd])
             .swap_dims(1, 2);
         (
-            apply_rope(q, &pass.cos, &pass.sin),
-            apply_rope(k, &pass.cos, &pass.sin),
+            apply_rope(q, &pass.cos, &pass.sin_signed).swap_dims(1, 2),
+            apply_rope(k, &pass.cos, &pass.sin_signed).swap_dims(1, 2),
             v,
         )
     }
@@ -511,7 +506,8 @@ impl DecoderLayer {
 /// step (before, each forward rebuilt them on the host and uploaded them).
 #[derive(Debug, Default)]
 struct PositionTables {
-    /// RoPE `cos`/`sin` `[len, head_dim]` in the model dtype, for positions `0..len`.
+    /// RoPE `cos` and `[-sin, sin]` `[len, head_dim]` in the model dtype, for positions
+    /// `0..len`.
     rope: Option<(usize, Tensor<2>, Tensor<2>)>,
     /// Additive causal (and sliding-window) masks `[1, 1, T, S]` by `(T, S)`.
     masks: HashMap<(usize, usize), Tensor<4>>,
@@ -565,9 +561,9 @@ impl Llama {
         self.tables.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// RoPE tables `[1, 1, T, hd]` for positions `start..start + t`, sliced from a device
-    /// table that grows in powers of two.
-    fn rope_tables(&self, start: usize, t: usize) -> (Tensor<4>, Tensor<4>) {
+    /// RoPE tables `cos`, `[-sin, sin]` as `[1, T, 1, 2, hd / 2]` for positions
+    /// `start..start + t`, sliced from a device table that grows in powers of two.
+    fn rope_tables(&self, start: usize, t: usize) -> (Tensor<5>, Tensor<5>) {
         let hd = self.config.head_dim;
         let need = start + t;
         let mut tables = self.tables();
@@ -577,11 +573,11 @@ impl Llama {
             let mut cos = Vec::with_capacity(len * hd);
             let mut sin = Vec::with_capacity(len * hd);
             for p in 0..len {
-                for _ in 0..2 {
+                for sign in [-1.0, 1.0] {
                     for f in &self.inv_freq[..half] {
                         let angle = p as f64 * f;
                         cos.push(angle.cos() as f32);
-                        sin.push(angle.sin() as f32);
+                        sin.push((sign * angle.sin()) as f32);
                     }
                 }
             }
@@ -591,7 +587,11 @@ impl Llama {
             tables.rope = Some((len, mk(cos), mk(sin)));
         }
         let (_, cos, sin) = tables.rope.as_ref().expect("just built");
-        let pick = |x: &Tensor<2>| x.clone().slice([start..need, 0..hd]).reshape([1, 1, t, hd]);
+        let pick = |x: &Tensor<2>| {
+            x.clone()
+                .slice([start..need, 0..hd])
+                .reshape([1, t, 1, 2, hd / 2])
+        };
         (pick(cos), pick(sin))
     }
 
@@ -626,7 +626,7 @@ impl Llama {
         dropout_seed: Option<u64>,
     ) -> Pass {
         let s = start + t;
-        let (cos, sin) = self.rope_tables(start, t);
+        let (cos, sin_signed) = self.rope_tables(start, t);
         let mask = match attention_mask {
             None if !self.window_cuts(s) => Mask::Causal,
             None => Mask::Additive(self.causal_mask(t, s)),
@@ -643,7 +643,7 @@ impl Llama {
         };
         Pass {
             cos,
-            sin,
+            sin_signed,
             mask,
             dropout_seed,
         }

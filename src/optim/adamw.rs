@@ -1,9 +1,65 @@
 //! AdamW with PyTorch's semantics (decoupled weight decay, bias-corrected moments), over named
 //! f32 parameters. With `weight_decay = 0` it is Adam.
+//!
+//! When every parameter has a gradient (the usual step) the update runs on one flat f32 vector
+//! holding all of them, as PyTorch's multi-tensor ("foreach") AdamW does: about twenty device
+//! ops per step instead of twenty per parameter. A LoRA run of SmolLM2 has 120 factors, and on a
+//! GPU each op costs host time to record and launch whatever its size, so per-parameter updates
+//! were thousands of launches a step. The elementwise math is the same either way.
 
 use std::collections::HashMap;
 
 use burn::tensor::{Bool, DType, Tensor};
+
+/// Where each named parameter sits in one flat f32 vector: name, shape, first index.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FlatLayout {
+    pub entries: Vec<(String, [usize; 2], usize)>,
+    pub len: usize,
+}
+
+impl FlatLayout {
+    /// The layout of `params`, in their order.
+    pub fn of(params: &[(String, Tensor<2>)]) -> Self {
+        let mut entries = Vec::with_capacity(params.len());
+        let mut len = 0;
+        for (name, p) in params {
+            let dims = p.dims();
+            entries.push((name.clone(), dims, len));
+            len += dims[0] * dims[1];
+        }
+        Self { entries, len }
+    }
+
+    /// The tensors `named` lists for this layout's entries, in its order, as one f32 vector;
+    /// `None` when one of the entries has no tensor there.
+    pub fn flatten(&self, named: &[(String, Tensor<2>)]) -> Option<Tensor<1>> {
+        let by_name: HashMap<&str, &Tensor<2>> =
+            named.iter().map(|(n, t)| (n.as_str(), t)).collect();
+        let mut parts = Vec::with_capacity(self.entries.len());
+        for (name, [r, c], _) in &self.entries {
+            let t = (*by_name.get(name.as_str())?).clone().inner();
+            let t = if t.dtype() != DType::F32 {
+                t.cast(DType::F32)
+            } else {
+                t
+            };
+            parts.push(t.reshape([r * c]));
+        }
+        (!parts.is_empty()).then(|| Tensor::cat(parts, 0))
+    }
+
+    /// The flat vector cut back into named `[rows, cols]` tensors (views of it).
+    pub fn split(&self, flat: &Tensor<1>) -> Vec<(String, Tensor<2>)> {
+        self.entries
+            .iter()
+            .map(|(name, shape, at)| {
+                let n = shape[0] * shape[1];
+                (name.clone(), flat.clone().slice([*at..at + n]).reshape(*shape))
+            })
+            .collect()
+    }
+}
 
 #[derive(Debug, Clone)]
 pub struct AdamW {
@@ -13,7 +69,11 @@ pub struct AdamW {
     pub eps: f64,
     pub weight_decay: f64,
     step: i32,
+    /// Moments by parameter name (steps where some parameter had no gradient, and restored
+    /// checkpoints until the next flat step).
     moments: HashMap<String, (Tensor<2>, Tensor<2>)>,
+    /// Moments of the flat steps, in their layout.
+    flat: Option<(FlatLayout, Tensor<1>, Tensor<1>)>,
 }
 
 impl AdamW {
@@ -27,6 +87,7 @@ impl AdamW {
             weight_decay,
             step: 0,
             moments: HashMap::new(),
+            flat: None,
         }
     }
 
@@ -50,11 +111,97 @@ impl AdamW {
         apply: Option<&Tensor<1, Bool>>,
         grad_mul: f64,
     ) {
+        let layout = FlatLayout::of(params);
+        match layout.flatten(grads) {
+            Some(g) => self.step_flat(params, &layout, g, apply, grad_mul),
+            None => self.step_named(params, grads, apply, grad_mul),
+        }
+    }
+
+    /// [`AdamW::step_where`] one parameter at a time, skipping those without a gradient.
+    pub fn step_named(
+        &mut self,
+        params: &mut [(String, Tensor<2>)],
+        grads: &[(String, Tensor<2>)],
+        apply: Option<&Tensor<1, Bool>>,
+        grad_mul: f64,
+    ) {
         self.step += 1;
+        self.step_each(params, grads, apply, grad_mul);
+    }
+
+    /// [`AdamW::step_where`] with every gradient given as one flat vector `g` in `layout`
+    /// (the layout of `params`, [`FlatLayout::of`]).
+    pub fn step_flat(
+        &mut self,
+        params: &mut [(String, Tensor<2>)],
+        layout: &FlatLayout,
+        g: Tensor<1>,
+        apply: Option<&Tensor<1, Bool>>,
+        grad_mul: f64,
+    ) {
+        let Some(old) = layout.flatten(params) else {
+            return;
+        };
+        self.step += 1;
+        let (m0, v0) = self.flat_moments(layout, &old);
+        let g = if grad_mul != 1.0 {
+            g.mul_scalar(grad_mul)
+        } else {
+            g
+        };
+        let (w, m, v) = self.update(old, g, m0, v0, apply);
+        for ((_, p), (_, new)) in params.iter_mut().zip(layout.split(&w)) {
+            *p = new;
+        }
+        self.flat = Some((layout.clone(), m, v));
+    }
+
+    /// The moments of `layout`'s parameters as flat vectors (zeros for a parameter not seen
+    /// before), taking over any kept by name.
+    fn flat_moments(&mut self, layout: &FlatLayout, like: &Tensor<1>) -> (Tensor<1>, Tensor<1>) {
+        if let Some((l, m, v)) = &self.flat
+            && l == layout
+        {
+            return (m.clone(), v.clone());
+        }
+        self.unflatten_moments();
+        if self.moments.is_empty() {
+            return (like.zeros_like(), like.zeros_like());
+        }
+        let (mut ms, mut vs) = (Vec::new(), Vec::new());
+        for (name, [r, c], _) in &layout.entries {
+            let (m, v) = self.moments.remove(name).unwrap_or_else(|| {
+                let z = Tensor::<2>::zeros([*r, *c], (&like.device(), DType::F32));
+                (z.clone(), z)
+            });
+            ms.push((name.clone(), m));
+            vs.push((name.clone(), v));
+        }
+        let flat = |x: &[(String, Tensor<2>)]| layout.flatten(x).expect("every entry filled");
+        (flat(&ms), flat(&vs))
+    }
+
+    /// Moves flat moments into the by-name map.
+    fn unflatten_moments(&mut self) {
+        if let Some((layout, m, v)) = self.flat.take() {
+            for ((name, m), (_, v)) in layout.split(&m).into_iter().zip(layout.split(&v)) {
+                self.moments.insert(name, (m, v));
+            }
+        }
+    }
+
+    /// One parameter at a time: for steps where some parameter has no gradient, which it then
+    /// skips, as PyTorch does.
+    fn step_each(
+        &mut self,
+        params: &mut [(String, Tensor<2>)],
+        grads: &[(String, Tensor<2>)],
+        apply: Option<&Tensor<1, Bool>>,
+        grad_mul: f64,
+    ) {
+        self.unflatten_moments();
         let grads: HashMap<&str, &Tensor<2>> = grads.iter().map(|(n, g)| (n.as_str(), g)).collect();
-        let bc1 = 1.0 - self.beta1.powi(self.step);
-        let bc2 = 1.0 - self.beta2.powi(self.step);
-        let (lr, b1, b2, eps, wd) = (self.lr, self.beta1, self.beta2, self.eps, self.weight_decay);
         for (name, p) in params.iter_mut() {
             let Some(g) = grads.get(name.as_str()) else {
                 continue;
@@ -64,31 +211,51 @@ impl AdamW {
                 g = g.mul_scalar(grad_mul);
             }
             let old = p.clone().inner();
-            let mut w = old.clone();
-            if wd != 0.0 {
-                w = w.mul_scalar(1.0 - lr * wd);
-            }
             let (m0, v0) = self
                 .moments
                 .remove(name.as_str())
                 .unwrap_or_else(|| (g.zeros_like(), g.zeros_like()));
-            let m = m0.clone().mul_scalar(b1) + g.clone().mul_scalar(1.0 - b1);
-            let v = v0.clone().mul_scalar(b2) + g.square().mul_scalar(1.0 - b2);
-            let denom = v.clone().div_scalar(bc2).sqrt().add_scalar(eps);
-            w = w - m.clone().div_scalar(bc1).div(denom).mul_scalar(lr);
-            let (w, m, v) = match apply {
-                None => (w, m, v),
-                Some(ok) => {
-                    let keep = ok.clone().bool_not().reshape([1, 1]).expand(w.dims());
-                    (
-                        w.mask_where(keep.clone(), old),
-                        m.mask_where(keep.clone(), m0),
-                        v.mask_where(keep, v0),
-                    )
-                }
-            };
+            let (w, m, v) = self.update(old, g, m0, v0, apply);
             self.moments.insert(name.clone(), (m, v));
             *p = w;
+        }
+    }
+
+    /// The AdamW update of parameters `old` with gradient `g` and moments `m0`, `v0` at step
+    /// `self.step`; returns the new parameters and moments. Where `apply` is false, the old ones.
+    fn update<const D: usize>(
+        &self,
+        old: Tensor<D>,
+        g: Tensor<D>,
+        m0: Tensor<D>,
+        v0: Tensor<D>,
+        apply: Option<&Tensor<1, Bool>>,
+    ) -> (Tensor<D>, Tensor<D>, Tensor<D>) {
+        let bc1 = 1.0 - self.beta1.powi(self.step);
+        let bc2 = 1.0 - self.beta2.powi(self.step);
+        let (lr, b1, b2, eps, wd) = (self.lr, self.beta1, self.beta2, self.eps, self.weight_decay);
+        let mut w = old.clone();
+        if wd != 0.0 {
+            w = w.mul_scalar(1.0 - lr * wd);
+        }
+        let m = m0.clone().mul_scalar(b1) + g.clone().mul_scalar(1.0 - b1);
+        let v = v0.clone().mul_scalar(b2) + g.square().mul_scalar(1.0 - b2);
+        let denom = v.clone().div_scalar(bc2).sqrt().add_scalar(eps);
+        w = w - m.clone().div_scalar(bc1).div(denom).mul_scalar(lr);
+        match apply {
+            None => (w, m, v),
+            Some(ok) => {
+                let keep = ok
+                    .clone()
+                    .bool_not()
+                    .reshape([1; D])
+                    .expand(w.dims());
+                (
+                    w.mask_where(keep.clone(), old),
+                    m.mask_where(keep.clone(), m0),
+                    v.mask_where(keep, v0),
+                )
+            }
         }
     }
 
@@ -105,6 +272,11 @@ impl AdamW {
             .iter()
             .map(|(n, (a, b))| (n.clone(), a.clone(), b.clone()))
             .collect();
+        if let Some((layout, fm, fv)) = &self.flat {
+            for ((name, a), (_, b)) in layout.split(fm).into_iter().zip(layout.split(fv)) {
+                m.push((name, a, b));
+            }
+        }
         m.sort_by(|a, b| a.0.cmp(&b.0));
         (self.step, m)
     }
@@ -112,6 +284,107 @@ impl AdamW {
     /// Restores what [`AdamW::export_state`] returned.
     pub fn import_state(&mut self, step: i32, moments: Vec<(String, Tensor<2>, Tensor<2>)>) {
         self.step = step;
+        self.flat = None;
         self.moments = moments.into_iter().map(|(n, a, b)| (n, (a, b))).collect();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::tensor::{Device, TensorData};
+
+    fn t(v: &[f32], shape: [usize; 2]) -> Tensor<2> {
+        Tensor::from_data(TensorData::new(v.to_vec(), shape), &Device::flex())
+    }
+
+    fn vals(x: &Tensor<2>) -> Vec<f32> {
+        x.clone().into_data().to_vec::<f32>().unwrap()
+    }
+
+    fn params() -> Vec<(String, Tensor<2>)> {
+        vec![
+            ("a".into(), t(&[0.5, -1.0, 2.0, 0.25, 1.5, -0.75], [2, 3])),
+            ("b".into(), t(&[1.0, -2.0], [2, 1])),
+        ]
+    }
+
+    fn grads(k: f32) -> Vec<(String, Tensor<2>)> {
+        vec![
+            ("a".into(), t(&[0.1 * k, -0.2, 0.3, 0.05, -0.4 * k, 0.6], [2, 3])),
+            ("b".into(), t(&[-0.3, 0.7 * k], [2, 1])),
+        ]
+    }
+
+    #[test]
+    fn the_flat_update_equals_the_per_parameter_one_and_checkpoints_round_trip() {
+        let (mut flat, mut each) = (AdamW::new(1e-2, 0.1), AdamW::new(1e-2, 0.1));
+        let (mut pf, mut pe) = (params(), params());
+        for step in 0..3 {
+            let g = grads(step as f32 + 1.0);
+            flat.step_where(&mut pf, &g, None, 0.5);
+            each.step_named(&mut pe, &g, None, 0.5);
+            assert!(flat.flat.is_some() && each.flat.is_none());
+        }
+        for ((n, a), (_, b)) in pf.iter().zip(&pe) {
+            assert_eq!(a.dims(), b.dims(), "{n}");
+            for (x, y) in vals(a).iter().zip(vals(b)) {
+                assert!((x - y).abs() <= 1e-6 * y.abs().max(1.0), "{n}: {x} vs {y}");
+            }
+        }
+        // The flat moments export by name like the per-parameter ones, and a restored
+        // optimizer goes on as the original would.
+        let (steps, mf) = flat.export_state();
+        let (_, me) = each.export_state();
+        assert_eq!(steps, 3);
+        assert_eq!(
+            mf.iter().map(|m| m.0.clone()).collect::<Vec<_>>(),
+            vec!["a", "b"]
+        );
+        for ((n, m1, v1), (_, m2, v2)) in mf.iter().zip(&me) {
+            for (x, y) in vals(m1).iter().chain(&vals(v1)).zip(vals(m2).iter().chain(&vals(v2))) {
+                assert!((x - y).abs() <= 1e-6 * y.abs().max(1e-3), "{n}: {x} vs {y}");
+            }
+        }
+        let mut restored = AdamW::new(1e-2, 0.1);
+        restored.import_state(steps, mf);
+        let mut pr = pf.clone();
+        let g = grads(-2.0);
+        restored.step_where(&mut pr, &g, None, 1.0);
+        flat.step_where(&mut pf, &g, None, 1.0);
+        for ((_, a), (_, b)) in pr.iter().zip(&pf) {
+            assert_eq!(vals(a), vals(b));
+        }
+    }
+
+    #[test]
+    fn a_parameter_without_a_gradient_is_left_alone() {
+        let mut opt = AdamW::new(1e-1, 0.0);
+        let mut p = params();
+        let before = vals(&p[1].1);
+        let only_a: Vec<_> = grads(1.0).into_iter().take(1).collect();
+        opt.step_where(&mut p, &only_a, None, 1.0);
+        assert_eq!(vals(&p[1].1), before, "b had no gradient");
+        assert_ne!(vals(&p[0].1), vals(&params()[0].1));
+        // A later full step goes flat and still knows a's moments.
+        opt.step_where(&mut p, &grads(1.0), None, 1.0);
+        assert!(opt.flat.is_some() && opt.moments.is_empty());
+    }
+
+    #[test]
+    fn a_false_apply_flag_keeps_parameters_and_moments() {
+        let mut opt = AdamW::new(1e-1, 0.0);
+        let mut p = params();
+        opt.step_where(&mut p, &grads(1.0), None, 1.0);
+        let kept: Vec<_> = p.iter().map(|(_, x)| vals(x)).collect();
+        let (_, m_before) = opt.export_state();
+        let no = Tensor::<1>::from_data(TensorData::new(vec![0.0f32], [1]), &Device::flex())
+            .greater_elem(1.0);
+        opt.step_where(&mut p, &grads(5.0), Some(&no), 1.0);
+        assert_eq!(p.iter().map(|(_, x)| vals(x)).collect::<Vec<_>>(), kept);
+        let (_, m_after) = opt.export_state();
+        for ((_, a, b), (_, c, d)) in m_before.iter().zip(&m_after) {
+            assert_eq!((vals(a), vals(b)), (vals(c), vals(d)));
+        }
     }
 }

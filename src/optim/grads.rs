@@ -1,30 +1,81 @@
 //! Gradient checks that stay on the device: the global norm, clipping to it, and the
 //! finite flag an f16 step is skipped on, none of which reads a value back to the host.
+//! A step's gradients travel as one flat vector ([`StepGradients::Flat`]) so that each of
+//! these is a couple of device ops, not a few per parameter.
 
 use burn::tensor::{Bool, DType, Tensor};
 
-/// The squared global L2 norm of all gradients, f32 `[1]`, on the device.
-pub fn global_norm_sq(grads: &[(String, Tensor<2>)]) -> Option<Tensor<1>> {
-    grads
-        .iter()
-        .map(|(_, g)| g.clone().cast(DType::F32).square().sum())
-        .reduce(|a, b| a + b)
+use super::adamw::FlatLayout;
+
+/// One step's gradients, as the optimizer takes them.
+pub enum StepGradients {
+    /// Every parameter's gradient, f32, in the parameters' [`FlatLayout`].
+    Flat(FlatLayout, Tensor<1>),
+    /// By name, when some parameter got none (the optimizer then skips it).
+    Named(Vec<(String, Tensor<2>)>),
 }
 
-/// Scales all gradients so that their global L2 norm (given squared, as from
-/// [`global_norm_sq`]) is at most `max_norm`, without a host sync.
-pub fn clip_to_norm(grads: &mut [(String, Tensor<2>)], norm_sq: &Tensor<1>, max_norm: f64) {
-    // k = min(1, max_norm / (norm + 1e-6)), broadcast to every gradient.
-    let k = norm_sq
+impl StepGradients {
+    /// `grads` for parameters laid out as `layout`: flat when they cover it.
+    pub fn new(grads: Vec<(String, Tensor<2>)>, layout: FlatLayout) -> Self {
+        match layout.flatten(&grads) {
+            Some(flat) => Self::Flat(layout, flat),
+            None => Self::Named(grads),
+        }
+    }
+
+    /// The squared global L2 norm, f32 `[1]`; `None` without gradients.
+    pub fn norm_sq(&self) -> Option<Tensor<1>> {
+        match self {
+            Self::Flat(_, g) => Some(g.clone().square().sum()),
+            Self::Named(g) => global_norm_sq(g),
+        }
+    }
+
+    /// Scales the gradients so that their global norm (`norm_sq` squared) is at most `max_norm`.
+    pub fn clip(&mut self, norm_sq: &Tensor<1>, max_norm: f64) {
+        match self {
+            Self::Flat(_, g) => *g = g.clone() * clip_factor(norm_sq, max_norm),
+            Self::Named(g) => clip_to_norm(g, norm_sq, max_norm),
+        }
+    }
+}
+
+/// The squared global L2 norm of all gradients, f32 `[1]`, on the device.
+pub fn global_norm_sq(grads: &[(String, Tensor<2>)]) -> Option<Tensor<1>> {
+    let parts: Vec<Tensor<1>> = grads
+        .iter()
+        .map(|(_, g)| {
+            let n = g.shape().num_elements();
+            g.clone().cast(DType::F32).reshape([n])
+        })
+        .collect();
+    (!parts.is_empty()).then(|| Tensor::cat(parts, 0).square().sum())
+}
+
+/// `min(1, max_norm / (norm + 1e-6))`, f32 `[1]`.
+fn clip_factor(norm_sq: &Tensor<1>, max_norm: f64) -> Tensor<1> {
+    norm_sq
         .clone()
         .sqrt()
         .add_scalar(1e-6)
         .recip()
         .mul_scalar(max_norm)
-        .clamp_max(1.0);
+        .clamp_max(1.0)
+}
+
+/// Scales all gradients so that their global L2 norm (given squared, as from
+/// [`global_norm_sq`]) is at most `max_norm`, without a host sync.
+pub fn clip_to_norm(grads: &mut [(String, Tensor<2>)], norm_sq: &Tensor<1>, max_norm: f64) {
+    let k = clip_factor(norm_sq, max_norm).reshape([1, 1]);
     for (_, g) in grads.iter_mut() {
         let dtype = g.dtype();
-        *g = g.clone() * k.clone().cast(dtype).reshape([1, 1]);
+        let k = if dtype != DType::F32 {
+            k.clone().cast(dtype)
+        } else {
+            k.clone()
+        };
+        *g = g.clone() * k;
     }
 }
 

@@ -6,6 +6,6 @@ pub mod grads;
 pub mod scaler;
 pub mod schedule;
 
-pub use adamw::AdamW;
-pub use grads::{clip_to_norm, finite, global_norm_sq};
+pub use adamw::{AdamW, FlatLayout};
+pub use grads::{StepGradients, clip_to_norm, finite, global_norm_sq};
 pub use scaler::LossScaler;

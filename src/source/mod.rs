@@ -158,11 +158,8 @@ fn gguf_files_in(dir: &Path) -> Vec<PathBuf> {
     v
 }
 
-fn home_dir() -> Option<PathBuf> {
-    std::env::var_os("HOME")
-        .filter(|h| !h.is_empty())
-        .map(PathBuf::from)
-}
+pub use crate::files::tuna_cache_dir;
+use crate::files::home_dir;
 
 /// The Hugging Face hub cache: `$HF_HUB_CACHE`, `$HUGGINGFACE_HUB_CACHE`, `$HF_HOME/hub`,
 /// `$XDG_CACHE_HOME/huggingface/hub`, else `~/.cache/huggingface/hub`.
@@ -196,16 +193,6 @@ fn resolve_hf(rest: &str) -> Result<ModelFiles> {
     let r = hub::RepoRef::parse(rest)?;
     let path = hub::Hub::new(hub::HubConfig::from_env()?).fetch(&r)?;
     classify_local(&path, &format!("hf:{rest}"))
-}
-
-/// tuna's download cache: `$TUNA_CACHE`, else `~/.cache/tuna`.
-pub fn tuna_cache_dir() -> Result<PathBuf> {
-    if let Some(p) = std::env::var_os("TUNA_CACHE").filter(|v| !v.is_empty()) {
-        return Ok(PathBuf::from(p));
-    }
-    home_dir()
-        .map(|h| h.join(".cache").join("tuna"))
-        .ok_or_else(|| anyhow!("cannot locate a cache folder: set TUNA_CACHE or HOME"))
 }
 
 fn valid_pypi_name(s: &str) -> bool {

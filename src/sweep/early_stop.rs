@@ -226,4 +226,29 @@ mod tests {
         assert!(e.decide(5, 3.9, 3.9, Some(2.0), 100, &[]).is_none());
         assert!(e.decide(5, f64::NAN, 1.0, Some(2.0), 100, &[]).is_some());
     }
+
+    #[test]
+    fn median_rule_stops_a_run_worse_than_the_others_median_once_enough_reached_the_step() {
+        let e = EarlyStop {
+            method: Method::Median,
+            min_steps: 20,
+            reduction_factor: 3.0,
+            min_runs: 3,
+            divergence: None,
+        };
+        let peers = [1.0, 2.0, 3.0];
+        // Its best loss so far (not this evaluation's) is held against the peers' median, 2.0.
+        assert!(e.decide(20, 2.5, 2.5, None, 100, &peers).is_some());
+        assert!(e.decide(20, 2.5, 1.5, None, 100, &peers).is_none());
+        assert!(e.decide(20, 2.0, 2.0, None, 100, &peers).is_none(), "equal to the median goes on");
+        // Before min_steps, or with fewer than min_runs peers at the step, nothing stops.
+        assert!(e.decide(10, 9.0, 9.0, None, 100, &peers).is_none());
+        assert!(e.decide(20, 9.0, 9.0, None, 100, &peers[..2]).is_none());
+        // An even number of peers: the median interpolates (2.5).
+        let four = [1.0, 2.0, 3.0, 4.0];
+        assert!(e.decide(40, 2.6, 2.6, None, 100, &four).is_some());
+        assert!(e.decide(40, 2.4, 2.4, None, 100, &four).is_none());
+        // Any step from min_steps on counts, not only ASHA rungs.
+        assert!(e.decide(37, 5.0, 5.0, None, 100, &peers).is_some());
+    }
 }

@@ -20,7 +20,7 @@ use burn::tensor::{Bool, DType, Int, Tensor, TensorData, activation};
 use crate::data::dataset::Batch;
 use crate::model::llama::Llama;
 use crate::model::lora::{self, trainable_parameters};
-use crate::optim::AdamW;
+use crate::optim::{AdamW, FlatLayout, StepGradients};
 
 /// Logits computed at once in the head: about 2^25 f32 values (128 MB) per chunk.
 const HEAD_CHUNK_VALUES: usize = 1 << 25;
@@ -225,5 +225,32 @@ pub fn update_adapters(
 ) -> Result<()> {
     let mut params = trainable_parameters(model);
     opt.step_where(&mut params, grads, apply, grad_mul);
+    lora::set_trainable_parameters(model, params)
+}
+
+/// The layout of what trains, for [`StepGradients::new`].
+pub fn trainable_layout(model: &Llama) -> FlatLayout {
+    FlatLayout::of(&trainable_parameters(model))
+}
+
+/// [`update_adapters`] from gradients already gathered for the step (flat where they cover
+/// every trainable parameter).
+pub fn apply_gradients(
+    model: &mut Llama,
+    opt: &mut AdamW,
+    grads: StepGradients,
+    apply: Option<&Tensor<1, Bool>>,
+    grad_mul: f64,
+) -> Result<()> {
+    let mut params = trainable_parameters(model);
+    match grads {
+        StepGradients::Flat(layout, g) if layout == FlatLayout::of(&params) => {
+            opt.step_flat(&mut params, &layout, g, apply, grad_mul)
+        }
+        StepGradients::Flat(layout, g) => {
+            opt.step_where(&mut params, &layout.split(&g), apply, grad_mul)
+        }
+        StepGradients::Named(g) => opt.step_named(&mut params, &g, apply, grad_mul),
+    }
     lora::set_trainable_parameters(model, params)
 }

@@ -14,7 +14,7 @@ use serde_json::json;
 
 use super::checkpoint::{self, Checkpoint};
 use super::settings::TrainSettings;
-use super::step::{self, StepOptions, update_adapters};
+use super::step::{self, StepOptions};
 use crate::data::dataset::{self, DataSet, Order, Split, Tokenized};
 use crate::generate::answers::{self, TaskMetric};
 use crate::memory::{device_mem_mb, peak_rss_mb};
@@ -273,17 +273,18 @@ impl Run<'_> {
             let lr = s.schedule.lr_at(step);
             opt.lr = lr;
             let loss_scale = st.scaler.as_ref().map_or(1.0, |sc| sc.scale);
-            let (mut grads, loss, tokens) = self.micro_batches(model, &order, step, loss_scale);
-            let norm_sq = optim::global_norm_sq(&grads);
+            let (grads, loss, tokens) = self.micro_batches(model, &order, step, loss_scale);
+            let mut grads = optim::StepGradients::new(grads, step::trainable_layout(model));
+            let norm_sq = grads.norm_sq();
             let finite = match (&st.scaler, &norm_sq) {
                 (Some(_), Some(n)) => Some(optim::finite(n)),
                 _ => None,
             };
             if let (Some(max_norm), Some(n)) = (s.grad_clip, &norm_sq) {
                 let unscaled = n.clone().div_scalar(loss_scale * loss_scale);
-                optim::clip_to_norm(&mut grads, &unscaled, max_norm);
+                grads.clip(&unscaled, max_norm);
             }
-            update_adapters(model, &mut opt, &grads, finite.as_ref(), 1.0 / loss_scale)?;
+            step::apply_gradients(model, &mut opt, grads, finite.as_ref(), 1.0 / loss_scale)?;
             let done = step + 1;
             // The host learns of an overflow from the squared norm (an f32, which every backend
             // reads back alike), never from the boolean flag the device used to skip the step.
@@ -376,7 +377,7 @@ impl Run<'_> {
             // Summed by name: a micro-batch without targets has no gradients at all.
             let acc = grads.get_or_insert_with(Vec::new);
             for (n, g) in sg.grads {
-                let g = g.mul_scalar(k);
+                let g = if k != 1.0 { g.mul_scalar(k) } else { g };
                 match acc.iter_mut().find(|(m, _)| *m == n) {
                     Some((_, a)) => *a = a.clone() + g,
                     None => acc.push((n, g)),

@@ -1,0 +1,124 @@
+//! `tuna bench matmul`: throughput of the matrix products a LoRA training step makes, one shape
+//! at a time, so the engine's matmul speed can be set beside the peer's (`bench/peer_matmul.py`
+//! times the same cases with `torch.matmul`). A training step is mostly these products; if a
+//! shape runs far below the peer here, no change to the model code closes the gap.
+
+use std::time::Instant;
+
+use anyhow::Result;
+use burn::tensor::{DType, Device, Tensor, TensorData};
+use clap::Args;
+use serde_json::{Value, json};
+
+use crate::data::dataset::SplitMix64;
+use crate::model::device::device_for;
+
+#[derive(Args, Debug, Clone)]
+pub struct BenchMatmulArgs {
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    #[arg(long, default_value = "auto")]
+    pub dtype: String,
+    /// Timed products per case, after warmup (autotune, shader compiles).
+    #[arg(long, default_value_t = 20)]
+    pub iters: usize,
+    /// Only the cases whose name contains one of these (comma-separated); all by default.
+    #[arg(long, value_delimiter = ',')]
+    pub cases: Vec<String>,
+}
+
+/// How the right-hand side is laid out, as the model calls it.
+#[derive(Clone, Copy, Debug)]
+enum Layout {
+    /// Forward `x W^T`: `W` is `[n, k]`, the product reads a transposed view.
+    Nt,
+    /// Backward `dY W`: `W` is `[k, n]` contiguous.
+    Nn,
+    /// Weight-gradient-like `X^T dY`: the left side is a transposed view (LoRA's dA, dB).
+    Tn,
+}
+
+/// (name, m, k, n, layout, batch). Rows of 4096 are a batch of 8 × 512 tokens.
+const CASES: &[(&str, usize, usize, usize, Layout, usize)] = &[
+    ("smollm2 q fwd", 4096, 576, 576, Layout::Nt, 1),
+    ("smollm2 kv fwd", 4096, 576, 192, Layout::Nt, 1),
+    ("smollm2 up fwd", 4096, 576, 1536, Layout::Nt, 1),
+    ("smollm2 down fwd", 4096, 1536, 576, Layout::Nt, 1),
+    ("smollm2 up dx", 4096, 1536, 576, Layout::Nn, 1),
+    ("smollm2 head fwd", 4096, 576, 49152, Layout::Nt, 1),
+    ("tinyllama q fwd", 4096, 2048, 2048, Layout::Nt, 1),
+    ("tinyllama kv fwd", 4096, 2048, 256, Layout::Nt, 1),
+    ("tinyllama up fwd", 4096, 2048, 5632, Layout::Nt, 1),
+    ("tinyllama down fwd", 4096, 5632, 2048, Layout::Nt, 1),
+    ("tinyllama up dx", 4096, 5632, 2048, Layout::Nn, 1),
+    ("tinyllama down dx", 4096, 2048, 5632, Layout::Nn, 1),
+    ("tinyllama lora a fwd", 4096, 2048, 8, Layout::Nt, 1),
+    ("tinyllama lora b fwd", 4096, 8, 2048, Layout::Nt, 1),
+    ("tinyllama lora dA", 8, 4096, 2048, Layout::Tn, 1),
+    ("tinyllama scores", 512, 64, 512, Layout::Nt, 256),
+    ("tinyllama probs v", 512, 512, 64, Layout::Nn, 256),
+    ("mistral7b up fwd b1", 512, 4096, 14336, Layout::Nt, 1),
+];
+
+fn random(rng: &mut SplitMix64, shape: [usize; 3], device: &Device, dtype: DType) -> Tensor<3> {
+    let n = shape.iter().product();
+    let data: Vec<f32> = (0..n)
+        .map(|_| ((rng.next() >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0) as f32)
+        .collect();
+    Tensor::<3>::from_data(TensorData::new(data, shape), (device, DType::F32)).cast(dtype)
+}
+
+pub fn bench_matmul(a: &BenchMatmulArgs) -> Result<Value> {
+    let sel = device_for(&a.device, &a.dtype)?;
+    let (device, dtype) = (sel.device.clone(), sel.dtype);
+    let wanted =
+        |name: &str| a.cases.is_empty() || a.cases.iter().any(|c| name.contains(c.as_str()));
+    let mut rows = Vec::new();
+    for &(name, m, k, n, layout, batch) in CASES.iter().filter(|c| wanted(c.0)) {
+        let mut rng = SplitMix64((m * 31 + k * 7 + n) as u64);
+        let (lhs, rhs) = match layout {
+            Layout::Nt => (
+                random(&mut rng, [batch, m, k], &device, dtype),
+                random(&mut rng, [batch, n, k], &device, dtype),
+            ),
+            Layout::Nn => (
+                random(&mut rng, [batch, m, k], &device, dtype),
+                random(&mut rng, [batch, k, n], &device, dtype),
+            ),
+            Layout::Tn => (
+                random(&mut rng, [batch, k, m], &device, dtype),
+                random(&mut rng, [batch, k, n], &device, dtype),
+            ),
+        };
+        let product = || -> Tensor<3> {
+            match layout {
+                Layout::Nt => lhs.clone().matmul(rhs.clone().swap_dims(1, 2)),
+                Layout::Nn => lhs.clone().matmul(rhs.clone()),
+                Layout::Tn => lhs.clone().swap_dims(1, 2).matmul(rhs.clone()),
+            }
+        };
+        // Warmup until a product takes about as long as the one before (autotune done).
+        let t_warm = Instant::now();
+        for _ in 0..3 {
+            let _ = product().into_data();
+        }
+        let warmup_s = t_warm.elapsed().as_secs_f64();
+        let _ = device.sync();
+        let t0 = Instant::now();
+        let mut keep = Vec::with_capacity(a.iters);
+        for _ in 0..a.iters {
+            keep.push(product());
+        }
+        let _ = device.sync();
+        let s = t0.elapsed().as_secs_f64() / a.iters as f64;
+        drop(keep);
+        let flops = 2.0 * (batch * m * k * n) as f64;
+        let row = json!({"case": name, "m": m, "k": k, "n": n, "batch": batch,
+            "layout": format!("{layout:?}").to_lowercase(), "ms": s * 1e3,
+            "tflops": flops / s / 1e12, "warmup_s": warmup_s});
+        eprintln!("{row}");
+        rows.push(row);
+    }
+    Ok(json!({"bench": "matmul", "device": sel.kind.to_string(),
+              "dtype": format!("{dtype:?}"), "cases": rows}))
+}
