@@ -155,14 +155,15 @@ fn a_run_locked_by_another_holder_is_waited_for_not_trained() {
 
 // ---- several real processes ----
 
-fn tiny_experiment(dir: &Path) -> PathBuf {
+/// The shared tiny experiment with `ranks` (a YAML list) × two learning rates, `iters` steps.
+fn tiny_experiment_of(dir: &Path, ranks: &str, iters: u64) -> PathBuf {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let text = format!(
         "name: shared\nmodel: {}\ndata: {}\ndevice: cpu\n\
-         train:\n  iters: 60\n  batch_size: 2\n  learning_rate: 5e-3\n  max_seq_length: 96\n  \
+         train:\n  iters: {iters}\n  batch_size: 2\n  learning_rate: 5e-3\n  max_seq_length: 96\n  \
          steps_per_report: 20\n  steps_per_eval: 30\n  val_batches: 2\n  save_every: 5\n\
          lora:\n  num_layers: -1\n  rank: 4\noutput:\n  dir: {}\n\
-         grid:\n  lora.rank: [2, 4, 8]\n  train.learning_rate: [1e-3, 5e-3]\n",
+         grid:\n  lora.rank: {ranks}\n  train.learning_rate: [1e-3, 5e-3]\n",
         reference_dir().join("tiny-llama").display(),
         root.join("experiments/data/diagnosis").display(),
         dir.join("out").display(),
@@ -234,9 +235,22 @@ fn started(lines: &[String]) -> Vec<String> {
 
 #[test]
 fn three_processes_share_a_sweep_and_survive_a_kill_9() {
+    processes_share_a_sweep_and_survive_a_kill_9(3, "[2, 4, 8]", 60);
+}
+
+#[test]
+fn two_processes_share_a_sweep_and_survive_a_kill_9() {
+    processes_share_a_sweep_and_survive_a_kill_9(2, "[2, 4]", 40);
+}
+
+/// `n` sweep processes on one experiment of `ranks` × 2 runs of `iters` steps; the first is
+/// killed with SIGKILL once its run has a checkpoint. Every run ends done, started once (the
+/// killed one twice, resumed by another process), with one log per run.
+fn processes_share_a_sweep_and_survive_a_kill_9(n: usize, ranks: &str, iters: u64) {
     let tmp = tempfile::tempdir().unwrap();
-    let spec = tiny_experiment(tmp.path());
-    let mut procs: Vec<Sweeper> = (0..3).map(|_| Sweeper::start(&spec)).collect();
+    let spec = tiny_experiment_of(tmp.path(), ranks, iters);
+    let runs = 2 * ranks.split(',').count();
+    let mut procs: Vec<Sweeper> = (0..n).map(|_| Sweeper::start(&spec)).collect();
 
     // Kill the first process once the run it trains has a checkpoint.
     let exp_dir = tmp.path().join("out/shared");
@@ -277,7 +291,7 @@ fn three_processes_share_a_sweep_and_survive_a_kill_9() {
     for id in &all_started {
         *counts.entry(id.clone()).or_default() += 1;
     }
-    assert_eq!(counts.len(), 6, "{counts:?}");
+    assert_eq!(counts.len(), runs, "{counts:?}");
     for (id, n) in &counts {
         let want = if *id == victim_run { 2 } else { 1 };
         assert_eq!(*n, want, "run {id} started {n} times: {counts:?}");
@@ -294,12 +308,12 @@ fn three_processes_share_a_sweep_and_survive_a_kill_9() {
             .map(|v| v["step"].as_u64().unwrap())
             .collect();
         assert!(steps.windows(2).all(|w| w[0] < w[1]), "{id}: {steps:?}");
-        assert_eq!(steps.last(), Some(&60), "{id}");
+        assert_eq!(steps.last(), Some(&iters), "{id}");
     }
     let table = Leaderboard::new(&tmp.path().join("out/leaderboard.csv"))
         .read()
         .unwrap();
-    assert_eq!(table.rows.len(), 6);
+    assert_eq!(table.rows.len(), runs);
     assert!(
         table.rows.iter().all(|r| r["status"] == "done"),
         "{:?}",
