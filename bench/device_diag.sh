@@ -6,12 +6,7 @@
 #   3. a per-kernel profile of the same step (cubecl's profile-medium).
 # Expects .dev/tuna.xz (stripped release binary) and .gl/ (Vulkan loader packages).
 set -u
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-for f in .gl/*.deb; do dpkg -x "$f" /; done; ldconfig
-export VK_DRIVER_FILES=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json
-export __EGL_VENDOR_LIBRARY_FILENAMES=/usr/local/nvidia/share/glvnd/egl_vendor.d/10_nvidia.json
-export TUNA_CACHE=/tmp/tuna-cache PYTHONUNBUFFERED=1; mkdir -p "$TUNA_CACHE"
-xz -dc .dev/tuna.xz >/tmp/tuna && chmod +x /tmp/tuna
+. bench/device_env.sh
 T=/tmp/tuna
 # The first half of the SmolLM2 GGUF, for bench/device_f16_vs_f32.sh right after this call.
 [ -f .carry1/smol.part1 ] && cp .carry1/smol.part1 /root/

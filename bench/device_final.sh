@@ -7,13 +7,7 @@
 # The GPU parity test runs in the next call on the same warm machine (bench/device_parity.sh):
 # its test binary and reference models do not fit this call's 64 MiB beside the tuna binary.
 set -u
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-for f in .gl/*.deb; do dpkg -x "$f" /; done; ldconfig
-export VK_DRIVER_FILES=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json
-export __EGL_VENDOR_LIBRARY_FILENAMES=/usr/local/nvidia/share/glvnd/egl_vendor.d/10_nvidia.json
-export TUNA_CACHE=/tmp/tuna-cache PYTHONUNBUFFERED=1; mkdir -p "$TUNA_CACHE"
-xz -dc .dev/tuna.xz >/tmp/tuna && chmod +x /tmp/tuna
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
+. bench/device_env.sh
 CASES=${CASES:-seed004,tinyllama-f16,tinyllama-f16-gc,smollm2-f16,smollm2-f16-each,tinyllama-f16-each}
 python3 bench/compare.py --tuna /tmp/tuna --cases "$CASES" --out "$OUT" --timeout "${CASE_TIMEOUT:-150}"
 if [ -f .dev/tuna-before.xz ]; then

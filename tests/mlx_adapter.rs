@@ -10,7 +10,6 @@ use crate::common;
 use burn::tensor::{DType, Device};
 use common::{Expected, reference_dir};
 use safetensors::SafeTensors;
-use tuna::generate::{GenerateConfig, generate};
 use tuna::model::load::load_model;
 use tuna::model::lora::{load_adapter, save_mlx_adapter};
 use tuna::train::step::eval_loss;
@@ -60,23 +59,8 @@ fn an_mlx_lm_adapter_gives_mlx_lm_loss_and_tokens_and_writes_back_unchanged() {
         ((loss - want_loss) / want_loss).abs() < 1e-5,
         "loss {loss} vs mlx-lm's {want_loss}"
     );
-    let prompt: Vec<u32> = exp
-        .i64("tiny-llama.prompt0.ids")
-        .iter()
-        .map(|&x| x as u32)
-        .collect();
-    let g = generate(
-        &model,
-        &prompt,
-        &GenerateConfig {
-            max_new_tokens: 16,
-            ..Default::default()
-        },
-        None,
-        &mut |_| true,
-    )
-    .unwrap();
-    assert_eq!(g.tokens, want_tokens, "greedy tokens vs mlx-lm's");
+    let tokens = common::greedy16(&model, &exp.ids("tiny-llama.prompt0.ids"));
+    assert_eq!(tokens, want_tokens, "greedy tokens vs mlx-lm's");
 
     // Written back by tuna: the same tensors and the same config mlx-lm wrote, so mlx-lm
     // generates the tokens above from tuna's adapter.
@@ -151,22 +135,6 @@ fn mlx_lm_reads_a_tuna_adapter_as_tuna_does() {
         (want_loss - base_loss).abs() > 1e-2,
         "adapter loss {want_loss} too close to the base's {base_loss}"
     );
-    let exp = Expected::load();
-    let prompt: Vec<u32> = exp
-        .i64("tiny-llama.prompt0.ids")
-        .iter()
-        .map(|&x| x as u32)
-        .collect();
-    let g = generate(
-        &model,
-        &prompt,
-        &GenerateConfig {
-            max_new_tokens: 16,
-            ..Default::default()
-        },
-        None,
-        &mut |_| true,
-    )
-    .unwrap();
-    assert_eq!(g.tokens, want_tokens, "greedy tokens vs mlx-lm's with tuna's adapter");
+    let tokens = common::greedy16(&model, &Expected::load().ids("tiny-llama.prompt0.ids"));
+    assert_eq!(tokens, want_tokens, "greedy tokens vs mlx-lm's with tuna's adapter");
 }

@@ -63,17 +63,8 @@ fn check_model(prefix: &str, model: &Llama, tol: f32) {
         println!("{p}: token_nll max abs diff {d:.3e}");
         assert!(d < tol, "{p}.token_nll differs by {d}");
 
-        let config = GenerateConfig {
-            max_new_tokens: 16,
-            ..Default::default()
-        };
-        let out = generate(model, &ids_u32, &config, None, &mut |_| true).unwrap();
-        let want: Vec<u32> = exp
-            .i64(&format!("{p}.greedy16"))
-            .iter()
-            .map(|&x| x as u32)
-            .collect();
-        assert_eq!(out.tokens, want, "{p}.greedy16");
+        let tokens = common::greedy16(model, &ids_u32);
+        assert_eq!(tokens, exp.ids(&format!("{p}.greedy16")), "{p}.greedy16");
     }
 
     let ids = exp.i64(&format!("{prefix}.batch.ids"));
@@ -215,26 +206,12 @@ fn gpu_matches_reference() {
         );
         println!("{dt:?}: logits_last max abs diff {d:.3e}");
         assert!(d < tol, "{dt:?}: logits_last differs by {d}");
-        let out = generate(
-            &model,
-            &ids,
-            &GenerateConfig {
-                max_new_tokens: 16,
-                ..Default::default()
-            },
-            None,
-            &mut |_| true,
-        )
-        .unwrap();
-        let want: Vec<u32> = exp
-            .i64("tiny-llama.prompt0.greedy16")
-            .iter()
-            .map(|&x| x as u32)
-            .collect();
-        let same = out.tokens.iter().zip(&want).filter(|(a, b)| a == b).count();
+        let tokens = common::greedy16(&model, &ids);
+        let want = exp.ids("tiny-llama.prompt0.greedy16");
+        let same = tokens.iter().zip(&want).filter(|(a, b)| a == b).count();
         println!("{dt:?}: greedy16 {same}/16 equal");
         if dt == DType::F32 {
-            assert_eq!(out.tokens, want);
+            assert_eq!(tokens, want);
         }
         // What reduced precision must still guarantee: fed the reference continuation, the
         // model picks the reference token at every position except near-ties, where the
@@ -271,7 +248,7 @@ fn gpu_matches_reference() {
             }
         }
         assert_eq!(
-            out.tokens[..first_tie],
+            tokens[..first_tie],
             want[..first_tie],
             "{dt:?}: greedy output leaves the reference before any near-tie"
         );
@@ -297,23 +274,35 @@ fn gpu_matches_reference() {
         };
         let mut opt = tuna::optim::AdamW::new(1e-2, 0.0);
         let want = exp.f32("tiny-llama.lora.adamw_losses");
-        let mut got = Vec::new();
-        // The trainer's own step, loss scaling included in f16.
+        // The trainer's own step, loss scaling included in f16: a step whose gradients overflow
+        // f16 at the current scale is skipped on the device (parameters and moments kept), the
+        // scale halves and the optimizer takes back the step's count, as the trainer does (and
+        // PyTorch's GradScaler). `got` holds the loss before each applied step, to compare with
+        // PEFT's AdamW losses; a skipped step must leave the loss exactly as it was.
         let mut scaler = (dt == DType::F16).then(tuna::optim::LossScaler::for_f16);
-        for _ in 0..want.len() {
+        let mut got: Vec<f32> = Vec::new();
+        let mut skipped = 0;
+        let mut last_skipped = false;
+        while got.len() < want.len() {
+            assert!(skipped <= 8, "{dt:?}: {skipped} steps overflowed");
             let scale = scaler.as_ref().map_or(1.0, |s| s.scale);
             let opts = tuna::train::step::StepOptions {
                 loss_scale: scale,
                 ..Default::default()
             };
             let sg = tuna::train::step::loss_and_grads(&model, &batch, &opts);
-            got.push(sg.loss.clone().try_into_vec_as::<f32>().unwrap()[0]);
+            let loss = sg.loss.clone().try_into_vec_as::<f32>().unwrap()[0];
+            if last_skipped {
+                assert_eq!(Some(&loss), got.last(), "{dt:?}: a skipped step changed the model");
+            } else {
+                got.push(loss);
+            }
+            if got.len() == want.len() {
+                break;
+            }
             assert_eq!(sg.grads.len(), 8);
             let norm = tuna::optim::global_norm_sq(&sg.grads).unwrap();
             let ok = tuna::optim::finite(&norm);
-            if let Some(s) = scaler.as_mut() {
-                s.update(norm.clone().try_into_vec_as::<f32>().unwrap()[0] < f32::MAX);
-            }
             tuna::train::step::update_adapters(
                 &mut model,
                 &mut opt,
@@ -322,7 +311,18 @@ fn gpu_matches_reference() {
                 1.0 / scale,
             )
             .unwrap();
+            let finite = norm.try_into_vec_as::<f32>().unwrap()[0] < f32::MAX;
+            if let Some(s) = scaler.as_mut() {
+                s.update(finite);
+            }
+            last_skipped = !finite;
+            if !finite {
+                assert!(dt != DType::F32, "f32 gradients overflowed");
+                opt.uncount_skipped();
+                skipped += 1;
+            }
         }
+        println!("{dt:?}: {skipped} overflowed steps skipped");
         println!("{dt:?}: adamw losses {got:?} vs {want:?}");
         let tol = if dt == DType::F32 { 1e-3 } else { 0.05 };
         for (g, w) in got.iter().zip(&want) {

@@ -64,6 +64,22 @@ impl Expected {
             .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
             .collect()
     }
+
+    /// Token ids (stored as i64) as the model takes them.
+    pub fn ids(&self, name: &str) -> Vec<u32> {
+        self.i64(name).iter().map(|&x| x as u32).collect()
+    }
+}
+
+/// 16 greedily generated tokens after `prompt` (no stopping at EOS), as the references hold them.
+pub fn greedy16(model: &tuna::model::llama::Llama, prompt: &[u32]) -> Vec<u32> {
+    let config = tuna::generate::GenerateConfig {
+        max_new_tokens: 16,
+        ..Default::default()
+    };
+    tuna::generate::generate(model, prompt, &config, None, &mut |_| true)
+        .unwrap()
+        .tokens
 }
 
 /// The reference's masked LoRA example (`tiny-llama.lora`) as the trainer's one-row batch: the
