@@ -129,35 +129,70 @@ mod gpu {
 /// `~/.cache/cubecl`); and the autotuner measures every matmul candidate on exact shapes
 /// (`full`). At cubecl's default level (`balanced`) each candidate's time is cut off at a
 /// fraction of a modelled peak that Vulkan's matmuls never reach, so the pick is made on
-/// truncated timings: on an H200, `full` ran the training step's matmuls up to 2× faster and
-/// tuned them in less time (`bench/results/h200-2026-12-02/diag`). A `cubecl.toml` (or
-/// `CubeCL.toml`, `burn.toml`) in the working directory or above is the user's choice and is
-/// left alone, as are cubecl's environment variables (`CUBECL_AUTOTUNE_LEVEL=balanced`).
+/// truncated timings: on an H200, `full` ran the products of a training step up to 2× faster
+/// one at a time (`tuna bench matmul`) and tuned them in less time, though the whole step ran no
+/// faster and took less GPU memory (`bench/results/h200-2026-12-02`).
+///
+/// A configuration file of the user's, found as cubecl finds it (`cubecl.toml` or `CubeCL.toml`,
+/// or the `[cubecl]` section of `burn.toml`/`Burn.toml`, in the working directory or above), is
+/// read as cubecl would read it; tuna's two choices fill in only what it leaves out (no
+/// `[autotune]`, no `[environment]` table). cubecl's environment variables
+/// (`CUBECL_AUTOTUNE_LEVEL=balanced`) come last and win.
 pub fn configure_cubecl() {
     use burn::cubecl::config::autotune::AutotuneLevel;
     use burn::cubecl::config::{CubeClRuntimeConfig, RuntimeConfig};
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
-        let user_file = std::env::current_dir().ok().is_some_and(|cwd| {
-            cwd.ancestors().any(|d| {
-                ["cubecl.toml", "CubeCL.toml", "burn.toml"]
-                    .iter()
-                    .any(|f| d.join(f).is_file())
-            })
-        });
-        if user_file {
-            return;
+        let user = user_cubecl_file();
+        let says = |table: &str| user.as_deref().is_some_and(|t| mentions_table(t, table));
+        let mut config = CubeClRuntimeConfig::from_current_dir();
+        if !says("autotune") {
+            config.autotune.level = AutotuneLevel::Full;
         }
-        let mut config = CubeClRuntimeConfig::default();
-        config.autotune.level = AutotuneLevel::Full;
-        let mut config = config.override_from_env();
-        if let Ok(dir) = crate::files::tuna_cache_dir() {
+        if !says("environment")
+            && let Ok(dir) = crate::files::tuna_cache_dir()
+        {
             config.environment.path =
                 burn::cubecl::config::cache::CacheConfig::Directory(dir.join("kernels"));
         }
         // Already read (a GPU was used before tuna could say): keep what cubecl chose.
-        let _ = CubeClRuntimeConfig::try_set(config);
+        let _ = CubeClRuntimeConfig::try_set(config.override_from_env());
     });
+}
+
+/// The text of the cubecl settings cubecl itself would read: the first of `cubecl.toml`,
+/// `CubeCL.toml`, or a `burn.toml`/`Burn.toml` with a `[cubecl]` section, from the working
+/// directory up.
+fn user_cubecl_file() -> Option<String> {
+    let cwd = std::env::current_dir().ok()?;
+    for dir in cwd.ancestors() {
+        for name in ["cubecl.toml", "CubeCL.toml"] {
+            if let Ok(text) = std::fs::read_to_string(dir.join(name)) {
+                return Some(text);
+            }
+        }
+        for name in ["burn.toml", "Burn.toml"] {
+            if let Ok(text) = std::fs::read_to_string(dir.join(name))
+                && mentions_table(&text, "cubecl")
+            {
+                return Some(text);
+            }
+        }
+    }
+    None
+}
+
+/// Whether TOML `text` has a table `name` or one under it (`[name]`, `[name.x]`, `[cubecl.name]`).
+fn mentions_table(text: &str, name: &str) -> bool {
+    text.lines().any(|l| {
+        let l = l.trim();
+        let Some(header) = l.strip_prefix('[').map(|h| h.trim_start_matches('[')) else {
+            return false;
+        };
+        let raw = header.split(']').next().unwrap_or("").trim();
+        let under = |h: &str| h == name || h.starts_with(&format!("{name}."));
+        under(raw) || raw.strip_prefix("cubecl.").is_some_and(under)
+    })
 }
 
 fn try_gpu(choice: DeviceChoice, kind: u8) -> Result<Device, String> {
@@ -283,6 +318,21 @@ pub fn device_for(device: &str, dtype: &str) -> Result<SelectedDevice> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn user_cubecl_tables_are_found_as_cubecl_nests_them() {
+        let profiling = "[profiling.logger]\nlevel = \"basic\"\n";
+        assert!(!mentions_table(profiling, "autotune"));
+        assert!(mentions_table(profiling, "profiling"));
+        assert!(mentions_table("[autotune]\nlevel = \"balanced\"", "autotune"));
+        assert!(mentions_table("  [ environment ]\nname = \"h100\"", "environment"));
+        // burn.toml nests cubecl's settings under [cubecl].
+        let burn = "[other]\n[cubecl.autotune]\nlevel = \"minimal\"\n";
+        assert!(mentions_table(burn, "cubecl"));
+        assert!(mentions_table(burn, "autotune"));
+        assert!(!mentions_table(burn, "environment"));
+        assert!(!mentions_table("[autotuner]", "autotune"));
+    }
 
     #[test]
     fn parses_choices() {

@@ -32,7 +32,8 @@ impl StepGradients {
         }
     }
 
-    /// Scales the gradients so that their global norm (`norm_sq` squared) is at most `max_norm`.
+    /// Scales the gradients so that their global norm (whose square is `norm_sq`) is at most
+    /// `max_norm`.
     pub fn clip(&mut self, norm_sq: &Tensor<1>, max_norm: f64) {
         match self {
             Self::Flat(_, g) => *g = g.clone() * clip_factor(norm_sq, max_norm),
@@ -129,5 +130,49 @@ mod tests {
         let n = global_norm_sq(&small).unwrap();
         clip_to_norm(&mut small, &n, 1.0);
         assert!((small[0].1.clone().into_scalar::<f32>() - 0.3).abs() < 1e-6);
+    }
+
+    #[test]
+    fn flat_and_named_gradients_give_the_same_norm_and_clipping() {
+        let dev = Device::flex();
+        let named = vec![
+            (
+                "a".to_string(),
+                Tensor::<2>::from_data(TensorData::new(vec![3.0f32, 0.0, -1.0, 2.0], [2, 2]), &dev),
+            ),
+            (
+                "b".to_string(),
+                Tensor::<2>::from_data(TensorData::new(vec![4.0f32, -2.0], [1, 2]), &dev),
+            ),
+        ];
+        let layout = FlatLayout::of(&named);
+        let mut flat = StepGradients::new(named.clone(), layout.clone());
+        assert!(matches!(flat, StepGradients::Flat(..)));
+        let mut by_name = StepGradients::Named(named.clone());
+        let (nf, nn) = (flat.norm_sq().unwrap(), by_name.norm_sq().unwrap());
+        assert_eq!(nf.clone().into_scalar::<f32>(), 34.0);
+        assert_eq!(nn.clone().into_scalar::<f32>(), 34.0);
+        flat.clip(&nf, 1.0);
+        by_name.clip(&nn, 1.0);
+        let (StepGradients::Flat(_, f), StepGradients::Named(n)) = (flat, by_name) else {
+            unreachable!()
+        };
+        let f: Vec<f32> = f.into_data().try_to_vec().unwrap();
+        let n: Vec<f32> = n
+            .iter()
+            .flat_map(|(_, t)| t.clone().into_data().try_to_vec::<f32>().unwrap())
+            .collect();
+        assert_eq!(f.len(), 6);
+        for (x, y) in f.iter().zip(&n) {
+            assert!((x - y).abs() < 1e-6, "{f:?} vs {n:?}");
+        }
+        let clipped: f32 = f.iter().map(|x| x * x).sum::<f32>().sqrt();
+        assert!((clipped - 1.0).abs() < 1e-5, "{clipped}");
+        // A gradient missing or of another shape keeps them by name.
+        let short = StepGradients::new(named[..1].to_vec(), layout.clone());
+        assert!(matches!(short, StepGradients::Named(_)));
+        let mut wrong = named.clone();
+        wrong[1].1 = wrong[1].1.clone().reshape([2, 1]);
+        assert!(matches!(StepGradients::new(wrong, layout), StepGradients::Named(_)));
     }
 }

@@ -214,8 +214,9 @@ pub fn loss_and_grads(model: &Llama, b: &Batch, o: &StepOptions) -> StepGrads {
     }
 }
 
-/// One optimizer update of the model's adapters from `grads`: [`AdamW::step_where`] on the
-/// factors, written back into the model. `apply` and `grad_mul` as there.
+/// One optimizer update of the model's adapters from `grads` (as the trainer makes it, through
+/// [`apply_gradients`]), written back into the model. `apply` and `grad_mul` as in
+/// [`AdamW::step_where`].
 pub fn update_adapters(
     model: &mut Llama,
     opt: &mut AdamW,
@@ -223,9 +224,8 @@ pub fn update_adapters(
     apply: Option<&Tensor<1, Bool>>,
     grad_mul: f64,
 ) -> Result<()> {
-    let mut params = trainable_parameters(model);
-    opt.step_where(&mut params, grads, apply, grad_mul);
-    lora::set_trainable_parameters(model, params)
+    let grads = StepGradients::new(grads.to_vec(), trainable_layout(model));
+    apply_gradients(model, opt, grads, apply, grad_mul)
 }
 
 /// The layout of what trains, for [`StepGradients::new`].
@@ -244,12 +244,7 @@ pub fn apply_gradients(
 ) -> Result<()> {
     let mut params = trainable_parameters(model);
     match grads {
-        StepGradients::Flat(layout, g) if layout == FlatLayout::of(&params) => {
-            opt.step_flat(&mut params, &layout, g, apply, grad_mul)
-        }
-        StepGradients::Flat(layout, g) => {
-            opt.step_where(&mut params, &layout.split(&g), apply, grad_mul)
-        }
+        StepGradients::Flat(layout, g) => opt.step_flat(&mut params, &layout, g, apply, grad_mul),
         StepGradients::Named(g) => opt.step_named(&mut params, &g, apply, grad_mul),
     }
     lora::set_trainable_parameters(model, params)
