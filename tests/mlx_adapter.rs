@@ -136,5 +136,8 @@ fn mlx_lm_reads_a_tuna_adapter_as_tuna_does() {
         "adapter loss {want_loss} too close to the base's {base_loss}"
     );
     let tokens = common::greedy16(&model, &Expected::load().ids("tiny-llama.prompt0.ids"));
-    assert_eq!(tokens, want_tokens, "greedy tokens vs mlx-lm's with tuna's adapter");
+    assert_eq!(
+        tokens, want_tokens,
+        "greedy tokens vs mlx-lm's with tuna's adapter"
+    );
 }

@@ -293,7 +293,11 @@ fn gpu_matches_reference() {
             let sg = tuna::train::step::loss_and_grads(&model, &batch, &opts);
             let loss = sg.loss.clone().try_into_vec_as::<f32>().unwrap()[0];
             if last_skipped {
-                assert_eq!(Some(&loss), got.last(), "{dt:?}: a skipped step changed the model");
+                assert_eq!(
+                    Some(&loss),
+                    got.last(),
+                    "{dt:?}: a skipped step changed the model"
+                );
             } else {
                 got.push(loss);
             }

@@ -324,8 +324,14 @@ mod tests {
         let profiling = "[profiling.logger]\nlevel = \"basic\"\n";
         assert!(!mentions_table(profiling, "autotune"));
         assert!(mentions_table(profiling, "profiling"));
-        assert!(mentions_table("[autotune]\nlevel = \"balanced\"", "autotune"));
-        assert!(mentions_table("  [ environment ]\nname = \"h100\"", "environment"));
+        assert!(mentions_table(
+            "[autotune]\nlevel = \"balanced\"",
+            "autotune"
+        ));
+        assert!(mentions_table(
+            "  [ environment ]\nname = \"h100\"",
+            "environment"
+        ));
         // burn.toml nests cubecl's settings under [cubecl].
         let burn = "[other]\n[cubecl.autotune]\nlevel = \"minimal\"\n";
         assert!(mentions_table(burn, "cubecl"));

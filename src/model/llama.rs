@@ -461,8 +461,14 @@ impl Attention {
         let [b, t, _] = x.dims();
         let (h, kvh, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let seed = |m| module_seed(pass, layer, m);
-        let q = self.q_proj.forward(x.clone(), seed(0)).reshape([b, t, h, hd]);
-        let k = self.k_proj.forward(x.clone(), seed(1)).reshape([b, t, kvh, hd]);
+        let q = self
+            .q_proj
+            .forward(x.clone(), seed(0))
+            .reshape([b, t, h, hd]);
+        let k = self
+            .k_proj
+            .forward(x.clone(), seed(1))
+            .reshape([b, t, kvh, hd]);
         let v = self
             .v_proj
             .forward(x, seed(2))

@@ -69,7 +69,10 @@ impl FlatLayout {
             .iter()
             .map(|(name, shape, at)| {
                 let n = shape[0] * shape[1];
-                (name.clone(), flat.clone().slice([*at..at + n]).reshape(*shape))
+                (
+                    name.clone(),
+                    flat.clone().slice([*at..at + n]).reshape(*shape),
+                )
             })
             .collect()
     }
@@ -141,7 +144,10 @@ impl AdamW {
         apply: Option<&Tensor<1, Bool>>,
         grad_mul: f64,
     ) {
-        if !params.iter().any(|(n, _)| grads.iter().any(|(g, _)| g == n)) {
+        if !params
+            .iter()
+            .any(|(n, _)| grads.iter().any(|(g, _)| g == n))
+        {
             return;
         }
         self.step += 1;
@@ -265,11 +271,7 @@ impl AdamW {
         match apply {
             None => (w, m, v),
             Some(ok) => {
-                let keep = ok
-                    .clone()
-                    .bool_not()
-                    .reshape([1; D])
-                    .expand(w.dims());
+                let keep = ok.clone().bool_not().reshape([1; D]).expand(w.dims());
                 (
                     w.mask_where(keep.clone(), old),
                     m.mask_where(keep.clone(), m0),
@@ -331,7 +333,10 @@ mod tests {
 
     fn grads(k: f32) -> Vec<(String, Tensor<2>)> {
         vec![
-            ("a".into(), t(&[0.1 * k, -0.2, 0.3, 0.05, -0.4 * k, 0.6], [2, 3])),
+            (
+                "a".into(),
+                t(&[0.1 * k, -0.2, 0.3, 0.05, -0.4 * k, 0.6], [2, 3]),
+            ),
             ("b".into(), t(&[-0.3, 0.7 * k], [2, 1])),
         ]
     }
@@ -362,7 +367,11 @@ mod tests {
             vec!["a", "b"]
         );
         for ((n, m1, v1), (_, m2, v2)) in mf.iter().zip(&me) {
-            for (x, y) in vals(m1).iter().chain(&vals(v1)).zip(vals(m2).iter().chain(&vals(v2))) {
+            for (x, y) in vals(m1)
+                .iter()
+                .chain(&vals(v1))
+                .zip(vals(m2).iter().chain(&vals(v2)))
+            {
                 assert!((x - y).abs() <= 1e-6 * y.abs().max(1e-3), "{n}: {x} vs {y}");
             }
         }

@@ -173,6 +173,9 @@ mod tests {
         assert!(matches!(short, StepGradients::Named(_)));
         let mut wrong = named.clone();
         wrong[1].1 = wrong[1].1.clone().reshape([2, 1]);
-        assert!(matches!(StepGradients::new(wrong, layout), StepGradients::Named(_)));
+        assert!(matches!(
+            StepGradients::new(wrong, layout),
+            StepGradients::Named(_)
+        ));
     }
 }

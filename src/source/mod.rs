@@ -158,8 +158,8 @@ fn gguf_files_in(dir: &Path) -> Vec<PathBuf> {
     v
 }
 
-pub use crate::files::tuna_cache_dir;
 use crate::files::home_dir;
+pub use crate::files::tuna_cache_dir;
 
 /// The Hugging Face hub cache: `$HF_HUB_CACHE`, `$HUGGINGFACE_HUB_CACHE`, `$HF_HOME/hub`,
 /// `$XDG_CACHE_HOME/huggingface/hub`, else `~/.cache/huggingface/hub`.

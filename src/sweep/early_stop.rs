@@ -240,7 +240,10 @@ mod tests {
         // Its best loss so far (not this evaluation's) is held against the peers' median, 2.0.
         assert!(e.decide(20, 2.5, 2.5, None, 100, &peers).is_some());
         assert!(e.decide(20, 2.5, 1.5, None, 100, &peers).is_none());
-        assert!(e.decide(20, 2.0, 2.0, None, 100, &peers).is_none(), "equal to the median goes on");
+        assert!(
+            e.decide(20, 2.0, 2.0, None, 100, &peers).is_none(),
+            "equal to the median goes on"
+        );
         // Before min_steps, or with fewer than min_runs peers at the step, nothing stops.
         assert!(e.decide(10, 9.0, 9.0, None, 100, &peers).is_none());
         assert!(e.decide(20, 9.0, 9.0, None, 100, &peers[..2]).is_none());
