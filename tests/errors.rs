@@ -100,6 +100,18 @@ fn a_checkpoint_with_malformed_optimizer_state_is_an_error() {
         !tmp.path().join("checkpoint.tmp").exists(),
         "no half-written checkpoint left"
     );
+
+    // A moment of the right size in the wrong shape (transposed) is named too, not reshaped.
+    checkpoint::save(tmp.path(), &m, &opt, &state).unwrap();
+    let (mut t, meta) = safetensors::read_file_with_metadata(&file).unwrap();
+    let (name, first) = t.iter_mut().next().unwrap();
+    let name = name.clone();
+    first.shape = vec![first.shape[1], first.shape[0]];
+    let step = meta["adam_step"].clone();
+    safetensors::write_f32(&t, &[("adam_step", step)], &file).unwrap();
+    let e = checkpoint::load(tmp.path(), &mut m, &mut AdamW::new(1e-3, 0.0), "r").unwrap_err();
+    let msg = format!("{e:#}");
+    assert!(msg.contains(&name) && msg.contains("has shape"), "{msg}");
 }
 
 #[test]

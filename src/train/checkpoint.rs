@@ -120,8 +120,20 @@ pub fn load(
         .keys()
         .filter_map(|n| n.strip_suffix(".m").map(String::from))
         .collect();
+    // The moments must match what trains, name and shape: the optimizer lays them out in one
+    // flat vector beside the parameters.
+    let shapes: std::collections::HashMap<String, [usize; 2]> = lora::trainable_parameters(model)
+        .into_iter()
+        .map(|(n, t)| (n, t.dims()))
+        .collect();
     let mut moments = Vec::new();
     for name in names {
+        let Some(&want) = shapes.get(&name) else {
+            bail!(
+                "{}: moments for `{name}`, which this run does not train; delete the checkpoint folder to start over",
+                path.display()
+            );
+        };
         let mut get = |suffix: &str| -> Result<Tensor<2>> {
             let key = format!("{name}.{suffix}");
             let t = tensors
@@ -134,6 +146,12 @@ pub fn load(
                     t.shape
                 );
             };
+            if [rows, cols] != want {
+                bail!(
+                    "{}: `{key}` has shape [{rows}, {cols}], but `{name}` is {want:?}; delete the checkpoint folder to start over",
+                    path.display()
+                );
+            }
             Ok(Tensor::from_data(
                 TensorData::new(t.data, [rows, cols]),
                 (&model.device, DType::F32),
