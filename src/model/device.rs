@@ -78,6 +78,7 @@ pub fn dtype_for(device: &Device, kind: DeviceChoice) -> DType {
         .unwrap_or(DType::F32)
 }
 
+#[cfg(feature = "gpu")]
 mod gpu {
     use std::collections::HashMap;
     use std::sync::{Mutex, OnceLock};
@@ -122,6 +123,21 @@ mod gpu {
     }
 }
 
+/// A tuna built without the `gpu` cargo feature (as the CPU test suite is) has no GPU to find.
+#[cfg(not(feature = "gpu"))]
+mod gpu {
+    use super::DeviceChoice;
+    use burn::tensor::Device;
+
+    pub fn try_init(_: DeviceChoice, _: u8, _: usize) -> Result<Device, String> {
+        Err(
+            "this tuna was built without GPU support (cargo feature `gpu`, on by default; \
+             build without `--no-default-features`)"
+                .to_string(),
+        )
+    }
+}
+
 /// cubecl's settings for tuna, set before the first GPU is: what a GPU process learns (autotune
 /// results, compiled kernels) is kept in `$TUNA_CACHE/kernels`, so every run of a sweep and every
 /// later process starts warm whatever folder tuna runs in (cubecl's own default is
@@ -138,6 +154,7 @@ mod gpu {
 /// read as cubecl would read it; tuna's two choices fill in only what it leaves out (no
 /// `[autotune]`, no `[environment]` table). cubecl's environment variables
 /// (`CUBECL_AUTOTUNE_LEVEL=balanced`) come last and win.
+#[cfg(feature = "gpu")]
 pub fn configure_cubecl() {
     use burn::cubecl::config::autotune::AutotuneLevel;
     use burn::cubecl::config::{CubeClRuntimeConfig, RuntimeConfig};
@@ -160,9 +177,14 @@ pub fn configure_cubecl() {
     });
 }
 
+/// Without the `gpu` feature there is no cubecl runtime to configure.
+#[cfg(not(feature = "gpu"))]
+pub fn configure_cubecl() {}
+
 /// The text of the cubecl settings cubecl itself would read: the first of `cubecl.toml`,
 /// `CubeCL.toml`, or a `burn.toml`/`Burn.toml` with a `[cubecl]` section, from the working
 /// directory up.
+#[cfg(feature = "gpu")]
 fn user_cubecl_file() -> Option<String> {
     let cwd = std::env::current_dir().ok()?;
     for dir in cwd.ancestors() {
@@ -183,6 +205,7 @@ fn user_cubecl_file() -> Option<String> {
 }
 
 /// Whether TOML `text` has a table `name` or one under it (`[name]`, `[name.x]`, `[cubecl.name]`).
+#[cfg_attr(not(feature = "gpu"), allow(dead_code))]
 fn mentions_table(text: &str, name: &str) -> bool {
     text.lines().any(|l| {
         let l = l.trim();
