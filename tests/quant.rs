@@ -79,6 +79,19 @@ fn mlx_packed_weights_dequantize_to_mlx_values() {
             d < 1e-6,
             "{bits} bits: max abs diff {d} from mlx's dequantize"
         );
+        // In f16 (the GPU's compute type) scale and bias are held and applied in f16, as mlx
+        // does: each value is within a few f16 roundings (2^-11 relative) of the largest.
+        let half = values(
+            q.scales_as(DType::F16)
+                .dequantize(DType::F16)
+                .cast(DType::F32),
+        );
+        let top = want.iter().fold(0f32, |m, w| m.max(w.abs()));
+        let worst = max_abs(&half, &want) / top;
+        assert!(
+            worst < 2e-3,
+            "{bits} bits in f16: worst error {worst} of the largest value"
+        );
     }
 }
 

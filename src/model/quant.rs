@@ -138,31 +138,53 @@ impl QuantWeight {
     }
 
     /// The dense `[out, in]` weight in `dtype`, computed on the device.
+    ///
+    /// Written as one chain of elementwise ops over broadcast views (words, shifts, scales and
+    /// biases all expanded to `[out, groups, words per group, codes per word]`), so that with
+    /// fusion it runs as one kernel whose only output is the dense weight. Unpacking code by
+    /// code and stacking instead held `in · out` i32 codes and two f32 copies at once: about
+    /// 700 MB per Mistral-7B MLP weight, on top of its 117 MB f16 result. In f16/bf16 the
+    /// scale and bias are applied in that type, as mlx does: the codes (0..2^bits) are exact in
+    /// it, and the result differs from an f32 computation by at most one rounding.
     pub fn dequantize(&self, dtype: DType) -> Tensor<2> {
         let [out, inp] = self.shape;
         let QuantSpec { bits, group_size } = self.spec;
         let per_word = 32 / bits;
+        let groups = inp / group_size;
+        let words_per_group = group_size / per_word;
         let mask = (1i64 << bits) - 1;
-        let codes: Vec<Tensor<2, Int>> = (0..per_word)
-            .map(|j| {
-                self.packed
-                    .clone()
-                    .bitwise_right_shift_scalar((j * bits) as i64)
-                    .bitwise_and_scalar(mask)
-            })
-            .collect();
-        // [out, width, per_word] -> [out, in]: code j of word k is input k · per_word + j.
-        let q = Tensor::<2, Int>::stack::<3>(codes, 2)
-            .reshape([out, inp / group_size, group_size])
-            .float()
-            .cast(DType::F32);
-        let f32 = |t: &Tensor<2>| match t.dtype() {
-            DType::F32 => t.clone(),
-            _ => t.clone().cast(DType::F32),
+        let full = [out, groups, words_per_group, per_word];
+        let device = self.packed.device();
+        let shifts: Vec<i32> = (0..per_word).map(|j| (j * bits) as i32).collect();
+        let shifts =
+            Tensor::<1, Int>::from_data(TensorData::new(shifts, [per_word]), (&device, DType::I32))
+                .reshape([1, 1, 1, per_word])
+                .expand(full);
+        // Code j of word k is input k · per_word + j.
+        let q = self
+            .packed
+            .clone()
+            .reshape([out, groups, words_per_group, 1])
+            .expand(full)
+            .bitwise_right_shift(shifts)
+            .bitwise_and_scalar(mask)
+            .float();
+        let compute = dtype;
+        let q = if q.dtype() == compute {
+            q
+        } else {
+            q.cast(compute)
         };
-        let w =
-            q * f32(&self.scales).unsqueeze_dim::<3>(2) + f32(&self.biases).unsqueeze_dim::<3>(2);
-        w.reshape([out, inp]).cast(dtype)
+        let per_group = |t: &Tensor<2>| {
+            let t = if t.dtype() == compute {
+                t.clone()
+            } else {
+                t.clone().cast(compute)
+            };
+            t.reshape([out, groups, 1, 1]).expand(full)
+        };
+        let w = q * per_group(&self.scales) + per_group(&self.biases);
+        w.reshape([out, inp])
     }
 
     /// Bytes the weight takes on the device (codes, scales and biases).
