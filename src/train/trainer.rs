@@ -295,9 +295,11 @@ impl Run<'_> {
             st.speed_time += t0.elapsed().as_secs_f64();
             pb.set_position(done);
 
-            // Values come back to the host only here: at report steps, and every step until the
-            // loss scaler has seen a finite step.
-            let calibrating = st.scaler.is_some() && st.window.steps_seen_ok == 0;
+            // Values come back to the host only here: at report steps, and in f16 every step
+            // while the loss scale is unproven (at the start and after each change), so an
+            // overflow there halves the scale at once, as PyTorch's GradScaler does, instead
+            // of skipping every step up to the next report.
+            let calibrating = st.scaler.as_ref().is_some_and(|sc| !sc.settled);
             let report = done % s.steps_per_report == 0 || done == s.iters;
             if report || calibrating {
                 self.read_losses(&mut st, &mut opt, &pb, lr)?;
@@ -667,8 +669,6 @@ struct Window {
     pending: Vec<(u64, Option<Tensor<1>>, Option<Tensor<1>>)>,
     sum: f64,
     n: usize,
-    /// Steps whose gradients the loss scaler has seen finite.
-    steps_seen_ok: u64,
 }
 
 /// What one read of the window found.
@@ -738,7 +738,6 @@ impl Window {
                     out.skipped.push(*step);
                     continue;
                 }
-                self.steps_seen_ok += 1;
             }
             if let Some(l) = loss {
                 if !l.is_finite() {
