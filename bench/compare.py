@@ -53,6 +53,14 @@ CASES = {
     "mistral7b-f16-gc": (["--shape", "mistral-7b", "--dtype", "f16", "--batch", "1",
                           "--grad-checkpoint", "--steps", "5", "--warmup", "2"], None),
 }
+# The 4-bit Mistral case again after the first has filled the autotune cache (what a sweep's
+# later runs and a second process see).
+MISTRAL_Q4 = CASES["mistral7b-q4-gc"][0]
+CASES["mistral7b-q4-gc-warm"] = (MISTRAL_Q4, None)
+# More launches per GPU command than cubecl's default 32 (CUBECL_WGPU_MAX_TASKS), tuna only.
+for _name in ("smollm2-f16", "tinyllama-f16"):
+    for _tasks in (128, 512):
+        CASES[f"{_name}-tasks{_tasks}"] = (CASES[_name][0], None, {"CUBECL_WGPU_MAX_TASKS": str(_tasks)})
 
 # A case name with one of these suffixes runs tuna with that attention path in training
 # (TUNA_ATTENTION) against the peer of the case without it, e.g. `smollm2-f16@composed`.
@@ -69,11 +77,19 @@ def run(cmd, log, timeout, env=None):
     """Runs cmd, returns (last JSON line of stdout, peak GPU MiB above the idle level)."""
     idle = gpu_mem_mb()
     peak = [idle]
+    # The peak of each second since the start, above idle: where in a run the memory goes.
+    timeline = []
     done = threading.Event()
+    t_start = time.time()
 
     def sample():
         while not done.is_set():
-            peak[0] = max(peak[0], gpu_mem_mb())
+            m = gpu_mem_mb()
+            peak[0] = max(peak[0], m)
+            sec = int(time.time() - t_start)
+            while len(timeline) <= sec:
+                timeline.append(0)
+            timeline[sec] = max(timeline[sec], m - idle)
             time.sleep(0.05)
 
     th = threading.Thread(target=sample, daemon=True)
@@ -95,7 +111,9 @@ def run(cmd, log, timeout, env=None):
     if p.returncode != 0:
         return {"error": (p.stderr or p.stdout).strip().splitlines()[-1:]}, 0, wall
     line = [ln for ln in p.stdout.splitlines() if ln.startswith("{")][-1]
-    return json.loads(line), peak[0] - idle, wall
+    out = json.loads(line)
+    out["gpu_mb_per_second"] = timeline
+    return out, peak[0] - idle, wall
 
 
 def main():
