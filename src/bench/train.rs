@@ -140,11 +140,16 @@ pub fn bench_train(a: &BenchTrainArgs) -> Result<Value> {
             }
             Ok(sg.loss)
         };
+    // The allocator's pages after load and after each warmup step (each synced, outside the
+    // timing): where in a run the device memory goes.
+    sync(&model);
+    let mut reserved_mb = vec![device_mem_mb(&model.device)];
     let tw = Instant::now();
     for _ in 0..a.warmup {
         step(&mut model, &mut phases)?;
+        sync(&model);
+        reserved_mb.push(device_mem_mb(&model.device));
     }
-    sync(&model);
     phases = [0.0; 2];
     let warmup_s = tw.elapsed().as_secs_f64();
     let tm = Instant::now();
@@ -162,7 +167,7 @@ pub fn bench_train(a: &BenchTrainArgs) -> Result<Value> {
         "fine_tune_type": a.fine_tune_type, "trainable_params": lora::num_trainable_parameters(&model),
         "tokens_per_s": tokens / secs, "s_per_step": secs / a.steps as f64, "warmup_s": warmup_s, "load_s": load_s,
         "first_loss": losses.first(), "last_loss": losses.last(), "peak_rss_mb": peak_rss_mb(),
-        "gpu_reserved_mb": device_mem_mb(&model.device),
+        "gpu_reserved_mb": device_mem_mb(&model.device), "gpu_reserved_mb_load_then_warmup": reserved_mb,
         "profile_s_per_step": a.profile.then(|| json!({"forward_backward": phases[0] / a.steps as f64,
             "optimizer": phases[1] / a.steps as f64})),
     }))
