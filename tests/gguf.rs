@@ -2049,3 +2049,136 @@ fn smollm2_gguf_loads_quantized_with_the_dequantized_logits() {
         .fold(0.0f32, f32::max);
     assert!(d < 1e-3, "logits differ by {d}");
 }
+
+/// Live heap bytes and their peak, counted for every allocation of this test binary, for
+/// [`building_from_the_gguf_holds_one_f32_tensor_at_a_time`] (which measures them in a child
+/// process running that test alone, so no other test allocates meanwhile).
+mod heap {
+    use std::alloc::{GlobalAlloc, Layout, System};
+    use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+
+    pub static LIVE: AtomicUsize = AtomicUsize::new(0);
+    pub static PEAK: AtomicUsize = AtomicUsize::new(0);
+
+    pub struct Counting;
+
+    fn grew(by: usize) {
+        let now = LIVE.fetch_add(by, Relaxed) + by;
+        PEAK.fetch_max(now, Relaxed);
+    }
+
+    unsafe impl GlobalAlloc for Counting {
+        unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+            let p = unsafe { System.alloc(layout) };
+            if !p.is_null() {
+                grew(layout.size());
+            }
+            p
+        }
+        unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+            let p = unsafe { System.alloc_zeroed(layout) };
+            if !p.is_null() {
+                grew(layout.size());
+            }
+            p
+        }
+        unsafe fn dealloc(&self, p: *mut u8, layout: Layout) {
+            unsafe { System.dealloc(p, layout) };
+            LIVE.fetch_sub(layout.size(), Relaxed);
+        }
+        unsafe fn realloc(&self, p: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+            let q = unsafe { System.realloc(p, layout, new_size) };
+            if !q.is_null() {
+                // Counted as the new block arriving before the old one leaves, as a copy does.
+                grew(new_size);
+                LIVE.fetch_sub(layout.size(), Relaxed);
+            }
+            q
+        }
+    }
+}
+
+#[global_allocator]
+static HEAP: heap::Counting = heap::Counting;
+
+/// Building a model from the quantized SmolLM2 GGUF holds at most one tensor's f32 copy on the
+/// host beyond what the built model itself keeps (on the CPU backend the model's storage is
+/// host memory too, so it is measured and subtracted): the file is mapped, each tensor is
+/// dequantized alone and dropped once uploaded. A loader that expanded the whole file to f32
+/// first would hold 540 MB more than this allows.
+#[test]
+fn building_from_the_gguf_holds_one_f32_tensor_at_a_time() {
+    use std::sync::atomic::Ordering::Relaxed;
+    const CHILD: &str = "TUNA_TEST_LOAD_MEMORY_CHILD";
+    const NAME: &str = "building_from_the_gguf_holds_one_f32_tensor_at_a_time";
+    if std::env::var_os(CHILD).is_none() {
+        let path = smollm2_path();
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", NAME, "--nocapture", "--test-threads=1"])
+            .env(CHILD, "1")
+            .env("TUNA_SMOLLM2_GGUF", path)
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        eprintln!("{text}");
+        assert!(out.status.success(), "the measuring child failed:\n{text}");
+        assert!(
+            text.contains("1 passed") && text.contains("heap during the build"),
+            "the child did not run the measurement:\n{text}"
+        );
+        return;
+    }
+    let base = tuna::source::base::open_base(&std::env::var("TUNA_SMOLLM2_GGUF").unwrap())
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    let largest_f32 = base
+        .weights
+        .names()
+        .iter()
+        .map(|n| base.weights.shape(n).unwrap().iter().product::<usize>() * 4)
+        .max()
+        .unwrap();
+    let before = heap::LIVE.load(Relaxed);
+    heap::PEAK.store(before, Relaxed);
+    let model = tuna::model::load::build_model(
+        &base.config,
+        base.weights.as_ref(),
+        &burn::tensor::Device::flex(),
+        burn::tensor::DType::F32,
+    )
+    .unwrap_or_else(|e| panic!("{e:#}"));
+    let after = heap::LIVE.load(Relaxed);
+    let peak = heap::PEAK.load(Relaxed);
+    let mb = |b: usize| b as f64 / 1e6;
+    eprintln!(
+        "heap during the build: model {:.1} MB, peak beyond it {:.1} MB, largest tensor in f32 {:.1} MB",
+        mb(after - before),
+        mb(peak - after),
+        mb(largest_f32)
+    );
+    // The check can see the model: its Q4_1 layers stay packed (about 0.6 byte a weight) and
+    // the embedding (the largest tensor) is expanded once, so it holds well over 100 MB, and no
+    // more than the file plus that one expansion (a kept f32 host copy would be 540 MB more).
+    let file = std::fs::metadata(&base.path).unwrap().len() as usize;
+    assert!(
+        after - before > 100_000_000,
+        "model {:.1} MB",
+        mb(after - before)
+    );
+    assert!(
+        after - before <= file + largest_f32,
+        "the built model holds {:.1} MB, more than the file ({:.1} MB) and its embedding in f32",
+        mb(after - before),
+        mb(file)
+    );
+    assert!(
+        peak - after <= largest_f32 + largest_f32 / 10,
+        "the build held {:.1} MB beyond the model, more than one f32 tensor ({:.1} MB)",
+        mb(peak - after),
+        mb(largest_f32)
+    );
+    drop(model);
+}
