@@ -55,6 +55,10 @@ const CASES: &[(&str, usize, usize, usize, Layout, usize)] = &[
     ("tinyllama lora a fwd", 4096, 2048, 8, Layout::Nt, 1),
     ("tinyllama lora b fwd", 4096, 8, 2048, Layout::Nt, 1),
     ("tinyllama lora dA", 8, 4096, 2048, Layout::Tn, 1),
+    // What autodiff runs for the factor behind `x @ Aᵀ`: (x)ᵀ · dY, then per sequence (a
+    // batched product whose results are summed: split-K across the batch).
+    ("tinyllama lora dAt", 2048, 4096, 8, Layout::Tn, 1),
+    ("tinyllama lora dAt b8", 2048, 512, 8, Layout::Tn, 8),
     ("tinyllama scores", 512, 64, 512, Layout::Nt, 256),
     ("tinyllama probs v", 512, 512, 64, Layout::Nn, 256),
     ("mistral7b up fwd b1", 512, 4096, 14336, Layout::Nt, 1),

@@ -143,7 +143,8 @@ pub fn eval_loss(model: &Llama, b: &Batch) -> (Tensor<1>, usize) {
 pub fn loss_and_grads(model: &Llama, b: &Batch, o: &StepOptions) -> StepGrads {
     let (rows, targets) = target_positions(b);
     let n = targets.len();
-    let pass = model.pass(0, b.seq, None, o.dropout_seed);
+    let mut pass = model.pass(0, b.seq, None, o.dropout_seed);
+    pass.one_block_backward = o.checkpoint;
     let adapted = lora::adapted_layers(model);
     let nl = model.layers.len();
     let first = adapted.first().copied().unwrap_or(nl);

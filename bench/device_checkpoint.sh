@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# One device call: training with block checkpointing, where attention now keeps its
+# probabilities (the explicit path, `Pass::one_block_backward`), against the composed path it
+# replaced (`case@composed`, tuna only: the peer row is the case's own) and PyTorch + PEFT; the
+# uncheckpointed cases for the same-call table; then the GPU parity test (bench/device_parity.sh).
+# Carry .gl, .dev (tuna.xz, all.xz, reference.tar.xz).
+set -u
+. bench/device_env.sh
+CASES=${CASES:-seed004,seed004@composed,tinyllama-f16-gc,tinyllama-f16-gc@composed,tinyllama-f16,smollm2-f16}
+python3 bench/compare.py --tuna /tmp/tuna --cases "$CASES" --out "$OUT" --timeout "${CASE_TIMEOUT:-150}" \
+  | tee "$OUT/compare.txt" | tail -12
+if [ -f .dev/all.xz ]; then bash bench/device_parity.sh | tee "$OUT/parity.txt" | tail -8; fi
