@@ -2,8 +2,10 @@
 # One device call: training with block checkpointing, where attention now keeps its
 # probabilities (the explicit path, `Pass::one_block_backward`), against the composed path it
 # replaced (`case@composed`, tuna only: the peer row is the case's own) and PyTorch + PEFT; the
-# uncheckpointed cases for the same-call table; then the GPU parity test (bench/device_parity.sh).
-# Carry .gl, .dev (tuna.xz, all.xz, reference.tar.xz).
+# uncheckpointed cases for the same-call table; then the GPU parity test (bench/device_parity.sh)
+# when .dev/all.xz is there. Carry .gl and .dev (tuna.xz). The parity payload (all.xz,
+# reference.tar.xz) does not fit beside tuna.xz in one call's 64 MiB: run bench/device_parity.sh
+# in a call of its own.
 set -u
 . bench/device_env.sh
 CASES=${CASES:-seed004,seed004@composed,tinyllama-f16-gc,tinyllama-f16-gc@composed,tinyllama-f16,smollm2-f16}

@@ -307,8 +307,8 @@ pub struct Pass {
     pub dropout_seed: Option<u64>,
     /// Gradients flow through one block at a time (block checkpointing), so a tracked causal
     /// pass may keep its `[B, H, T, T]` probabilities: it takes the explicit path, faster than
-    /// the composed one (TinyLlama 8 × 512 f16 with checkpointing on an H200: 11,867 vs 10,376
-    /// tok/s in 3,926 vs 3,523 MiB, one call).
+    /// the composed one (TinyLlama 8 × 512 f16 with checkpointing on an H200, one call,
+    /// `bench/device_checkpoint.sh`: 12,305 vs 9,283 tok/s in 4,423 vs 3,535 MiB).
     pub one_block_backward: bool,
 }
 
