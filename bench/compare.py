@@ -3,6 +3,10 @@
 one case after the other, and prints tuna's figures as ratios to the peer's.
 
     python3 bench/compare.py --tuna target/release/tuna [--cases all|NAME,NAME] [--out DIR]
+                             [--alt LABEL=PATH ...]
+
+A case name `NAME+LABEL` runs the binary given as `--alt LABEL=PATH` (another build of tuna, e.g.
+one with the `tile-kernels` feature) against NAME's peer, so two builds meet the same peer run.
 
 GPU memory is nvidia-smi's memory.used peak while each program runs, minus what was in use
 before it started, sampled every 50 ms for both sides alike. Every speed figure in the README
@@ -125,7 +129,10 @@ def main():
     ap.add_argument("--skip-peer", action="store_true")
     ap.add_argument("--tuna-extra", default="", help="extra args for tuna bench train")
     ap.add_argument("--timeout", type=float, default=300, help="seconds per program run")
+    ap.add_argument("--alt", action="append", default=[], metavar="LABEL=PATH",
+                    help="another tuna binary, run for cases named NAME+LABEL")
     a = ap.parse_args()
+    alts = dict(x.split("=", 1) for x in a.alt)
     names = list(CASES) if a.cases == "all" else a.cases.split(",")
     gpu = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
                          capture_output=True, text=True).stdout.strip()
@@ -133,13 +140,20 @@ def main():
     with open(os.path.join(a.out, "compare.log"), "w") as log:
         peers = {}
         for name in names:
-            base, _, path = name.partition("@")
+            name_bin, _, label = name.partition("+")
+            if label and label not in alts:
+                sys.exit(f"{name}: no --alt {label}=PATH was given")
+            binary = alts[label] if label else a.tuna
+            base, _, path = name_bin.partition("@")
             if path and path not in ATTENTION_PATHS:
                 sys.exit(f"{name}: the attention path after @ is one of {ATTENTION_PATHS}")
             targs, pargs, *case_env = CASES[base]
             env = {"TUNA_ATTENTION": path} if path else {}
+            if label:
+                # Its own autotune cache: the other build's picks name kernels it may not have.
+                env["TUNA_CACHE"] = f"/tmp/tuna-cache-{label}"
             env.update(*case_env)
-            tcmd = [a.tuna, "bench", "train", "--device", a.device, *targs, *a.tuna_extra.split()]
+            tcmd = [binary, "bench", "train", "--device", a.device, *targs, *a.tuna_extra.split()]
             log.write(f"# env {env}\n")
             t, tmem, twall = run(tcmd, log, a.timeout, env)
             if pargs is None or a.skip_peer:

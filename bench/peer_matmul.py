@@ -36,9 +36,12 @@ def main():
         elif layout == "Nn":
             lhs, rhs = r(batch, m, k), r(batch, k, n)
             f = lambda: torch.matmul(lhs, rhs)
-        else:
+        elif layout == "Tn":
             lhs, rhs = r(batch, k, m), r(batch, k, n)
             f = lambda: torch.matmul(lhs.transpose(1, 2), rhs)
+        else:
+            lhs, rhs = r(batch, k, m), r(batch, n, k)
+            f = lambda: torch.matmul(lhs.transpose(1, 2), rhs.transpose(1, 2))
         for _ in range(3):
             f()
         torch.cuda.synchronize()

@@ -36,6 +36,8 @@ enum Layout {
     Nn,
     /// Weight-gradient-like `X^T dY`: the left side is a transposed view (LoRA's dA, dB).
     Tn,
+    /// Both sides transposed views: `(dY W)ᵀ = Wᵀ dYᵀ`, the input gradient computed transposed.
+    Tt,
 }
 
 /// (name, m, k, n, layout, batch). Rows of 4096 are a batch of 8 × 512 tokens.
@@ -62,6 +64,12 @@ const CASES: &[(&str, usize, usize, usize, Layout, usize)] = &[
     ("tinyllama scores", 512, 64, 512, Layout::Nt, 256),
     ("tinyllama probs v", 512, 512, 64, Layout::Nn, 256),
     ("mistral7b up fwd b1", 512, 4096, 14336, Layout::Nt, 1),
+    // One product in each layout: which of them the engine runs fast decides how the backward's
+    // input gradient (today `dY W`, nn) is best stated.
+    ("layout nn", 4096, 2048, 5632, Layout::Nn, 1),
+    ("layout nt", 4096, 2048, 5632, Layout::Nt, 1),
+    ("layout tn", 4096, 2048, 5632, Layout::Tn, 1),
+    ("layout tt", 4096, 2048, 5632, Layout::Tt, 1),
 ];
 
 fn random(rng: &mut SplitMix64, shape: [usize; 3], device: &Device, dtype: DType) -> Tensor<3> {
@@ -93,12 +101,17 @@ pub fn bench_matmul(a: &BenchMatmulArgs) -> Result<Value> {
                 random(&mut rng, [batch, k, m], &device, dtype),
                 random(&mut rng, [batch, k, n], &device, dtype),
             ),
+            Layout::Tt => (
+                random(&mut rng, [batch, k, m], &device, dtype),
+                random(&mut rng, [batch, n, k], &device, dtype),
+            ),
         };
         let product = || -> Tensor<3> {
             match layout {
                 Layout::Nt => lhs.clone().matmul(rhs.clone().swap_dims(1, 2)),
                 Layout::Nn => lhs.clone().matmul(rhs.clone()),
                 Layout::Tn => lhs.clone().swap_dims(1, 2).matmul(rhs.clone()),
+                Layout::Tt => lhs.clone().swap_dims(1, 2).matmul(rhs.clone().swap_dims(1, 2)),
             }
         };
         // Warmup until a product takes about as long as the one before (autotune done).
