@@ -111,7 +111,10 @@ pub fn bench_matmul(a: &BenchMatmulArgs) -> Result<Value> {
                 Layout::Nt => lhs.clone().matmul(rhs.clone().swap_dims(1, 2)),
                 Layout::Nn => lhs.clone().matmul(rhs.clone()),
                 Layout::Tn => lhs.clone().swap_dims(1, 2).matmul(rhs.clone()),
-                Layout::Tt => lhs.clone().swap_dims(1, 2).matmul(rhs.clone().swap_dims(1, 2)),
+                Layout::Tt => lhs
+                    .clone()
+                    .swap_dims(1, 2)
+                    .matmul(rhs.clone().swap_dims(1, 2)),
             }
         };
         // Warmup until a product takes about as long as the one before (autotune done).
