@@ -66,6 +66,11 @@ for _name in ("smollm2-f16", "tinyllama-f16"):
     for _tasks in (128, 512):
         CASES[f"{_name}-tasks{_tasks}"] = (CASES[_name][0], None, {"CUBECL_WGPU_MAX_TASKS": str(_tasks)})
 
+# Dense base weights held `[in, out]` (TUNA_WEIGHT_LAYOUT=in-out): the forward's products run nn,
+# the input gradients nt. Same peer as the case without `-wt` (peers are shared by their arguments).
+for _name in ("smollm2-f16", "tinyllama-f16", "tinyllama-f16-gc", "seed004"):
+    CASES[f"{_name}-wt"] = (*CASES[_name][:2], {"TUNA_WEIGHT_LAYOUT": "in-out"})
+
 # A case name with one of these suffixes runs tuna with that attention path in training
 # (TUNA_ATTENTION) against the peer of the case without it, e.g. `smollm2-f16@composed`.
 ATTENTION_PATHS = ("explicit", "fused", "composed")
@@ -158,10 +163,10 @@ def main():
             t, tmem, twall = run(tcmd, log, a.timeout, env)
             if pargs is None or a.skip_peer:
                 p, pmem, pwall = {}, 0, 0
-            elif base in peers:
-                p, pmem, pwall = peers[base]
+            elif tuple(pargs) in peers:
+                p, pmem, pwall = peers[tuple(pargs)]
             else:
-                p, pmem, pwall = peers.setdefault(base, run(
+                p, pmem, pwall = peers.setdefault(tuple(pargs), run(
                 [sys.executable, os.path.join(HERE, "peer_peft.py"), *pargs], log, a.timeout))
             row = {"case": name, "tuna": t, "tuna_gpu_mb": tmem, "tuna_wall_s": twall,
                    "peer": p, "peer_gpu_mb": pmem, "peer_wall_s": pwall}

@@ -64,6 +64,22 @@ const CASES: &[(&str, usize, usize, usize, Layout, usize)] = &[
     ("tinyllama scores", 512, 64, 512, Layout::Nt, 256),
     ("tinyllama probs v", 512, 512, 64, Layout::Nn, 256),
     ("mistral7b up fwd b1", 512, 4096, 14336, Layout::Nt, 1),
+    // The same products in the layouts weights held `[in, out]` give (`TUNA_WEIGHT_LAYOUT=in-out`):
+    // the forward reads the weight as it is (nn), the input gradient through a view (nt).
+    ("tinyllama q fwd nn", 4096, 2048, 2048, Layout::Nn, 1),
+    ("tinyllama q dx nt", 4096, 2048, 2048, Layout::Nt, 1),
+    ("tinyllama up fwd nn", 4096, 2048, 5632, Layout::Nn, 1),
+    ("tinyllama down fwd nn", 4096, 5632, 2048, Layout::Nn, 1),
+    ("tinyllama up dx nt", 4096, 5632, 2048, Layout::Nt, 1),
+    ("tinyllama down dx nt", 4096, 2048, 5632, Layout::Nt, 1),
+    ("smollm2 up fwd nn", 4096, 576, 1536, Layout::Nn, 1),
+    ("smollm2 up dx nt", 4096, 1536, 576, Layout::Nt, 1),
+    // Attention's products in the other layouts: a copy of K or V into another layout (one
+    // small kernel) pays if the product then runs much faster.
+    ("tinyllama scores nn", 512, 64, 512, Layout::Nn, 256),
+    ("tinyllama scores tn", 512, 64, 512, Layout::Tn, 256),
+    ("tinyllama probs v nt", 512, 512, 64, Layout::Nt, 256),
+    ("tinyllama probs v tn", 512, 512, 64, Layout::Tn, 256),
     // One product in each layout: which of them the engine runs fast decides how the backward's
     // input gradient (today `dY W`, nn) is best stated.
     ("layout nn", 4096, 2048, 5632, Layout::Nn, 1),
@@ -123,19 +139,27 @@ pub fn bench_matmul(a: &BenchMatmulArgs) -> Result<Value> {
             let _ = product().into_data();
         }
         let warmup_s = t_warm.elapsed().as_secs_f64();
-        let _ = device.sync();
-        let t0 = Instant::now();
-        let mut keep = Vec::with_capacity(a.iters);
-        for _ in 0..a.iters {
-            keep.push(product());
+        // Two timed passes: the first also pays for the memory its outputs take the first time
+        // (the allocator's pages), the second is what a training step, whose pages are in
+        // place, sees. Both are reported; `ms` is the faster.
+        let mut passes = [0.0f64; 2];
+        for pass in passes.iter_mut() {
+            let _ = device.sync();
+            let t0 = Instant::now();
+            let mut keep = Vec::with_capacity(a.iters);
+            for _ in 0..a.iters {
+                keep.push(product());
+            }
+            let _ = device.sync();
+            *pass = t0.elapsed().as_secs_f64() / a.iters as f64;
+            drop(keep);
         }
-        let _ = device.sync();
-        let s = t0.elapsed().as_secs_f64() / a.iters as f64;
-        drop(keep);
+        let s = passes[0].min(passes[1]);
         let flops = 2.0 * (batch * m * k * n) as f64;
         let row = json!({"case": name, "m": m, "k": k, "n": n, "batch": batch,
             "layout": format!("{layout:?}").to_lowercase(), "ms": s * 1e3,
-            "tflops": flops / s / 1e12, "warmup_s": warmup_s});
+            "tflops": flops / s / 1e12, "warmup_s": warmup_s,
+            "ms_passes": [passes[0] * 1e3, passes[1] * 1e3]});
         eprintln!("{row}");
         rows.push(row);
     }

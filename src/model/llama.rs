@@ -51,26 +51,74 @@ pub struct Linear {
 /// A base weight: dense in the compute dtype, or quantized and dequantized for each matmul.
 #[derive(Debug, Clone)]
 pub enum BaseWeight {
+    /// `[out, in]` contiguous, as checkpoints store it: the forward `x Wᵀ` reads a transposed
+    /// view (nt) and the backward's input gradient `dY W` reads it as it is (nn).
     Dense(Tensor<2>),
+    /// The same weight held transposed, `[in, out]` contiguous (see [`WeightLayout`]): the
+    /// forward reads it as it is (nn) and the input gradient through a view (nt).
+    DenseT(Tensor<2>),
     Quant(QuantWeight),
 }
 
+/// How dense base weights are held on the device, which decides the layouts the matrix
+/// products of a training step run in. `TUNA_WEIGHT_LAYOUT=in-out` holds them `[in, out]`
+/// ([`BaseWeight::DenseT`]); the default `out-in` keeps the checkpoint's `[out, in]`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WeightLayout {
+    OutIn,
+    InOut,
+}
+
+impl WeightLayout {
+    /// The layout `TUNA_WEIGHT_LAYOUT` asks for, `out-in` when unset; an unknown value is an
+    /// error naming the two that are known.
+    pub fn from_env() -> anyhow::Result<Self> {
+        match std::env::var("TUNA_WEIGHT_LAYOUT").as_deref() {
+            Err(_) | Ok("") | Ok("out-in") => Ok(Self::OutIn),
+            Ok("in-out") => Ok(Self::InOut),
+            Ok(other) => anyhow::bail!(
+                "TUNA_WEIGHT_LAYOUT is `{other}`; it is `out-in` (the checkpoint's layout, the \
+                 default) or `in-out` (weights held transposed)"
+            ),
+        }
+    }
+}
+
 impl BaseWeight {
+    /// `[out, in]`, whatever the layout it is held in.
     pub fn dims(&self) -> [usize; 2] {
         match self {
             BaseWeight::Dense(w) => w.dims(),
+            BaseWeight::DenseT(w) => {
+                let [i, o] = w.dims();
+                [o, i]
+            }
             BaseWeight::Quant(q) => q.shape,
         }
     }
 
-    /// The dense `[out, in]` weight in `dtype`.
+    /// The dense `[out, in]` weight in `dtype` (a transposed view for [`BaseWeight::DenseT`]).
     pub fn dense(&self, dtype: DType) -> Tensor<2> {
         match self {
             BaseWeight::Dense(w) if w.dtype() == dtype => w.clone(),
             BaseWeight::Dense(w) => w.clone().cast(dtype),
+            BaseWeight::DenseT(w) => cast_to(w.clone(), dtype).transpose(),
             BaseWeight::Quant(q) => q.dequantize(dtype),
         }
     }
+
+    /// `x Wᵀ` for `x` `[rows, in]`, in the layout the weight is held in.
+    fn apply(&self, x: Tensor<2>) -> Tensor<2> {
+        let dtype = x.dtype();
+        match self {
+            BaseWeight::DenseT(w) => x.matmul(cast_to(w.clone(), dtype)),
+            _ => x.matmul(self.dense(dtype).transpose()),
+        }
+    }
+}
+
+fn cast_to(t: Tensor<2>, dtype: DType) -> Tensor<2> {
+    if t.dtype() == dtype { t } else { t.cast(dtype) }
 }
 
 impl Linear {
@@ -118,8 +166,7 @@ impl Linear {
         let [b, t, d_in] = x.dims();
         let x2 = x.reshape([b * t, d_in]);
         let dtype = x2.dtype();
-        let w = self.weight.dense(dtype);
-        let mut y = x2.clone().matmul(w.clone().transpose());
+        let mut y = self.weight.apply(x2.clone());
         if let Some(lora) = &self.lora {
             let mut xin = x2;
             let mut dropped = false;
@@ -155,7 +202,7 @@ impl Linear {
                 Some(m) => {
                     let k = m.clone() / self.dora_norm(lora);
                     let base_d = if dropped {
-                        xin.matmul(w.transpose())
+                        self.weight.apply(xin)
                     } else {
                         y.clone()
                     };
