@@ -22,6 +22,9 @@ pub struct BenchMatmulArgs {
     /// Timed products per case, after warmup (autotune, shader compiles).
     #[arg(long, default_value_t = 20)]
     pub iters: usize,
+    /// Also time each product this many times more, each on freshly allocated operands.
+    #[arg(long, default_value_t = 0)]
+    pub rounds: usize,
     /// Only the cases whose name contains one of these (comma-separated); all by default.
     #[arg(long, value_delimiter = ',')]
     pub cases: Vec<String>,
@@ -96,6 +99,34 @@ fn random(rng: &mut SplitMix64, shape: [usize; 3], device: &Device, dtype: DType
     Tensor::<3>::from_data(TensorData::new(data, shape), (device, DType::F32)).cast(dtype)
 }
 
+/// A case's two operands, laid out as `layout` says (`[batch, m, k, n]`).
+fn inputs(
+    rng: &mut SplitMix64,
+    layout: Layout,
+    [batch, m, k, n]: [usize; 4],
+    device: &Device,
+    dtype: DType,
+) -> (Tensor<3>, Tensor<3>) {
+    let (l, r) = match layout {
+        Layout::Nt => ([batch, m, k], [batch, n, k]),
+        Layout::Nn => ([batch, m, k], [batch, k, n]),
+        Layout::Tn => ([batch, k, m], [batch, k, n]),
+        Layout::Tt => ([batch, k, m], [batch, n, k]),
+    };
+    (random(rng, l, device, dtype), random(rng, r, device, dtype))
+}
+
+/// The product of [`inputs`]' operands, each read through the view its layout names.
+fn multiply(lhs: &Tensor<3>, rhs: &Tensor<3>, layout: Layout) -> Tensor<3> {
+    let (l, r) = (lhs.clone(), rhs.clone());
+    match layout {
+        Layout::Nt => l.matmul(r.swap_dims(1, 2)),
+        Layout::Nn => l.matmul(r),
+        Layout::Tn => l.swap_dims(1, 2).matmul(r),
+        Layout::Tt => l.swap_dims(1, 2).matmul(r.swap_dims(1, 2)),
+    }
+}
+
 pub fn bench_matmul(a: &BenchMatmulArgs) -> Result<Value> {
     let sel = device_for(&a.device, &a.dtype)?;
     let (device, dtype) = (sel.device.clone(), sel.dtype);
@@ -104,35 +135,8 @@ pub fn bench_matmul(a: &BenchMatmulArgs) -> Result<Value> {
     let mut rows = Vec::new();
     for &(name, m, k, n, layout, batch) in CASES.iter().filter(|c| wanted(c.0)) {
         let mut rng = SplitMix64((m * 31 + k * 7 + n) as u64);
-        let (lhs, rhs) = match layout {
-            Layout::Nt => (
-                random(&mut rng, [batch, m, k], &device, dtype),
-                random(&mut rng, [batch, n, k], &device, dtype),
-            ),
-            Layout::Nn => (
-                random(&mut rng, [batch, m, k], &device, dtype),
-                random(&mut rng, [batch, k, n], &device, dtype),
-            ),
-            Layout::Tn => (
-                random(&mut rng, [batch, k, m], &device, dtype),
-                random(&mut rng, [batch, k, n], &device, dtype),
-            ),
-            Layout::Tt => (
-                random(&mut rng, [batch, k, m], &device, dtype),
-                random(&mut rng, [batch, n, k], &device, dtype),
-            ),
-        };
-        let product = || -> Tensor<3> {
-            match layout {
-                Layout::Nt => lhs.clone().matmul(rhs.clone().swap_dims(1, 2)),
-                Layout::Nn => lhs.clone().matmul(rhs.clone()),
-                Layout::Tn => lhs.clone().swap_dims(1, 2).matmul(rhs.clone()),
-                Layout::Tt => lhs
-                    .clone()
-                    .swap_dims(1, 2)
-                    .matmul(rhs.clone().swap_dims(1, 2)),
-            }
-        };
+        let (lhs, rhs) = inputs(&mut rng, layout, [batch, m, k, n], &device, dtype);
+        let product = || multiply(&lhs, &rhs, layout);
         // Warmup until a product takes about as long as the one before (autotune done).
         let t_warm = Instant::now();
         for _ in 0..3 {
@@ -155,11 +159,26 @@ pub fn bench_matmul(a: &BenchMatmulArgs) -> Result<Value> {
             drop(keep);
         }
         let s = passes[0].min(passes[1]);
+        // The same product on fresh inputs, round after round, each behind a spacer tensor of
+        // a different size that moves where the allocator places them: whether the kernel's
+        // speed depends on where its operands live rather than on their shape.
+        let mut rounds = Vec::with_capacity(a.rounds);
+        for r in 0..a.rounds {
+            let spacer = Tensor::<1>::zeros([(r * 3 + 1) << 19], (&device, dtype));
+            let (l, rh) = inputs(&mut rng, layout, [batch, m, k, n], &device, dtype);
+            let _ = multiply(&l, &rh, layout).into_data();
+            let _ = device.sync();
+            let t0 = Instant::now();
+            let keep: Vec<_> = (0..a.iters).map(|_| multiply(&l, &rh, layout)).collect();
+            let _ = device.sync();
+            rounds.push(t0.elapsed().as_secs_f64() / a.iters as f64 * 1e3);
+            drop((keep, spacer));
+        }
         let flops = 2.0 * (batch * m * k * n) as f64;
         let row = json!({"case": name, "m": m, "k": k, "n": n, "batch": batch,
             "layout": format!("{layout:?}").to_lowercase(), "ms": s * 1e3,
             "tflops": flops / s / 1e12, "warmup_s": warmup_s,
-            "ms_passes": [passes[0] * 1e3, passes[1] * 1e3]});
+            "ms_passes": [passes[0] * 1e3, passes[1] * 1e3], "round_ms": rounds});
         eprintln!("{row}");
         rows.push(row);
     }
