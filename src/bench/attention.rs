@@ -12,6 +12,7 @@ use burn::tensor::{DType, Device, Tensor, TensorData};
 use clap::Args;
 use serde_json::{Value, json};
 
+use crate::bench::keep_busy;
 use crate::data::dataset::SplitMix64;
 use crate::model::device::device_for;
 use crate::model::llama::AttentionPath;
@@ -118,10 +119,13 @@ pub fn bench_attention(a: &BenchAttentionArgs) -> Result<Value> {
                 err.insert(label.to_string(), json!(rel_l2(x, y)?));
             }
             // Timing: warm up (kernel compiles, autotune), then wait for the device at the end.
+            // Then keep the GPU busy for half a second so its clocks are up (`keep_busy`).
             for _ in 0..2 {
                 let _ = pass(path, &inputs, shape);
             }
-            let _ = device.sync();
+            keep_busy(&device, 0.5, || {
+                let _ = pass(path, &inputs, shape);
+            });
             let t0 = Instant::now();
             for _ in 0..a.steps {
                 let _ = pass(path, &inputs, shape);

@@ -19,6 +19,19 @@ use crate::formats::weights::TensorSource;
 use crate::model::config::ModelConfig;
 
 /// HF `config.json` contents of the shapes we benchmark.
+/// Runs `work` (then waits for the device) until `secs` have passed. A GPU left idle drops its
+/// clocks within a fraction of a second (an H200 falls from 1,980 to 345 MHz while tuna
+/// compiles kernels or prepares inputs on the host, `bench/results/h200-2026-12-03c`) and
+/// takes longer than a short timed loop to climb back, so every timed loop of these benches
+/// starts behind this.
+pub fn keep_busy(device: &burn::tensor::Device, secs: f64, mut work: impl FnMut()) {
+    let t0 = std::time::Instant::now();
+    while t0.elapsed().as_secs_f64() < secs {
+        work();
+        let _ = device.sync();
+    }
+}
+
 pub fn shape_config(shape: &str) -> Result<Value> {
     Ok(match shape {
         "smollm2-135m" => {
