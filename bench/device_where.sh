@@ -33,7 +33,7 @@ for r in json.load(open(f"{o}/attention.json"))["cases"]:
     print(f"{r['case']:<18} {pa.get(r['case'], {}).get('ms_fwd_bwd', 0):8.3f} " + " ".join(f"{ms.get(x, 0):10.3f}" for x in ("explicit", "composed", "fused")))
 PY
 echo "--- training, $(( $(date +%s) - t0 )) s in"
-python3 bench/compare.py --tuna /tmp/tuna --cases "${CASES:-tinyllama-f16,smollm2-f16}" --out /tmp/cmp \
+mkdir -p /tmp/cmp && python3 bench/compare.py --tuna /tmp/tuna --cases "${CASES:-tinyllama-f16,smollm2-f16}" --out /tmp/cmp \
   --timeout "${CASE_TIMEOUT:-150}" | tail -4 | tee "$OUT/compare.txt"
 cp /tmp/cmp/compare.json "$OUT/compare.json"
 kill $SMI
