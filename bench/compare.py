@@ -73,7 +73,7 @@ for _name in ("smollm2-f16", "tinyllama-f16", "tinyllama-f16-gc", "seed004"):
 
 # A case name with one of these suffixes runs tuna with that attention path in training
 # (TUNA_ATTENTION) against the peer of the case without it, e.g. `smollm2-f16@composed`.
-ATTENTION_PATHS = ("explicit", "fused", "composed")
+ATTENTION_PATHS = ("explicit", "fused", "composed", "recompute")
 
 
 def gpu_mem_mb():

@@ -107,18 +107,22 @@ fn check(prefix: &str, layout: WeightLayout) {
         (scalar(loss(&model, &ex)) - want).abs() / want < 1e-4,
         "the plain forward's loss"
     );
-    for checkpoint in [false, true] {
+    // Plain, block checkpointing, and attention cores recomputed in backward.
+    for (checkpoint, recompute_attention) in [(false, false), (true, false), (false, true)] {
         let sg = step(
             &model,
             &ex,
             &StepOptions {
                 checkpoint,
+                recompute_attention,
                 ..Default::default()
             },
         );
         let got = scalar(sg.loss);
         let rel = ((got - want) / want).abs();
-        println!("{prefix} (checkpoint {checkpoint}): loss {got} vs {want} (rel {rel:.2e})");
+        println!(
+            "{prefix} (checkpoint {checkpoint}, recompute {recompute_attention}): loss {got} vs {want} (rel {rel:.2e})"
+        );
         assert!(rel < 1e-4, "{prefix}.lora.loss: {got} vs {want}");
         assert_eq!(sg.grads.len(), 8, "one gradient per lora_A/lora_B tensor");
         for (name, g) in &sg.grads {
@@ -126,7 +130,10 @@ fn check(prefix: &str, layout: WeightLayout) {
             let want = exp.f32(&format!("{prefix}.lora.grad.{peft}"));
             let e = rel_l2(&values(g), &want);
             println!("{prefix}: grad {name} rel L2 {e:.2e}");
-            assert!(e < 1e-3, "{prefix} grad {name}: rel L2 {e}");
+            assert!(
+                e < 1e-3,
+                "{prefix} grad {name} (checkpoint {checkpoint}, recompute {recompute_attention}): rel L2 {e}"
+            );
         }
     }
 
@@ -275,6 +282,71 @@ fn side_branch_matches_burn_apply_lora() {
     );
 }
 
+/// Attention cores recomputed in backward (`TUNA_ATTENTION=recompute`) give the plain step's
+/// loss and gradients across layers, whichever modules carry adapters: with none on q/k/v, the
+/// lowest adapted layer's core needs no recompute; with some, the gradient goes through it.
+#[test]
+fn recomputed_attention_cores_give_the_plain_gradients() {
+    use tuna::model::lora::{LoraConfig, apply_lora};
+    let dir = reference_dir();
+    let exp = Expected::load();
+    let ex = example(&exp, "tiny-llama");
+    for keys in [
+        vec!["gate_proj", "down_proj"],
+        vec!["k_proj", "o_proj", "up_proj"],
+    ] {
+        let mut m = load_model(&dir.join("tiny-llama"), &Device::flex(), DType::F32).unwrap();
+        let cfg = LoraConfig {
+            rank: 4,
+            scale: 2.0,
+            dropout: 0.1,
+            keys: keys.iter().map(|k| k.to_string()).collect(),
+            num_layers: -1,
+            dora: false,
+            full: false,
+        };
+        apply_lora(&mut m, &cfg, 5).unwrap();
+        // PEFT's zero B would leave every A gradient zero; random B exercises both factors.
+        for layer in m.layers.iter_mut() {
+            for lin in [
+                &mut layer.self_attn.k_proj,
+                &mut layer.self_attn.o_proj,
+                &mut layer.mlp.gate_proj,
+                &mut layer.mlp.up_proj,
+                &mut layer.mlp.down_proj,
+            ] {
+                if let Some(br) = lin.lora.as_mut() {
+                    br.b = br.b.random_like(Distribution::Normal(0.0, 0.5));
+                }
+            }
+        }
+        let opts = |recompute_attention| StepOptions {
+            dropout_seed: Some(7),
+            recompute_attention,
+            ..Default::default()
+        };
+        let plain = step(&m, &ex, &opts(false));
+        let got = step(&m, &ex, &opts(true));
+        assert_eq!(
+            plain.grads.len(),
+            2 * keys.len() * m.layers.len(),
+            "{keys:?}"
+        );
+        assert_eq!(got.grads.len(), plain.grads.len(), "{keys:?}");
+        let (a, b) = (scalar(got.loss), scalar(plain.loss));
+        assert!((a - b).abs() <= 1e-5 * b.abs(), "{keys:?}: loss {a} vs {b}");
+        for ((n, x), (n2, y)) in plain.grads.iter().zip(&got.grads) {
+            assert_eq!(n, n2);
+            let e = rel_l2(&values(y), &values(x));
+            assert!(e < 1e-4, "{keys:?} {n}: rel L2 {e}");
+            assert!(
+                values(x).iter().any(|v| *v != 0.0),
+                "{n}: a zero gradient tests nothing"
+            );
+        }
+    }
+}
+
 /// Block checkpointing and loss scaling change memory and range, not gradients, also with
 /// adapters on the last layer only (layers below get no backward) and LoRA dropout (the
 /// recomputed layer must draw the masks the forward drew); optimizer state survives a
@@ -307,6 +379,7 @@ fn checkpointing_scaling_and_optimizer_state_round_trip() {
         checkpoint,
         dropout_seed: Some(42),
         loss_scale,
+        recompute_attention: false,
     };
     let plain = step(&m, &ex, &opts(false, 1.0));
     assert_eq!(plain.grads.len(), 6, "last layer only, three modules");
@@ -329,7 +402,15 @@ fn checkpointing_scaling_and_optimizer_state_round_trip() {
         scalar(other.loss),
         "another seed draws other masks"
     );
-    for (variant, scale) in [(opts(true, 1.0), 1.0), (opts(false, 1024.0), 1024.0)] {
+    let recompute = StepOptions {
+        recompute_attention: true,
+        ..opts(false, 1.0)
+    };
+    for (variant, scale) in [
+        (opts(true, 1.0), 1.0),
+        (opts(false, 1024.0), 1024.0),
+        (recompute, 1.0),
+    ] {
         let got = step(&m, &ex, &variant);
         assert_eq!(got.grads.len(), plain.grads.len());
         // Same math in another order (checkpointing recomputes; f32 sums may regroup

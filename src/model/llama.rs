@@ -459,6 +459,11 @@ pub enum AttentionPath {
     Explicit,
     Fused,
     Composed,
+    /// Training without block checkpointing cuts each adapted layer's attention core out of the
+    /// step's graph: the forward computes it by the explicit path untracked (no `[B, H, T, T]`
+    /// tensor kept), the backward recomputes it tracked, one layer at a time, and carries its
+    /// gradient on (`train::step`). Every other pass takes its default path.
+    Recompute,
 }
 
 impl AttentionPath {
@@ -467,8 +472,19 @@ impl AttentionPath {
             "explicit" => Some(Self::Explicit),
             "fused" => Some(Self::Fused),
             "composed" => Some(Self::Composed),
+            "recompute" => Some(Self::Recompute),
             _ => None,
         }
+    }
+
+    /// The path `TUNA_ATTENTION` asks for, read once per process.
+    pub fn forced() -> Option<Self> {
+        static FORCED: std::sync::OnceLock<Option<AttentionPath>> = std::sync::OnceLock::new();
+        *FORCED.get_or_init(|| {
+            std::env::var("TUNA_ATTENTION")
+                .ok()
+                .and_then(|v| AttentionPath::parse(&v))
+        })
     }
 
     /// Causal attention of q `[B, H, T, hd]` over k, v `[B, KV, S, hd]` by this path (the
@@ -478,7 +494,7 @@ impl AttentionPath {
         match self {
             Self::Composed if same => attend_composed(q, k, v),
             Self::Fused | Self::Composed => attend_fused(q, k, v),
-            Self::Explicit => {
+            Self::Explicit | Self::Recompute => {
                 let (t, s) = (q.dims()[2], k.dims()[2]);
                 let mask = causal_mask_tensor(t, s, None, &q.device());
                 attend_explicit(q, k, v, mask)
@@ -722,12 +738,8 @@ impl Llama {
     /// compare them (`tuna bench attention` does so on random tensors).
     pub fn attend(&self, q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, pass: &Pass) -> Tensor<3> {
         let mask = &pass.mask;
-        static FORCED: std::sync::OnceLock<Option<AttentionPath>> = std::sync::OnceLock::new();
-        let forced = *FORCED.get_or_init(|| {
-            std::env::var("TUNA_ATTENTION")
-                .ok()
-                .and_then(|v| AttentionPath::parse(&v))
-        });
+        // `recompute` is a way of stepping (see `train::step`), not a path for this call.
+        let forced = AttentionPath::forced().filter(|p| *p != AttentionPath::Recompute);
         let tracked = q.is_tracked() || k.is_tracked() || v.is_tracked();
         let path = forced.unwrap_or(if tracked && pass.one_block_backward {
             AttentionPath::Explicit
@@ -744,6 +756,23 @@ impl Llama {
             Mask::Causal => path.causal(q, k, v),
             Mask::Additive(m) => attend_explicit(q, k, v, m.clone()),
         }
+    }
+
+    /// The attention core by the explicit path whatever the mask (the causal one built here):
+    /// what a training step that cuts the core out of its graph computes in forward and again,
+    /// tracked, in backward ([`AttentionPath::Recompute`]).
+    pub fn attend_explicit(
+        &self,
+        q: Tensor<4>,
+        k: Tensor<4>,
+        v: Tensor<4>,
+        pass: &Pass,
+    ) -> Tensor<3> {
+        let mask = match &pass.mask {
+            Mask::Causal => self.causal_mask(q.dims()[2], k.dims()[2]),
+            Mask::Additive(m) => m.clone(),
+        };
+        attend_explicit(q, k, v, mask)
     }
 
     pub fn embed(&self, ids: Tensor<2, Int>) -> Tensor<3> {
