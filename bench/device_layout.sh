@@ -14,15 +14,11 @@ timeout "${MM_TIMEOUT:-200}" /tmp/tuna bench matmul --device vulkan --dtype f16 
   --cases "${MM_CASES:-tinyllama,smollm2 up,layout}" > "$OUT/matmul.json" 2> "$OUT/matmul.rows"
 python3 - "$OUT" <<'PY' | tee "$OUT/matmul.txt"
 import json, sys
+sys.path.insert(0, "bench")
+from rows import rows
 o = sys.argv[1]
 p = {c["case"]: c for c in json.load(open(f"{o}/matmul-peer.json"))["cases"]}
-t = {}
-for line in open(f"{o}/matmul.rows", errors="replace"):
-    try:
-        r = json.loads(line)
-    except ValueError:
-        continue
-    if "case" in r: t[r["case"]] = r
+t = rows(f"{o}/matmul.rows")
 print(f"{'case':<24} {'layout':>6} {'cuBLAS TF':>9} {'tuna TF':>8} {'ratio':>6} {'pass1 ms':>9} {'pass2 ms':>9} {'warm s':>7}")
 for k, r in t.items():
     c = p.get(k, {}).get("tflops", 0)

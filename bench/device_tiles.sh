@@ -20,18 +20,11 @@ TUNA_CACHE=/tmp/tuna-cache-tk timeout "${MM_TK_TIMEOUT:-200}" /tmp/tuna-tk bench
 tail -3 "$OUT/matmul-tk.rows"
 python3 - "$OUT" <<'PY' | tee "$OUT/matmul.txt"
 import json, sys
+sys.path.insert(0, "bench")
+from rows import rows
 o = sys.argv[1]
-def rows(n):
-    out = {}
-    for line in open(f"{o}/{n}", errors="replace"):
-        try:
-            r = json.loads(line)
-        except ValueError:
-            continue
-        if "case" in r: out[r["case"]] = r
-    return out
 p = {c["case"]: c for c in json.load(open(f"{o}/matmul-peer.json"))["cases"]}
-c, t = rows("matmul-cmma.rows"), rows("matmul-tk.rows")
+c, t = rows(f"{o}/matmul-cmma.rows"), rows(f"{o}/matmul-tk.rows")
 print(f"{'case':<24} {'layout':>6} {'cuBLAS TF':>9} {'cmma TF':>8} {'tile TF':>8} {'tile/cmma':>9} {'tile warm s':>11}")
 for k, r in p.items():
     cc, tt = c.get(k, {}).get("tflops", 0), t.get(k, {}).get("tflops", 0)

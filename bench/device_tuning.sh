@@ -24,17 +24,12 @@ for c in mm-adaptive1 mm-adaptive2 mm-fixed; do
     --device vulkan --dtype f16 --cases "$MM" > "$OUT/matmul-$c.json" 2> "$OUT/matmul-$c.rows")
 done
 python3 - "$OUT" <<'PY' | tee "$OUT/matmul.txt"
-import json, sys
+import sys
+sys.path.insert(0, "bench")
+from rows import rows
 o = sys.argv[1]
-def rows(n):
-    out = {}
-    for line in open(f"{o}/matmul-{n}.rows", errors="replace"):
-        try: r = json.loads(line)
-        except ValueError: continue
-        if "case" in r: out[r["case"]] = r
-    return out
 runs = ["mm-adaptive1", "mm-adaptive2", "mm-fixed"]
-rs = {n: rows(n) for n in runs}
+rs = {n: rows(f"{o}/matmul-{n}.rows") for n in runs}
 print(f"{'case':<24} " + " ".join(f"{n:>13}" for n in runs) + "   (TFLOP/s, warmup s)")
 for k in rs[runs[0]]:
     print(f"{k:<24} " + " ".join(f"{rs[n].get(k, {}).get('tflops', 0):7.1f} {rs[n].get(k, {}).get('warmup_s', 0):5.1f}" for n in runs))
