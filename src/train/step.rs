@@ -182,9 +182,11 @@ pub fn loss_and_grads(model: &Llama, b: &Batch, o: &StepOptions) -> StepGrads {
         Tensor::zeros([1], (&model.device, DType::F32))
     } else if !o.checkpoint && o.recompute_attention {
         // Every adapted layer is three segments: A (x → q, k, v), the attention core (computed
-        // untracked, so its `[B, H, T, T]` tensors never outlive it), C (x, core output → y).
-        // A and C keep their activations as one graph would; the backward walks the layers
-        // down, recomputing each core tracked between C's backward and A's.
+        // untracked, keeping only its output and each row's logsumexp, so its `[B, H, T, T]`
+        // tensors never outlive it), C (x, core output → y). A and C keep their activations as
+        // one graph would; the backward walks the layers down and, between C's backward and
+        // A's, takes the core's from a recomputation of its probabilities from the logsumexp
+        // (`Llama::attention_surrogate`).
         struct Kept {
             xa: Tensor<3>,
             xc: Tensor<3>,
@@ -192,6 +194,7 @@ pub fn loss_and_grads(model: &Llama, b: &Batch, o: &StepOptions) -> StepGrads {
             k: Tensor<4>,
             v: Tensor<4>,
             a: Tensor<3>,
+            lse: Tensor<4>,
             y: Tensor<3>,
             leaves: Vec<(String, Tensor<2>)>,
         }
@@ -206,7 +209,7 @@ pub fn loss_and_grads(model: &Llama, b: &Batch, o: &StepOptions) -> StepGrads {
                 false => (x.clone(), x.clone()),
             };
             let (q, k, v) = layer.attn_in(xa.clone(), &pass, i);
-            let a = model.attend_explicit(
+            let (a, lse) = model.attend_keeping_lse(
                 q.clone().inner(),
                 k.clone().inner(),
                 v.clone().inner(),
@@ -222,6 +225,7 @@ pub fn loss_and_grads(model: &Llama, b: &Batch, o: &StepOptions) -> StepGrads {
                 k,
                 v,
                 a,
+                lse,
                 y,
                 leaves,
             });
@@ -235,8 +239,10 @@ pub fn loss_and_grads(model: &Llama, b: &Batch, o: &StepOptions) -> StepGrads {
             let gx = (i > first).then(|| kp.xc.grad(&gc).expect("the layer input is a leaf"));
             if kp.q.is_tracked() || kp.k.is_tracked() || kp.v.is_tracked() {
                 let (qr, kr, vr) = (leaf4(&kp.q), leaf4(&kp.k), leaf4(&kp.v));
-                let ar = model.attend_explicit(qr.clone(), kr.clone(), vr.clone(), &pass);
-                let gr = (ar * da).sum().backward();
+                let out = kp.a.clone().inner();
+                let gr = model
+                    .attention_surrogate(qr.clone(), kr.clone(), vr.clone(), &pass, kp.lse, out, da)
+                    .backward();
                 let d = |t: &Tensor<4>| t.grad(&gr).expect("a recomputed core input is a leaf");
                 let surrogate =
                     (kp.q * d(&qr)).sum() + (kp.k * d(&kr)).sum() + (kp.v * d(&vr)).sum();
