@@ -325,24 +325,44 @@ fn recomputed_attention_cores_give_the_plain_gradients() {
             recompute_attention,
             ..Default::default()
         };
-        let plain = step(&m, &ex, &opts(false));
-        let got = step(&m, &ex, &opts(true));
-        assert_eq!(
-            plain.grads.len(),
-            2 * keys.len() * m.layers.len(),
-            "{keys:?}"
-        );
-        assert_eq!(got.grads.len(), plain.grads.len(), "{keys:?}");
-        let (a, b) = (scalar(got.loss), scalar(plain.loss));
-        assert!((a - b).abs() <= 1e-5 * b.abs(), "{keys:?}: loss {a} vs {b}");
-        for ((n, x), (n2, y)) in plain.grads.iter().zip(&got.grads) {
-            assert_eq!(n, n2);
-            let e = rel_l2(&values(y), &values(x));
-            assert!(e < 1e-4, "{keys:?} {n}: rel L2 {e}");
-            assert!(
-                values(x).iter().any(|v| *v != 0.0),
-                "{n}: a zero gradient tests nothing"
+        // The example, and a batch of two rows: it, and its tokens rotated by 3 with the last 4
+        // positions right-padded (no target there), as the trainer's batches are.
+        let one = batch(&ex);
+        let n = one.seq;
+        let mut two = one.clone();
+        two.batch = 2;
+        let mut row: Vec<u32> = ex.ids.iter().cycle().skip(3).take(n).copied().collect();
+        row[n - 4..].fill(0);
+        two.ids.extend(row);
+        two.attention
+            .extend((0..n).map(|t| if t < n - 4 { 1.0 } else { 0.0 }));
+        two.loss_mask
+            .extend((0..n).map(|t| if (1..n - 4).contains(&t) { 1.0 } else { 0.0 }));
+        two.lengths.push(n - 4);
+        for b in [one, two] {
+            let plain = loss_and_grads(&m, &b, &opts(false));
+            let got = loss_and_grads(&m, &b, &opts(true));
+            let rows = b.batch;
+            assert_eq!(
+                plain.grads.len(),
+                2 * keys.len() * m.layers.len(),
+                "{keys:?}"
             );
+            assert_eq!(got.grads.len(), plain.grads.len(), "{keys:?}");
+            let (x, y) = (scalar(got.loss), scalar(plain.loss));
+            assert!(
+                (x - y).abs() <= 1e-5 * y.abs(),
+                "{keys:?} ({rows} rows): loss {x} vs {y}"
+            );
+            for ((n, x), (n2, y)) in plain.grads.iter().zip(&got.grads) {
+                assert_eq!(n, n2);
+                let e = rel_l2(&values(y), &values(x));
+                assert!(e < 1e-4, "{keys:?} {n} ({rows} rows): rel L2 {e}");
+                assert!(
+                    values(x).iter().any(|v| *v != 0.0),
+                    "{n}: a zero gradient tests nothing"
+                );
+            }
         }
     }
 }

@@ -453,6 +453,16 @@ pub fn attend_composed(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> Tensor<3> {
     out.swap_dims(1, 2).reshape([b, t, h * hd])
 }
 
+/// Each query row's softmax statistics, `[B, H, T, 1]` f32: its largest score and the log of
+/// its sum of `exp(score − max)`. Kept apart rather than as one logsumexp: a row whose every key
+/// is masked off (max = −1e30) would lose its `log_sum` to rounding in the sum, and recompute
+/// probabilities of 1 instead of the forward's 1/S.
+#[derive(Debug, Clone)]
+pub struct RowStats {
+    pub max: Tensor<4>,
+    pub log_sum: Tensor<4>,
+}
+
 /// Which attention implementation a causal pass uses (see [`Llama::attend`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AttentionPath {
@@ -461,8 +471,8 @@ pub enum AttentionPath {
     Composed,
     /// Training without block checkpointing cuts each adapted layer's attention core out of the
     /// step's graph: the forward computes it untracked, keeping its output and each row's
-    /// logsumexp ([`Llama::attend_keeping_lse`]; no `[B, H, T, T]` tensor kept); the backward,
-    /// one layer at a time, recomputes the probabilities from the logsumexp and takes q, k and
+    /// softmax statistics ([`Llama::attend_keeping_stats`]; no `[B, H, T, T]` tensor kept); the
+    /// backward, one layer at a time, recomputes the probabilities from them and takes q, k and
     /// v's gradients from [`Llama::attention_surrogate`] (`train::step`). Every other pass takes
     /// its default path.
     Recompute,
@@ -802,28 +812,29 @@ impl Llama {
             .reshape([b, t, h * hd])
     }
 
-    /// The attention core as [`attend_explicit`] computes it, and each query row's logsumexp
-    /// `[B, H, T, 1]` (f32): what a step that cuts the core out of its graph computes in forward
+    /// The attention core as [`attend_explicit`] computes it, and each query row's softmax
+    /// statistics: what a step that cuts the core out of its graph computes in forward
     /// ([`AttentionPath::Recompute`]); call it untracked, so no `[B, H, T, S]` tensor outlives it.
-    pub fn attend_keeping_lse(
+    pub fn attend_keeping_stats(
         &self,
         q: Tensor<4>,
         k: Tensor<4>,
         v: Tensor<4>,
         pass: &Pass,
-    ) -> (Tensor<3>, Tensor<4>) {
+    ) -> (Tensor<3>, RowStats) {
         let scores = self.masked_scores(q, k, pass);
         let max = scores.clone().max_dim(3);
         let e = (scores - max.clone()).exp();
         let sum = e.clone().sum_dim(3);
         let out = Self::weigh_values(e / sum.clone(), v);
-        (out, max + sum.log())
+        let log_sum = sum.log();
+        (out, RowStats { max, log_sum })
     }
 
     /// A scalar whose gradient with respect to q, k and v (tracked) is attention's backward
     /// given `d_out`, the gradient of the core's output `out` (both `[B, T, H * hd]`, as the
-    /// forward's [`Llama::attend_keeping_lse`] gave it with `lse`): `sum(P v · dO) − sum(P · D)`
-    /// with `P = exp(S − lse)` and `D = rowsum(dO · O)` held constant, so that
+    /// forward's [`Llama::attend_keeping_stats`] gave it with `stats`): `sum(P v · dO) − sum(P · D)`
+    /// with `P = exp(S − max − log_sum)` and `D = rowsum(dO · O)` held constant, so that
     /// `dS = P (dP − D)`, softmax's backward, without recomputing the softmax's max and sum
     /// (flash attention's backward, in plain ops).
     pub fn attention_surrogate(
@@ -832,12 +843,12 @@ impl Llama {
         k: Tensor<4>,
         v: Tensor<4>,
         pass: &Pass,
-        lse: Tensor<4>,
+        stats: RowStats,
         out: Tensor<3>,
         d_out: Tensor<3>,
     ) -> Tensor<1> {
         let [b, h, t, hd] = q.dims();
-        let probs = (self.masked_scores(q, k, pass) - lse).exp();
+        let probs = (self.masked_scores(q, k, pass) - stats.max - stats.log_sum).exp();
         let d_out = d_out.cast(DType::F32);
         let d = (d_out.clone() * out.cast(DType::F32))
             .reshape([b, t, h, hd])

@@ -18,7 +18,7 @@ use anyhow::Result;
 use burn::tensor::{Bool, DType, Int, Tensor, TensorData, activation};
 
 use crate::data::dataset::Batch;
-use crate::model::llama::{AttentionPath, Llama};
+use crate::model::llama::{AttentionPath, Llama, RowStats};
 use crate::model::lora::{self, trainable_parameters};
 use crate::optim::{AdamW, FlatLayout, StepGradients};
 
@@ -182,10 +182,10 @@ pub fn loss_and_grads(model: &Llama, b: &Batch, o: &StepOptions) -> StepGrads {
         Tensor::zeros([1], (&model.device, DType::F32))
     } else if !o.checkpoint && o.recompute_attention {
         // Every adapted layer is three segments: A (x → q, k, v), the attention core (computed
-        // untracked, keeping only its output and each row's logsumexp, so its `[B, H, T, T]`
+        // untracked, keeping only its output and each row's softmax statistics, so its `[B, H, T, T]`
         // tensors never outlive it), C (x, core output → y). A and C keep their activations as
         // one graph would; the backward walks the layers down and, between C's backward and
-        // A's, takes the core's from a recomputation of its probabilities from the logsumexp
+        // A's, takes the core's from a recomputation of its probabilities from those
         // (`Llama::attention_surrogate`).
         struct Kept {
             xa: Tensor<3>,
@@ -194,7 +194,7 @@ pub fn loss_and_grads(model: &Llama, b: &Batch, o: &StepOptions) -> StepGrads {
             k: Tensor<4>,
             v: Tensor<4>,
             a: Tensor<3>,
-            lse: Tensor<4>,
+            stats: RowStats,
             y: Tensor<3>,
             leaves: Vec<(String, Tensor<2>)>,
         }
@@ -209,7 +209,7 @@ pub fn loss_and_grads(model: &Llama, b: &Batch, o: &StepOptions) -> StepGrads {
                 false => (x.clone(), x.clone()),
             };
             let (q, k, v) = layer.attn_in(xa.clone(), &pass, i);
-            let (a, lse) = model.attend_keeping_lse(
+            let (a, stats) = model.attend_keeping_stats(
                 q.clone().inner(),
                 k.clone().inner(),
                 v.clone().inner(),
@@ -225,7 +225,7 @@ pub fn loss_and_grads(model: &Llama, b: &Batch, o: &StepOptions) -> StepGrads {
                 k,
                 v,
                 a,
-                lse,
+                stats,
                 y,
                 leaves,
             });
@@ -241,7 +241,15 @@ pub fn loss_and_grads(model: &Llama, b: &Batch, o: &StepOptions) -> StepGrads {
                 let (qr, kr, vr) = (leaf4(&kp.q), leaf4(&kp.k), leaf4(&kp.v));
                 let out = kp.a.clone().inner();
                 let gr = model
-                    .attention_surrogate(qr.clone(), kr.clone(), vr.clone(), &pass, kp.lse, out, da)
+                    .attention_surrogate(
+                        qr.clone(),
+                        kr.clone(),
+                        vr.clone(),
+                        &pass,
+                        kp.stats,
+                        out,
+                        da,
+                    )
                     .backward();
                 let d = |t: &Tensor<4>| t.grad(&gr).expect("a recomputed core input is a leaf");
                 let surrogate =
