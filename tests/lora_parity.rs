@@ -291,11 +291,13 @@ fn recomputed_attention_cores_give_the_plain_gradients() {
     let dir = reference_dir();
     let exp = Expected::load();
     let ex = example(&exp, "tiny-llama");
-    for keys in [
-        vec!["gate_proj", "down_proj"],
-        vec!["k_proj", "o_proj", "up_proj"],
+    // f32 agrees to rounding; f16 (the GPU's dtype, here on the CPU) to half precision.
+    for (keys, dtype, tol) in [
+        (vec!["gate_proj", "down_proj"], DType::F32, 1e-4f32),
+        (vec!["k_proj", "o_proj", "up_proj"], DType::F32, 1e-4),
+        (vec!["q_proj", "v_proj"], DType::F16, 2e-2),
     ] {
-        let mut m = load_model(&dir.join("tiny-llama"), &Device::flex(), DType::F32).unwrap();
+        let mut m = load_model(&dir.join("tiny-llama"), &Device::flex(), dtype).unwrap();
         let cfg = LoraConfig {
             rank: 4,
             scale: 2.0,
@@ -309,6 +311,8 @@ fn recomputed_attention_cores_give_the_plain_gradients() {
         // PEFT's zero B would leave every A gradient zero; random B exercises both factors.
         for layer in m.layers.iter_mut() {
             for lin in [
+                &mut layer.self_attn.q_proj,
+                &mut layer.self_attn.v_proj,
                 &mut layer.self_attn.k_proj,
                 &mut layer.self_attn.o_proj,
                 &mut layer.mlp.gate_proj,
@@ -351,13 +355,17 @@ fn recomputed_attention_cores_give_the_plain_gradients() {
             assert_eq!(got.grads.len(), plain.grads.len(), "{keys:?}");
             let (x, y) = (scalar(got.loss), scalar(plain.loss));
             assert!(
-                (x - y).abs() <= 1e-5 * y.abs(),
-                "{keys:?} ({rows} rows): loss {x} vs {y}"
+                (x - y).abs() <= tol * y.abs() / 10.0,
+                "{keys:?} {dtype:?} ({rows} rows): loss {x} vs {y}"
             );
             for ((n, x), (n2, y)) in plain.grads.iter().zip(&got.grads) {
                 assert_eq!(n, n2);
                 let e = rel_l2(&values(y), &values(x));
-                assert!(e < 1e-4, "{keys:?} {n} ({rows} rows): rel L2 {e}");
+                println!("{keys:?} {dtype:?} {n} ({rows} rows): rel L2 {e:.1e}");
+                assert!(
+                    e < tol as f64,
+                    "{keys:?} {dtype:?} {n} ({rows} rows): rel L2 {e}"
+                );
                 assert!(
                     values(x).iter().any(|v| *v != 0.0),
                     "{n}: a zero gradient tests nothing"
