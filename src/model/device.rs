@@ -145,7 +145,7 @@ mod gpu {
 /// `~/.cache/cubecl`); and the autotuner measures every matmul candidate on exact shapes
 /// (`full`). At cubecl's default level (`balanced`) each candidate's time is cut off at a
 /// fraction of a modelled peak that Vulkan's matmuls never reach, so the pick is made on
-/// truncated timings. On an H200 the whole TinyLlama step ran as fast at `full` (12,853 vs
+/// truncated timings. On an H200 the whole TinyLlama step ran about as fast at `full` (12,853 vs
 /// 13,251 tok/s) in less GPU memory (9,733 vs 11,496 MiB, `bench/results/h200-2026-12-02`);
 /// that call's per-product figures were taken before the benches kept the GPU's clocks up and
 /// say little (README, *GPU clocks*).
