@@ -1,5 +1,6 @@
-//! `tuna bench attention`: the three causal attention paths (explicit matmul + softmax, burn's
-//! fused kernels, burn's composed logsumexp path) on random tensors of real models' attention
+//! `tuna bench attention`: the causal attention paths (explicit matmul + softmax, burn's fused
+//! kernels, burn's composed logsumexp path, and training's `recompute`: the core untracked, its
+//! backward from softmax statistics) on random tensors of real models' attention
 //! shapes, under autodiff as training runs them: how far each one's output and q/k/v gradients
 //! are from the explicit path (the reference: plain matmuls and an f32 softmax), and how long a
 //! forward + backward takes. Inputs come in as the model makes them: `[B, T, H, hd]` with heads
@@ -15,7 +16,9 @@ use serde_json::{Value, json};
 use crate::bench::keep_busy;
 use crate::data::dataset::SplitMix64;
 use crate::model::device::device_for;
-use crate::model::llama::AttentionPath;
+use crate::model::llama::{
+    AttentionPath, attend_keeping_stats, attention_surrogate, causal_mask_tensor,
+};
 
 #[derive(Args, Debug, Clone)]
 pub struct BenchAttentionArgs {
@@ -73,12 +76,28 @@ fn pass(
         k.autodiff().require_grad(),
         v.autodiff().require_grad(),
     );
-    let out = path.causal(
+    let (qh, kh, vh) = (
         q.clone().swap_dims(1, 2),
         k.clone().swap_dims(1, 2),
         v.clone().swap_dims(1, 2),
     );
-    let g = (out.clone() * r.reshape([b, t, h * hd])).sum().backward();
+    let r = r.reshape([b, t, h * hd]);
+    if path == AttentionPath::Recompute {
+        // As training's `recompute` steps: the core untracked, then its backward from the
+        // surrogate (the output's gradient of `sum(out · r)` is `r`).
+        let mask = causal_mask_tensor(t, t, None, &q.device());
+        let (out, stats) = attend_keeping_stats(
+            qh.clone().inner(),
+            kh.clone().inner(),
+            vh.clone().inner(),
+            mask.clone(),
+        );
+        let g = attention_surrogate(qh, kh, vh, mask, stats, out.clone(), r).backward();
+        let grad = |x: &Tensor<4>| x.grad(&g).expect("a leaf");
+        return [out.reshape([b, t, h, hd]), grad(&q), grad(&k), grad(&v)];
+    }
+    let out = path.causal(qh, kh, vh);
+    let g = (out.clone() * r).sum().backward();
     let grad = |x: &Tensor<4>| x.grad(&g).expect("a leaf");
     [
         out.inner().reshape([b, t, h, hd]),
@@ -109,6 +128,7 @@ pub fn bench_attention(a: &BenchAttentionArgs) -> Result<Value> {
             AttentionPath::Explicit,
             AttentionPath::Composed,
             AttentionPath::Fused,
+            AttentionPath::Recompute,
         ] {
             let got = pass(path, &inputs, shape);
             let mut err = serde_json::Map::new();
@@ -145,4 +165,29 @@ pub fn bench_attention(a: &BenchAttentionArgs) -> Result<Value> {
     }
     Ok(json!({"bench": "attention", "device": sel.kind.to_string(),
               "dtype": format!("{dtype:?}"), "cases": rows}))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every path's output and gradients agree with the explicit path's on the CPU in f32, the
+    /// `recompute` path included (the GPU call runs the same comparison in f16 at real shapes).
+    #[test]
+    fn every_path_matches_the_explicit_one() {
+        let args = BenchAttentionArgs {
+            device: "cpu".into(),
+            dtype: "f32".into(),
+            steps: 1,
+            cases: vec!["tiny-llama b4".into()],
+        };
+        let v = bench_attention(&args).unwrap();
+        let paths = &v["cases"][0]["paths"];
+        for path in ["composed", "fused", "recompute"] {
+            for part in ["out", "dq", "dk", "dv"] {
+                let e = paths[path]["rel_l2_vs_explicit"][part].as_f64().unwrap();
+                assert!(e < 1e-5, "{path} {part}: rel L2 {e}");
+            }
+        }
+    }
 }

@@ -405,6 +405,85 @@ pub fn attend_explicit(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, mask: Tensor<4>
         .reshape([b, t, h * hd])
 }
 
+/// `q kᵀ / √hd + mask` in f32, `[B, H, T, S]`, with GQA's query heads folded onto their KV
+/// head as [`attend_explicit`] does.
+fn masked_scores(q: Tensor<4>, k: Tensor<4>, mask: Tensor<4>) -> Tensor<4> {
+    let [b, h, t, hd] = q.dims();
+    let [_, kvh, s, _] = k.dims();
+    let scores = q
+        .reshape([b, kvh, h / kvh * t, hd])
+        .matmul(k.swap_dims(2, 3))
+        .mul_scalar(1.0 / (hd as f64).sqrt())
+        .reshape([b, h, t, s]);
+    let scores = match scores.dtype() {
+        DType::F32 => scores,
+        _ => scores.cast(DType::F32),
+    };
+    scores + mask
+}
+
+/// `probs v` for probabilities `[B, H, T, S]` (f32) and v `[B, KV, S, hd]`, in v's dtype, as
+/// `[B, T, H * hd]`.
+fn weigh_values(probs: Tensor<4>, v: Tensor<4>) -> Tensor<3> {
+    let [b, h, t, s] = probs.dims();
+    let [_, kvh, _, hd] = v.dims();
+    let probs = match v.dtype() {
+        DType::F32 => probs,
+        dtype => probs.cast(dtype),
+    };
+    probs
+        .reshape([b, kvh, h / kvh * t, s])
+        .matmul(v)
+        .reshape([b, h, t, hd])
+        .swap_dims(1, 2)
+        .reshape([b, t, h * hd])
+}
+
+/// The attention core as [`attend_explicit`] computes it (q `[B, H, T, hd]`, k and v
+/// `[B, KV, S, hd]`, `mask` additive f32), and each query row's softmax statistics: what a step
+/// that cuts the core out of its graph computes in forward ([`AttentionPath::Recompute`]); call
+/// it untracked, so no `[B, H, T, S]` tensor outlives it.
+pub fn attend_keeping_stats(
+    q: Tensor<4>,
+    k: Tensor<4>,
+    v: Tensor<4>,
+    mask: Tensor<4>,
+) -> (Tensor<3>, RowStats) {
+    let scores = masked_scores(q, k, mask);
+    let max = scores.clone().max_dim(3);
+    let e = (scores - max.clone()).exp();
+    let sum = e.clone().sum_dim(3);
+    let out = weigh_values(e / sum.clone(), v);
+    let log_sum = sum.log();
+    (out, RowStats { max, log_sum })
+}
+
+/// A scalar whose gradient with respect to q, k and v (tracked) is attention's backward given
+/// `d_out`, the gradient of the core's output `out` (both `[B, T, H * hd]`, as
+/// [`attend_keeping_stats`] gave it with `stats`, under the same `mask`):
+/// `sum(P v · dO) − sum(P · D)` with `P = exp(S − max − log_sum)` and `D = rowsum(dO · O)` held
+/// constant, so that `dS = P (dP − D)`, softmax's backward, without recomputing the softmax's
+/// max and sum (flash attention's backward, in plain ops).
+pub fn attention_surrogate(
+    q: Tensor<4>,
+    k: Tensor<4>,
+    v: Tensor<4>,
+    mask: Tensor<4>,
+    stats: RowStats,
+    out: Tensor<3>,
+    d_out: Tensor<3>,
+) -> Tensor<1> {
+    let [b, h, t, hd] = q.dims();
+    let probs = (masked_scores(q, k, mask) - stats.max - stats.log_sum).exp();
+    let d_out = d_out.cast(DType::F32);
+    let d = (d_out.clone() * out.cast(DType::F32))
+        .reshape([b, t, h, hd])
+        .sum_dim(3)
+        .swap_dims(1, 2);
+    let weighed = weigh_values(probs.clone(), v).cast(DType::F32);
+    (weighed * d_out).sum() - (probs * d).sum()
+}
+
 /// Causal attention through burn's fused attention: flash forward that keeps the
 /// logsumexp and a fused backward under autodiff on GPU backends, so no `[B, H, T, S]`
 /// scores are ever stored; GQA (fewer KV heads) is native. q `[B, H, T, hd]`, k and v
@@ -471,9 +550,9 @@ pub enum AttentionPath {
     Composed,
     /// Training without block checkpointing cuts each adapted layer's attention core out of the
     /// step's graph: the forward computes it untracked, keeping its output and each row's
-    /// softmax statistics ([`Llama::attend_keeping_stats`]; no `[B, H, T, T]` tensor kept); the
+    /// softmax statistics ([`attend_keeping_stats`]; no `[B, H, T, T]` tensor kept); the
     /// backward, one layer at a time, recomputes the probabilities from them and takes q, k and
-    /// v's gradients from [`Llama::attention_surrogate`] (`train::step`). Every other pass takes
+    /// v's gradients from [`attention_surrogate`] (`train::step`). Every other pass takes
     /// its default path.
     Recompute,
 }
@@ -771,91 +850,11 @@ impl Llama {
     }
 
     /// The mask a pass's attention adds to its scores, `[1 or B, 1, T, S]` f32.
-    fn additive_mask(&self, pass: &Pass, t: usize, s: usize) -> Tensor<4> {
+    pub fn additive_mask(&self, pass: &Pass, t: usize, s: usize) -> Tensor<4> {
         match &pass.mask {
             Mask::Causal => self.causal_mask(t, s),
             Mask::Additive(m) => m.clone(),
         }
-    }
-
-    /// `q kᵀ / √hd + mask` in f32, `[B, H, T, S]`, with GQA's query heads folded onto their
-    /// KV head as [`attend_explicit`] does.
-    fn masked_scores(&self, q: Tensor<4>, k: Tensor<4>, pass: &Pass) -> Tensor<4> {
-        let [b, h, t, hd] = q.dims();
-        let [_, kvh, s, _] = k.dims();
-        let scores = q
-            .reshape([b, kvh, h / kvh * t, hd])
-            .matmul(k.swap_dims(2, 3))
-            .mul_scalar(1.0 / (hd as f64).sqrt())
-            .reshape([b, h, t, s]);
-        let scores = match scores.dtype() {
-            DType::F32 => scores,
-            _ => scores.cast(DType::F32),
-        };
-        scores + self.additive_mask(pass, t, s)
-    }
-
-    /// `probs v` for probabilities `[B, H, T, S]` (f32) and v `[B, KV, S, hd]`, in v's dtype,
-    /// as `[B, T, H * hd]`.
-    fn weigh_values(probs: Tensor<4>, v: Tensor<4>) -> Tensor<3> {
-        let [b, h, t, s] = probs.dims();
-        let [_, kvh, _, hd] = v.dims();
-        let probs = match v.dtype() {
-            DType::F32 => probs,
-            dtype => probs.cast(dtype),
-        };
-        probs
-            .reshape([b, kvh, h / kvh * t, s])
-            .matmul(v)
-            .reshape([b, h, t, hd])
-            .swap_dims(1, 2)
-            .reshape([b, t, h * hd])
-    }
-
-    /// The attention core as [`attend_explicit`] computes it, and each query row's softmax
-    /// statistics: what a step that cuts the core out of its graph computes in forward
-    /// ([`AttentionPath::Recompute`]); call it untracked, so no `[B, H, T, S]` tensor outlives it.
-    pub fn attend_keeping_stats(
-        &self,
-        q: Tensor<4>,
-        k: Tensor<4>,
-        v: Tensor<4>,
-        pass: &Pass,
-    ) -> (Tensor<3>, RowStats) {
-        let scores = self.masked_scores(q, k, pass);
-        let max = scores.clone().max_dim(3);
-        let e = (scores - max.clone()).exp();
-        let sum = e.clone().sum_dim(3);
-        let out = Self::weigh_values(e / sum.clone(), v);
-        let log_sum = sum.log();
-        (out, RowStats { max, log_sum })
-    }
-
-    /// A scalar whose gradient with respect to q, k and v (tracked) is attention's backward
-    /// given `d_out`, the gradient of the core's output `out` (both `[B, T, H * hd]`, as the
-    /// forward's [`Llama::attend_keeping_stats`] gave it with `stats`): `sum(P v · dO) − sum(P · D)`
-    /// with `P = exp(S − max − log_sum)` and `D = rowsum(dO · O)` held constant, so that
-    /// `dS = P (dP − D)`, softmax's backward, without recomputing the softmax's max and sum
-    /// (flash attention's backward, in plain ops).
-    pub fn attention_surrogate(
-        &self,
-        q: Tensor<4>,
-        k: Tensor<4>,
-        v: Tensor<4>,
-        pass: &Pass,
-        stats: RowStats,
-        out: Tensor<3>,
-        d_out: Tensor<3>,
-    ) -> Tensor<1> {
-        let [b, h, t, hd] = q.dims();
-        let probs = (self.masked_scores(q, k, pass) - stats.max - stats.log_sum).exp();
-        let d_out = d_out.cast(DType::F32);
-        let d = (d_out.clone() * out.cast(DType::F32))
-            .reshape([b, t, h, hd])
-            .sum_dim(3)
-            .swap_dims(1, 2);
-        let weighed = Self::weigh_values(probs.clone(), v).cast(DType::F32);
-        (weighed * d_out).sum() - (probs * d).sum()
     }
 
     pub fn embed(&self, ids: Tensor<2, Int>) -> Tensor<3> {

@@ -18,7 +18,9 @@ use anyhow::Result;
 use burn::tensor::{Bool, DType, Int, Tensor, TensorData, activation};
 
 use crate::data::dataset::Batch;
-use crate::model::llama::{AttentionPath, Llama, RowStats};
+use crate::model::llama::{
+    AttentionPath, Llama, RowStats, attend_keeping_stats, attention_surrogate,
+};
 use crate::model::lora::{self, trainable_parameters};
 use crate::optim::{AdamW, FlatLayout, StepGradients};
 
@@ -186,7 +188,7 @@ pub fn loss_and_grads(model: &Llama, b: &Batch, o: &StepOptions) -> StepGrads {
         // tensors never outlive it), C (x, core output → y). A and C keep their activations as
         // one graph would; the backward walks the layers down and, between C's backward and
         // A's, takes the core's from a recomputation of its probabilities from those
-        // (`Llama::attention_surrogate`).
+        // (`llama::attention_surrogate`).
         struct Kept {
             xa: Tensor<3>,
             xc: Tensor<3>,
@@ -200,6 +202,7 @@ pub fn loss_and_grads(model: &Llama, b: &Batch, o: &StepOptions) -> StepGrads {
         }
         let leaf3 = |t: &Tensor<3>| t.clone().inner().autodiff().require_grad();
         let leaf4 = |t: &Tensor<4>| t.clone().inner().autodiff().require_grad();
+        let mask = model.additive_mask(&pass, b.seq, b.seq);
         let mut kept = Vec::with_capacity(nl - first);
         for i in first..nl {
             let (layer, leaves) = lora::trainable_layer(&model.layers[i], i);
@@ -209,11 +212,11 @@ pub fn loss_and_grads(model: &Llama, b: &Batch, o: &StepOptions) -> StepGrads {
                 false => (x.clone(), x.clone()),
             };
             let (q, k, v) = layer.attn_in(xa.clone(), &pass, i);
-            let (a, stats) = model.attend_keeping_stats(
+            let (a, stats) = attend_keeping_stats(
                 q.clone().inner(),
                 k.clone().inner(),
                 v.clone().inner(),
-                &pass,
+                mask.clone(),
             );
             let a = a.autodiff().require_grad();
             let y = layer.attn_out(xc.clone(), a.clone(), &pass, i);
@@ -240,17 +243,16 @@ pub fn loss_and_grads(model: &Llama, b: &Batch, o: &StepOptions) -> StepGrads {
             if kp.q.is_tracked() || kp.k.is_tracked() || kp.v.is_tracked() {
                 let (qr, kr, vr) = (leaf4(&kp.q), leaf4(&kp.k), leaf4(&kp.v));
                 let out = kp.a.clone().inner();
-                let gr = model
-                    .attention_surrogate(
-                        qr.clone(),
-                        kr.clone(),
-                        vr.clone(),
-                        &pass,
-                        kp.stats,
-                        out,
-                        da,
-                    )
-                    .backward();
+                let gr = attention_surrogate(
+                    qr.clone(),
+                    kr.clone(),
+                    vr.clone(),
+                    mask.clone(),
+                    kp.stats,
+                    out,
+                    da,
+                )
+                .backward();
                 let d = |t: &Tensor<4>| t.grad(&gr).expect("a recomputed core input is a leaf");
                 let surrogate =
                     (kp.q * d(&qr)).sum() + (kp.k * d(&kr)).sum() + (kp.v * d(&vr)).sum();
