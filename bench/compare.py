@@ -66,11 +66,6 @@ for _name in ("smollm2-f16", "tinyllama-f16"):
     for _tasks in (128, 512):
         CASES[f"{_name}-tasks{_tasks}"] = (CASES[_name][0], None, {"CUBECL_WGPU_MAX_TASKS": str(_tasks)})
 
-# Dense base weights held `[in, out]` (TUNA_WEIGHT_LAYOUT=in-out): the forward's products run nn,
-# the input gradients nt. Same peer as the case without `-wt` (peers are shared by their arguments).
-for _name in ("smollm2-f16", "tinyllama-f16", "tinyllama-f16-gc", "seed004"):
-    CASES[f"{_name}-wt"] = (*CASES[_name][:2], {"TUNA_WEIGHT_LAYOUT": "in-out"})
-
 # A case name with one of these suffixes runs tuna with that attention path in training
 # (TUNA_ATTENTION) against the peer of the case without it, e.g. `smollm2-f16@composed`.
 ATTENTION_PATHS = ("explicit", "fused", "composed", "recompute")

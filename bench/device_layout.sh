@@ -3,7 +3,8 @@
 # against the checkpoint's `[out, in]` (the default). First the step's products in both layouts
 # one at a time (`tuna bench matmul`, two timed passes each, beside bench/peer_matmul.py's
 # cuBLAS), then training against PyTorch + PEFT (bench/compare.py; a `-wt` case shares its peer
-# run with the case without it). Carry .gl and .dev (tuna.xz).
+# run with the case without it). Carry .gl and .dev (tuna.xz). The switch was measured and removed
+# again: the `-wt` cases need a build of commit 3609cc5 (with its bench/compare.py).
 set -u
 . bench/device_env.sh
 t0=$(date +%s)

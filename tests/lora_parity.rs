@@ -13,8 +13,8 @@ use burn::nn::LinearConfig;
 use burn::tensor::{DType, Device, Distribution, Tensor};
 use safetensors::SafeTensors;
 use tuna::data::dataset::Batch;
-use tuna::model::llama::{Linear, Llama, LoraBranch, WeightLayout};
-use tuna::model::load::{load_model, load_model_in_layout};
+use tuna::model::llama::{Linear, Llama, LoraBranch};
+use tuna::model::load::load_model;
 use tuna::model::lora;
 use tuna::model::lora::{load_adapter, lora_parameters, merge_lora, save_peft_adapter};
 use tuna::optim::AdamW;
@@ -85,13 +85,10 @@ fn scalar(t: Tensor<1>) -> f32 {
     t.inner().try_into_vec_as::<f32>().unwrap()[0]
 }
 
-fn check(prefix: &str, layout: WeightLayout) {
+fn check(prefix: &str) {
     let dir = reference_dir();
     let exp = Expected::load();
     let ex = example(&exp, prefix);
-    let load_model = |dir: &std::path::Path, device: &Device, dtype| {
-        load_model_in_layout(dir, device, dtype, layout)
-    };
     let mut model = load_model(&dir.join(prefix), &Device::flex(), DType::F32)
         .unwrap_or_else(|e| panic!("{e:#}"));
     let cfg = load_adapter(&mut model, &dir.join(format!("{prefix}-lora")))
@@ -195,19 +192,12 @@ fn check(prefix: &str, layout: WeightLayout) {
 
 #[test]
 fn tiny_llama_lora_matches_peft() {
-    check("tiny-llama", WeightLayout::OutIn);
+    check("tiny-llama");
 }
 
 #[test]
 fn tiny_qwen2_lora_matches_peft() {
-    check("tiny-qwen2", WeightLayout::OutIn);
-}
-
-/// Base weights held transposed (`TUNA_WEIGHT_LAYOUT=in-out`) train, save and merge to the
-/// same figures: the products change layout, not value.
-#[test]
-fn weights_held_in_out_match_peft() {
-    check("tiny-qwen2", WeightLayout::InOut);
+    check("tiny-qwen2");
 }
 
 /// The side branch computes what burn's `apply_lora` computes (same output, same factor

@@ -71,8 +71,8 @@ const CASES: &[(&str, usize, usize, usize, Layout, usize)] = &[
     ("tinyllama scores", 512, 64, 512, Layout::Nt, 256),
     ("tinyllama probs v", 512, 512, 64, Layout::Nn, 256),
     ("mistral7b up fwd b1", 512, 4096, 14336, Layout::Nt, 1),
-    // The same products in the layouts weights held `[in, out]` give (`TUNA_WEIGHT_LAYOUT=in-out`):
-    // the forward reads the weight as it is (nn), the input gradient through a view (nt).
+    // The same products in the layouts weights held `[in, out]` would give: the forward reading
+    // the weight as it is (nn), the input gradient through a view (nt).
     ("tinyllama q fwd nn", 4096, 2048, 2048, Layout::Nn, 1),
     ("tinyllama q dx nt", 4096, 2048, 2048, Layout::Nt, 1),
     ("tinyllama up fwd nn", 4096, 2048, 5632, Layout::Nn, 1),

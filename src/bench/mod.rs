@@ -18,7 +18,6 @@ use burn::tensor::TensorData;
 use crate::formats::weights::TensorSource;
 use crate::model::config::ModelConfig;
 
-/// HF `config.json` contents of the shapes we benchmark.
 /// Runs `work` (then waits for the device) until `secs` have passed. A GPU left idle drops its
 /// clocks within a fraction of a second (an H200 falls from 1,980 to 345 MHz while tuna
 /// compiles kernels or prepares inputs on the host, `bench/results/h200-2026-12-03c`) and
@@ -32,6 +31,7 @@ pub fn keep_busy(device: &burn::tensor::Device, secs: f64, mut work: impl FnMut(
     }
 }
 
+/// HF `config.json` contents of the shapes we benchmark.
 pub fn shape_config(shape: &str) -> Result<Value> {
     Ok(match shape {
         "smollm2-135m" => {

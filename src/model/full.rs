@@ -64,7 +64,6 @@ fn get(layer: &DecoderLayer, slot: Slot) -> Tensor<2> {
     match slot {
         Slot::Weight(p) => match &linear_ref(layer, p).weight {
             BaseWeight::Dense(w) => w.clone(),
-            BaseWeight::DenseT(w) => w.clone().transpose(),
             BaseWeight::Quant(q) => q.dequantize(DType::F32),
         },
         Slot::Bias(p) => row(linear_ref(layer, p).bias.as_ref().expect("listed by slots")),

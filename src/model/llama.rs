@@ -51,74 +51,26 @@ pub struct Linear {
 /// A base weight: dense in the compute dtype, or quantized and dequantized for each matmul.
 #[derive(Debug, Clone)]
 pub enum BaseWeight {
-    /// `[out, in]` contiguous, as checkpoints store it: the forward `x Wᵀ` reads a transposed
-    /// view (nt) and the backward's input gradient `dY W` reads it as it is (nn).
     Dense(Tensor<2>),
-    /// The same weight held transposed, `[in, out]` contiguous (see [`WeightLayout`]): the
-    /// forward reads it as it is (nn) and the input gradient through a view (nt).
-    DenseT(Tensor<2>),
     Quant(QuantWeight),
 }
 
-/// How dense base weights are held on the device, which decides the layouts the matrix
-/// products of a training step run in. `TUNA_WEIGHT_LAYOUT=in-out` holds them `[in, out]`
-/// ([`BaseWeight::DenseT`]); the default `out-in` keeps the checkpoint's `[out, in]`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum WeightLayout {
-    OutIn,
-    InOut,
-}
-
-impl WeightLayout {
-    /// The layout `TUNA_WEIGHT_LAYOUT` asks for, `out-in` when unset; an unknown value is an
-    /// error naming the two that are known.
-    pub fn from_env() -> anyhow::Result<Self> {
-        match std::env::var("TUNA_WEIGHT_LAYOUT").as_deref() {
-            Err(_) | Ok("") | Ok("out-in") => Ok(Self::OutIn),
-            Ok("in-out") => Ok(Self::InOut),
-            Ok(other) => anyhow::bail!(
-                "TUNA_WEIGHT_LAYOUT is `{other}`; it is `out-in` (the checkpoint's layout, the \
-                 default) or `in-out` (weights held transposed)"
-            ),
-        }
-    }
-}
-
 impl BaseWeight {
-    /// `[out, in]`, whatever the layout it is held in.
     pub fn dims(&self) -> [usize; 2] {
         match self {
             BaseWeight::Dense(w) => w.dims(),
-            BaseWeight::DenseT(w) => {
-                let [i, o] = w.dims();
-                [o, i]
-            }
             BaseWeight::Quant(q) => q.shape,
         }
     }
 
-    /// The dense `[out, in]` weight in `dtype` (a transposed view for [`BaseWeight::DenseT`]).
+    /// The dense `[out, in]` weight in `dtype`.
     pub fn dense(&self, dtype: DType) -> Tensor<2> {
         match self {
             BaseWeight::Dense(w) if w.dtype() == dtype => w.clone(),
             BaseWeight::Dense(w) => w.clone().cast(dtype),
-            BaseWeight::DenseT(w) => cast_to(w.clone(), dtype).transpose(),
             BaseWeight::Quant(q) => q.dequantize(dtype),
         }
     }
-
-    /// `x Wᵀ` for `x` `[rows, in]`, in the layout the weight is held in.
-    fn apply(&self, x: Tensor<2>) -> Tensor<2> {
-        let dtype = x.dtype();
-        match self {
-            BaseWeight::DenseT(w) => x.matmul(cast_to(w.clone(), dtype)),
-            _ => x.matmul(self.dense(dtype).transpose()),
-        }
-    }
-}
-
-fn cast_to(t: Tensor<2>, dtype: DType) -> Tensor<2> {
-    if t.dtype() == dtype { t } else { t.cast(dtype) }
 }
 
 impl Linear {
@@ -166,7 +118,8 @@ impl Linear {
         let [b, t, d_in] = x.dims();
         let x2 = x.reshape([b * t, d_in]);
         let dtype = x2.dtype();
-        let mut y = self.weight.apply(x2.clone());
+        let w = self.weight.dense(dtype);
+        let mut y = x2.clone().matmul(w.clone().transpose());
         if let Some(lora) = &self.lora {
             let mut xin = x2;
             let mut dropped = false;
@@ -202,7 +155,7 @@ impl Linear {
                 Some(m) => {
                     let k = m.clone() / self.dora_norm(lora);
                     let base_d = if dropped {
-                        self.weight.apply(xin)
+                        xin.matmul(w.transpose())
                     } else {
                         y.clone()
                     };
@@ -376,37 +329,11 @@ fn apply_rope(x: Tensor<4>, cos: &Tensor<5>, sin_signed: &Tensor<5>) -> Tensor<4
 /// take (padding, sliding windows): q `[B, H, T, hd]`, k and v `[B, KV, S, hd]`, `mask`
 /// additive f32 broadcastable to `[B, H, T, S]`; returns `[B, T, H * hd]`.
 pub fn attend_explicit(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, mask: Tensor<4>) -> Tensor<3> {
-    let [b, h, t, hd] = q.dims();
-    let [_, kvh, s, _] = k.dims();
-    let n_rep = h / kvh;
-    // GQA without copying K/V: fold the query heads sharing a KV head into the row axis.
-    let qg = q.reshape([b, kvh, n_rep * t, hd]);
-    let scores = qg
-        .matmul(k.swap_dims(2, 3))
-        .mul_scalar(1.0 / (hd as f64).sqrt())
-        .reshape([b, h, t, s]);
-    let dtype = scores.dtype();
-    let scores = if dtype != DType::F32 {
-        scores.cast(DType::F32)
-    } else {
-        scores
-    };
-    let probs = activation::softmax(scores + mask, 3);
-    let probs = if dtype != DType::F32 {
-        probs.cast(dtype)
-    } else {
-        probs
-    };
-    probs
-        .reshape([b, kvh, n_rep * t, s])
-        .matmul(v)
-        .reshape([b, h, t, hd])
-        .swap_dims(1, 2)
-        .reshape([b, t, h * hd])
+    weigh_values(activation::softmax(masked_scores(q, k, mask), 3), v)
 }
 
-/// `q kᵀ / √hd + mask` in f32, `[B, H, T, S]`, with GQA's query heads folded onto their KV
-/// head as [`attend_explicit`] does.
+/// `q kᵀ / √hd + mask` in f32, `[B, H, T, S]`. GQA without copying K/V: the query heads
+/// sharing a KV head are folded into the row axis.
 fn masked_scores(q: Tensor<4>, k: Tensor<4>, mask: Tensor<4>) -> Tensor<4> {
     let [b, h, t, hd] = q.dims();
     let [_, kvh, s, _] = k.dims();
@@ -568,13 +495,20 @@ impl AttentionPath {
         }
     }
 
-    /// The path `TUNA_ATTENTION` asks for, read once per process.
+    /// The path `TUNA_ATTENTION` asks for, read once per process; a value that names no path
+    /// is said once on stderr (with the ones there are) and otherwise ignored.
     pub fn forced() -> Option<Self> {
         static FORCED: std::sync::OnceLock<Option<AttentionPath>> = std::sync::OnceLock::new();
         *FORCED.get_or_init(|| {
-            std::env::var("TUNA_ATTENTION")
-                .ok()
-                .and_then(|v| AttentionPath::parse(&v))
+            let value = std::env::var("TUNA_ATTENTION").ok()?;
+            let path = AttentionPath::parse(&value);
+            if path.is_none() {
+                eprintln!(
+                    "warning: TUNA_ATTENTION is `{value}`, which names no attention path \
+                     (explicit, fused, composed or recompute); using the defaults"
+                );
+            }
+            path
         })
     }
 

@@ -12,9 +12,7 @@ use burn::tensor::{DType, Device, Tensor, TensorData};
 use crate::formats::safetensors;
 use crate::formats::weights::TensorSource;
 use crate::model::config::ModelConfig;
-use crate::model::llama::{
-    Attention, BaseWeight, DecoderLayer, Linear, Llama, Mlp, RmsNorm, WeightLayout,
-};
+use crate::model::llama::{Attention, DecoderLayer, Linear, Llama, Mlp, RmsNorm};
 use crate::model::quant::{QuantSpec, QuantWeight};
 
 struct Builder<'a> {
@@ -24,8 +22,6 @@ struct Builder<'a> {
     quantization: Option<QuantSpec>,
     /// Quantize dense linear layers at load (QLoRA on a full-precision base).
     quantize: Option<QuantSpec>,
-    /// How dense linear weights are held on the device.
-    layout: WeightLayout,
 }
 
 impl Builder<'_> {
@@ -130,17 +126,6 @@ impl Builder<'_> {
                         .scales_as(self.dtype),
                 )
             }
-            (None, _) if self.layout == WeightLayout::InOut => {
-                let host = self.host(&format!("{prefix}.weight"), &[out, inp])?;
-                let t =
-                    Tensor::from_data(transpose_host(host, out, inp), (self.device, self.dtype));
-                let mut lin = Linear::new(t, None);
-                lin.weight = match lin.weight {
-                    BaseWeight::Dense(t) => BaseWeight::DenseT(t),
-                    other => other,
-                };
-                lin
-            }
             (None, _) => Linear::new(self.t2(&format!("{prefix}.weight"), out, inp)?, None),
         };
         if bias {
@@ -155,27 +140,6 @@ impl Builder<'_> {
             eps,
         })
     }
-}
-
-/// `[rows, cols]` host data as `[cols, rows]`, element by element in its stored dtype.
-fn transpose_host(data: TensorData, rows: usize, cols: usize) -> TensorData {
-    let dtype = data.dtype();
-    let size = dtype.size();
-    let src = data.as_bytes();
-    let mut dst = vec![0u8; src.len()];
-    // In 64 x 64 tiles, so neither side is walked a whole column at a time.
-    const TILE: usize = 64;
-    for r0 in (0..rows).step_by(TILE) {
-        for c0 in (0..cols).step_by(TILE) {
-            for r in r0..(r0 + TILE).min(rows) {
-                for c in c0..(c0 + TILE).min(cols) {
-                    let (from, to) = ((r * cols + c) * size, (c * rows + r) * size);
-                    dst[to..to + size].copy_from_slice(&src[from..from + size]);
-                }
-            }
-        }
-    }
-    TensorData::from_bytes_vec(dst, [cols, rows], dtype)
 }
 
 /// Builds the model from HF-named weights onto `device` (non-autodiff) in float `dtype`, one
@@ -199,20 +163,6 @@ pub fn build_model_quantized(
     dtype: DType,
     quantize: Option<QuantSpec>,
 ) -> Result<Llama> {
-    let layout = WeightLayout::from_env()?;
-    build_model_in_layout(config, weights, device, dtype, quantize, layout)
-}
-
-/// [`build_model_quantized`] with dense linear weights held in `layout` (what
-/// `TUNA_WEIGHT_LAYOUT` picks for the other builders).
-pub fn build_model_in_layout(
-    config: &ModelConfig,
-    weights: &dyn TensorSource,
-    device: &Device,
-    dtype: DType,
-    quantize: Option<QuantSpec>,
-    layout: WeightLayout,
-) -> Result<Llama> {
     let device = device.clone().without_autodiff();
     let b = Builder {
         weights,
@@ -220,7 +170,6 @@ pub fn build_model_in_layout(
         dtype,
         quantization: config.quantization,
         quantize,
-        layout,
     };
     let c = config;
     let (d, hd) = (c.hidden_size, c.head_dim);
@@ -288,16 +237,6 @@ pub fn build_model_in_layout(
 
 /// Loads `config.json` and the safetensors weights of an HF checkpoint directory.
 pub fn load_model(dir: &Path, device: &Device, dtype: DType) -> Result<Llama> {
-    load_model_in_layout(dir, device, dtype, WeightLayout::from_env()?)
-}
-
-/// [`load_model`] with dense linear weights held in `layout`.
-pub fn load_model_in_layout(
-    dir: &Path,
-    device: &Device,
-    dtype: DType,
-    layout: WeightLayout,
-) -> Result<Llama> {
     let config = ModelConfig::from_file(dir.join("config.json"))?;
     let weights = safetensors::map_dir(dir)?;
     let files: Vec<String> = safetensors::checkpoint_files(dir)?
@@ -305,6 +244,6 @@ pub fn load_model_in_layout(
         .map(|f| f.display().to_string())
         .collect();
     // One message naming both the tensor and the file(s), whatever way the error is printed.
-    build_model_in_layout(&config, &weights, device, dtype, None, layout)
+    build_model(&config, &weights, device, dtype)
         .map_err(|e| anyhow!("{e:#} in {}", files.join(", ")))
 }

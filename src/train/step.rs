@@ -239,7 +239,9 @@ pub fn loss_and_grads(model: &Llama, b: &Batch, o: &StepOptions) -> StepGrads {
             let gc = (kp.y * g.clone()).sum().backward();
             collect(kp.leaves.clone(), &gc);
             let da = kp.a.grad(&gc).expect("the core's output is a leaf");
-            let gx = (i > first).then(|| kp.xc.grad(&gc).expect("the layer input is a leaf"));
+            // Above the lowest adapted layer q, k and v are always tracked (the layer input is a
+            // leaf); in the lowest one they are when q, k or v carry an adapter, and nothing
+            // flows below it.
             if kp.q.is_tracked() || kp.k.is_tracked() || kp.v.is_tracked() {
                 let (qr, kr, vr) = (leaf4(&kp.q), leaf4(&kp.k), leaf4(&kp.v));
                 let out = kp.a.clone().inner();
@@ -258,11 +260,10 @@ pub fn loss_and_grads(model: &Llama, b: &Batch, o: &StepOptions) -> StepGrads {
                     (kp.q * d(&qr)).sum() + (kp.k * d(&kr)).sum() + (kp.v * d(&vr)).sum();
                 let ga = surrogate.backward();
                 collect(kp.leaves, &ga);
-                if let Some(gx) = gx {
+                if i > first {
+                    let gx = kp.xc.grad(&gc).expect("the layer input is a leaf");
                     g = gx + kp.xa.grad(&ga).expect("the layer input is a leaf");
                 }
-            } else if let Some(gx) = gx {
-                g = gx;
             }
         }
         nll
