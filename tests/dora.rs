@@ -33,7 +33,9 @@ fn dora_loss_and_gradients_match_peft() {
     let expected = std::fs::read(fixture().join("expected.safetensors")).unwrap();
     let want = common::f32_tensor(&expected, "loss")[0];
     let batch = common::lora_example_batch();
-    for (checkpoint, recompute_attention) in [(false, false), (true, false), (false, true)] {
+    for (checkpoint, recompute_attention) in
+        [(false, false), (true, false), (false, true), (true, true)]
+    {
         let sg = loss_and_grads(
             &model,
             &batch,

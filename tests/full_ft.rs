@@ -38,7 +38,9 @@ fn full_fine_tuning_matches_pytorch() {
         lora::apply_fine_tune(&mut model, &full_last_block(), 0).unwrap();
         let batch = example_batch(name);
         let loss0 = common::f32_tensor(&want, &format!("{name}.loss0"))[0];
-        for (checkpoint, recompute_attention) in [(false, false), (true, false), (false, true)] {
+        for (checkpoint, recompute_attention) in
+            [(false, false), (true, false), (false, true), (true, true)]
+        {
             let sg = loss_and_grads(
                 &model,
                 &batch,

@@ -105,7 +105,9 @@ fn check(prefix: &str) {
         "the plain forward's loss"
     );
     // Plain, block checkpointing, and attention cores recomputed in backward.
-    for (checkpoint, recompute_attention) in [(false, false), (true, false), (false, true)] {
+    for (checkpoint, recompute_attention) in
+        [(false, false), (true, false), (false, true), (true, true)]
+    {
         let sg = step(
             &model,
             &ex,

@@ -1,6 +1,6 @@
 //! `tuna bench attention`: the causal attention paths (explicit matmul + softmax, burn's fused
-//! kernels, burn's composed logsumexp path, and training's `recompute`: the core untracked, its
-//! backward from softmax statistics) on random tensors of real models' attention
+//! kernels, burn's composed logsumexp path, and tuna's `recompute` op: one autodiff node whose
+//! backward recomputes the probabilities from softmax statistics) on random tensors of real models' attention
 //! shapes, under autodiff as training runs them: how far each one's output and q/k/v gradients
 //! are from the explicit path (the reference: plain matmuls and an f32 softmax), and how long a
 //! forward + backward takes. Inputs come in as the model makes them: `[B, T, H, hd]` with heads
@@ -16,9 +16,7 @@ use serde_json::{Value, json};
 use crate::bench::keep_busy;
 use crate::data::dataset::SplitMix64;
 use crate::model::device::device_for;
-use crate::model::llama::{
-    AttentionPath, attend_keeping_stats, attention_surrogate, causal_mask_tensor,
-};
+use crate::model::llama::AttentionPath;
 
 #[derive(Args, Debug, Clone)]
 pub struct BenchAttentionArgs {
@@ -82,20 +80,6 @@ fn pass(
         v.clone().swap_dims(1, 2),
     );
     let r = r.reshape([b, t, h * hd]);
-    if path == AttentionPath::Recompute {
-        // As training's `recompute` steps: the core untracked, then its backward from the
-        // surrogate (the output's gradient of `sum(out · r)` is `r`).
-        let mask = causal_mask_tensor(t, t, None, &q.device());
-        let (out, stats) = attend_keeping_stats(
-            qh.clone().inner(),
-            kh.clone().inner(),
-            vh.clone().inner(),
-            mask.clone(),
-        );
-        let g = attention_surrogate(qh, kh, vh, mask, stats, out.clone(), r).backward();
-        let grad = |x: &Tensor<4>| x.grad(&g).expect("a leaf");
-        return [out.reshape([b, t, h, hd]), grad(&q), grad(&k), grad(&v)];
-    }
     let out = path.causal(qh, kh, vh);
     let g = (out.clone() * r).sum().backward();
     let grad = |x: &Tensor<4>| x.grad(&g).expect("a leaf");

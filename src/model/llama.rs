@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex};
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{DType, Device, Distribution, Int, Tensor, TensorData, activation};
 
+use crate::model::attention_op::attend_recomputing;
 use crate::model::config::ModelConfig;
 use crate::model::quant::QuantWeight;
 
@@ -310,6 +311,9 @@ pub struct Pass {
     /// the composed one (TinyLlama 8 × 512 f16 with checkpointing on an H200, one call,
     /// `bench/device_checkpoint.sh`: 12,305 vs 9,283 tok/s in 4,423 vs 3,535 MiB).
     pub one_block_backward: bool,
+    /// The path this pass's causal attention takes, before `TUNA_ATTENTION` and the defaults
+    /// (a training step's choice, [`crate::train::step::StepOptions::recompute_attention`]).
+    pub attention: Option<AttentionPath>,
 }
 
 /// RoPE on `x` `[B, T, heads, hd]` (HF's half-split layout): `x·cos + rotate_half(x)·sin`
@@ -366,51 +370,6 @@ fn weigh_values(probs: Tensor<4>, v: Tensor<4>) -> Tensor<3> {
         .reshape([b, t, h * hd])
 }
 
-/// The attention core as [`attend_explicit`] computes it (q `[B, H, T, hd]`, k and v
-/// `[B, KV, S, hd]`, `mask` additive f32), and each query row's softmax statistics: what a step
-/// that cuts the core out of its graph computes in forward ([`AttentionPath::Recompute`]); call
-/// it untracked, so no `[B, H, T, S]` tensor outlives it.
-pub fn attend_keeping_stats(
-    q: Tensor<4>,
-    k: Tensor<4>,
-    v: Tensor<4>,
-    mask: Tensor<4>,
-) -> (Tensor<3>, RowStats) {
-    let scores = masked_scores(q, k, mask);
-    let max = scores.clone().max_dim(3);
-    let e = (scores - max.clone()).exp();
-    let sum = e.clone().sum_dim(3);
-    let out = weigh_values(e / sum.clone(), v);
-    let log_sum = sum.log();
-    (out, RowStats { max, log_sum })
-}
-
-/// A scalar whose gradient with respect to q, k and v (tracked) is attention's backward given
-/// `d_out`, the gradient of the core's output `out` (both `[B, T, H * hd]`, as
-/// [`attend_keeping_stats`] gave it with `stats`, under the same `mask`):
-/// `sum(P v · dO) − sum(P · D)` with `P = exp(S − max − log_sum)` and `D = rowsum(dO · O)` held
-/// constant, so that `dS = P (dP − D)`, softmax's backward, without recomputing the softmax's
-/// max and sum (flash attention's backward, in plain ops).
-pub fn attention_surrogate(
-    q: Tensor<4>,
-    k: Tensor<4>,
-    v: Tensor<4>,
-    mask: Tensor<4>,
-    stats: RowStats,
-    out: Tensor<3>,
-    d_out: Tensor<3>,
-) -> Tensor<1> {
-    let [b, h, t, hd] = q.dims();
-    let probs = (masked_scores(q, k, mask) - stats.max - stats.log_sum).exp();
-    let d_out = d_out.cast(DType::F32);
-    let d = (d_out.clone() * out.cast(DType::F32))
-        .reshape([b, t, h, hd])
-        .sum_dim(3)
-        .swap_dims(1, 2);
-    let weighed = weigh_values(probs.clone(), v).cast(DType::F32);
-    (weighed * d_out).sum() - (probs * d).sum()
-}
-
 /// Causal attention through burn's fused attention: flash forward that keeps the
 /// logsumexp and a fused backward under autodiff on GPU backends, so no `[B, H, T, S]`
 /// scores are ever stored; GQA (fewer KV heads) is native. q `[B, H, T, hd]`, k and v
@@ -459,28 +418,15 @@ pub fn attend_composed(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> Tensor<3> {
     out.swap_dims(1, 2).reshape([b, t, h * hd])
 }
 
-/// Each query row's softmax statistics, `[B, H, T, 1]` f32: its largest score and the log of
-/// its sum of `exp(score − max)`. Kept apart rather than as one logsumexp: a row whose every key
-/// is masked off (max = −1e30) would lose its `log_sum` to rounding in the sum, and recompute
-/// probabilities of 1 instead of the forward's 1/S.
-#[derive(Debug, Clone)]
-pub struct RowStats {
-    pub max: Tensor<4>,
-    pub log_sum: Tensor<4>,
-}
-
 /// Which attention implementation a causal pass uses (see [`Llama::attend`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AttentionPath {
     Explicit,
     Fused,
     Composed,
-    /// Training without block checkpointing cuts each adapted layer's attention core out of the
-    /// step's graph: the forward computes it untracked, keeping its output and each row's
-    /// softmax statistics ([`attend_keeping_stats`]; no `[B, H, T, T]` tensor kept); the
-    /// backward, one layer at a time, recomputes the probabilities from them and takes q, k and
-    /// v's gradients from [`attention_surrogate`] (`train::step`). Every other pass takes
-    /// its default path.
+    /// One autodiff node per core that keeps only q, k, v, the output and each row's softmax
+    /// statistics, and recomputes the probabilities in backward (flash attention's backward in
+    /// plain ops, [`crate::model::attention_op`]): no `[B, H, T, S]` tensor outlives the core.
     Recompute,
 }
 
@@ -512,6 +458,15 @@ impl AttentionPath {
         })
     }
 
+    /// Attention under an additive `mask` by this path: the recompute one, or the explicit one
+    /// (burn's fused and composed paths take no additive mask).
+    pub fn with_mask(self, q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, mask: Tensor<4>) -> Tensor<3> {
+        match self {
+            Self::Recompute => attend_recomputing(q, k, v, mask),
+            _ => attend_explicit(q, k, v, mask),
+        }
+    }
+
     /// Causal attention of q `[B, H, T, hd]` over k, v `[B, KV, S, hd]` by this path (the
     /// composed one only for S = T; with cached keys it is the fused one).
     pub fn causal(self, q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> Tensor<3> {
@@ -522,7 +477,7 @@ impl AttentionPath {
             Self::Explicit | Self::Recompute => {
                 let (t, s) = (q.dims()[2], k.dims()[2]);
                 let mask = causal_mask_tensor(t, s, None, &q.device());
-                attend_explicit(q, k, v, mask)
+                self.with_mask(q, k, v, mask)
             }
         }
     }
@@ -746,6 +701,7 @@ impl Llama {
             mask,
             dropout_seed,
             one_block_backward: false,
+            attention: None,
         }
     }
 
@@ -763,8 +719,7 @@ impl Llama {
     /// compare them (`tuna bench attention` does so on random tensors).
     pub fn attend(&self, q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, pass: &Pass) -> Tensor<3> {
         let mask = &pass.mask;
-        // `recompute` is a way of stepping (see `train::step`), not a path for this call.
-        let forced = AttentionPath::forced().filter(|p| *p != AttentionPath::Recompute);
+        let forced = pass.attention.or_else(AttentionPath::forced);
         let tracked = q.is_tracked() || k.is_tracked() || v.is_tracked();
         let path = forced.unwrap_or(if tracked && pass.one_block_backward {
             AttentionPath::Explicit
@@ -773,12 +728,14 @@ impl Llama {
         } else {
             AttentionPath::Fused
         });
+        let additive = matches!(path, AttentionPath::Explicit | AttentionPath::Recompute);
         match mask {
-            Mask::Causal if path == AttentionPath::Explicit => {
+            Mask::Causal if additive => {
                 let (t, s) = (q.dims()[2], k.dims()[2]);
-                attend_explicit(q, k, v, self.causal_mask(t, s))
+                path.with_mask(q, k, v, self.causal_mask(t, s))
             }
             Mask::Causal => path.causal(q, k, v),
+            Mask::Additive(m) if additive => path.with_mask(q, k, v, m.clone()),
             Mask::Additive(m) => attend_explicit(q, k, v, m.clone()),
         }
     }

@@ -18,9 +18,7 @@ use anyhow::Result;
 use burn::tensor::{Bool, DType, Int, Tensor, TensorData, activation};
 
 use crate::data::dataset::Batch;
-use crate::model::llama::{
-    AttentionPath, Llama, RowStats, attend_keeping_stats, attention_surrogate,
-};
+use crate::model::llama::{AttentionPath, Llama};
 use crate::model::lora::{self, trainable_parameters};
 use crate::optim::{AdamW, FlatLayout, StepGradients};
 
@@ -37,8 +35,8 @@ pub struct StepOptions {
     /// The loss is multiplied by this before backward (f16 loss scaling); the gradients come
     /// back multiplied by it too.
     pub loss_scale: f64,
-    /// Without `checkpoint`: cut each adapted layer's attention core out of the graph and
-    /// recompute it in backward (`TUNA_ATTENTION=recompute`, see [`AttentionPath::Recompute`]).
+    /// Attention cores keep only their softmax statistics and recompute the probabilities in
+    /// backward (`TUNA_ATTENTION=recompute`, see [`AttentionPath::Recompute`]).
     pub recompute_attention: bool,
 }
 
@@ -156,6 +154,9 @@ pub fn loss_and_grads(model: &Llama, b: &Batch, o: &StepOptions) -> StepGrads {
     let n = targets.len();
     let mut pass = model.pass(0, b.seq, None, o.dropout_seed);
     pass.one_block_backward = o.checkpoint;
+    if o.recompute_attention {
+        pass.attention = Some(AttentionPath::Recompute);
+    }
     let adapted = lora::adapted_layers(model);
     let nl = model.layers.len();
     let first = adapted.first().copied().unwrap_or(nl);
@@ -182,91 +183,6 @@ pub fn loss_and_grads(model: &Llama, b: &Batch, o: &StepOptions) -> StepGrads {
     };
     let nll = if first == nl || n == 0 {
         Tensor::zeros([1], (&model.device, DType::F32))
-    } else if !o.checkpoint && o.recompute_attention {
-        // Every adapted layer is three segments: A (x → q, k, v), the attention core (computed
-        // untracked, keeping only its output and each row's softmax statistics, so its `[B, H, T, T]`
-        // tensors never outlive it), C (x, core output → y). A and C keep their activations as
-        // one graph would; the backward walks the layers down and, between C's backward and
-        // A's, takes the core's from a recomputation of its probabilities from those
-        // (`llama::attention_surrogate`).
-        struct Kept {
-            xa: Tensor<3>,
-            xc: Tensor<3>,
-            q: Tensor<4>,
-            k: Tensor<4>,
-            v: Tensor<4>,
-            a: Tensor<3>,
-            stats: RowStats,
-            y: Tensor<3>,
-            leaves: Vec<(String, Tensor<2>)>,
-        }
-        let leaf3 = |t: &Tensor<3>| t.clone().inner().autodiff().require_grad();
-        let leaf4 = |t: &Tensor<4>| t.clone().inner().autodiff().require_grad();
-        let mask = model.additive_mask(&pass, b.seq, b.seq);
-        let mut kept = Vec::with_capacity(nl - first);
-        for i in first..nl {
-            let (layer, leaves) = lora::trainable_layer(&model.layers[i], i);
-            // The lowest adapted layer's input needs no gradient: nothing below it trains.
-            let (xa, xc) = match i > first {
-                true => (leaf3(&x), leaf3(&x)),
-                false => (x.clone(), x.clone()),
-            };
-            let (q, k, v) = layer.attn_in(xa.clone(), &pass, i);
-            let (a, stats) = attend_keeping_stats(
-                q.clone().inner(),
-                k.clone().inner(),
-                v.clone().inner(),
-                mask.clone(),
-            );
-            let a = a.autodiff().require_grad();
-            let y = layer.attn_out(xc.clone(), a.clone(), &pass, i);
-            x = y.clone();
-            kept.push(Kept {
-                xa,
-                xc,
-                q,
-                k,
-                v,
-                a,
-                stats,
-                y,
-                leaves,
-            });
-        }
-        let (nll, mut g) = head(x);
-        for i in (first..nl).rev() {
-            let kp = kept.pop().expect("one per adapted layer");
-            let gc = (kp.y * g.clone()).sum().backward();
-            collect(kp.leaves.clone(), &gc);
-            let da = kp.a.grad(&gc).expect("the core's output is a leaf");
-            // Above the lowest adapted layer q, k and v are always tracked (the layer input is a
-            // leaf); in the lowest one they are when q, k or v carry an adapter, and nothing
-            // flows below it.
-            if kp.q.is_tracked() || kp.k.is_tracked() || kp.v.is_tracked() {
-                let (qr, kr, vr) = (leaf4(&kp.q), leaf4(&kp.k), leaf4(&kp.v));
-                let out = kp.a.clone().inner();
-                let gr = attention_surrogate(
-                    qr.clone(),
-                    kr.clone(),
-                    vr.clone(),
-                    mask.clone(),
-                    kp.stats,
-                    out,
-                    da,
-                )
-                .backward();
-                let d = |t: &Tensor<4>| t.grad(&gr).expect("a recomputed core input is a leaf");
-                let surrogate =
-                    (kp.q * d(&qr)).sum() + (kp.k * d(&kr)).sum() + (kp.v * d(&vr)).sum();
-                let ga = surrogate.backward();
-                collect(kp.leaves, &ga);
-                if i > first {
-                    let gx = kp.xc.grad(&gc).expect("the layer input is a leaf");
-                    g = gx + kp.xa.grad(&ga).expect("the layer input is a leaf");
-                }
-            }
-        }
-        nll
     } else if !o.checkpoint {
         let mut leaves = Vec::new();
         for i in first..nl {

@@ -1,0 +1,226 @@
+//! Causal attention's core as one autodiff operation with a flash-attention backward in plain
+//! tensor ops (a burn backend extension).
+//!
+//! burn differentiates an attention written from tensor ops by keeping every intermediate, the
+//! `[B, H, T, S]` scores and probabilities included (the explicit path: fast, but twice PEFT's
+//! memory on TinyLlama), and its own attention backward is wrong on Vulkan or slow (the fused and
+//! composed paths). This operation keeps only what flash attention keeps — q, k, v, the output and
+//! each query row's softmax max and log-sum — and in backward recomputes the probabilities from
+//! them and takes dQ, dK, dV in five matrix products:
+//! `P = exp(S − max − log_sum)`, `dV = Pᵀ dO`, `dP = dO Vᵀ`, `dS = P (dP − rowsum(dO · O))`,
+//! `dQ = dS K / √hd`, `dK = dSᵀ Q / √hd`. One node in the step's graph, so it serves every
+//! training step, checkpointed or not. GQA without copying K/V: the query heads sharing a KV
+//! head are folded into the row axis of each product.
+
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::{Autodiff, Backend, Dispatch, FloatDType, backend_extension};
+use burn::backend::{TensorMetadata, tensor::FloatTensor};
+use burn::tensor::{DType, Shape, Tensor};
+
+/// The attention core as a backend operation: the default body (no autodiff) is the forward
+/// alone; the autodiff backend records it as one node with the backward above.
+#[cfg_attr(feature = "gpu", backend_extension(Flex, Cube, Autodiff))]
+#[cfg_attr(not(feature = "gpu"), backend_extension(Flex, Autodiff))]
+pub trait AttentionCoreOps: Backend {
+    /// q `[B, H, T, hd]`, k and v `[B, KV, S, hd]`, `mask` additive f32 `[1 or B, 1, T, S]`;
+    /// returns `[B, T, H * hd]` in v's dtype.
+    fn attention_core(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        mask: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        forward::<Self>(q, k, v, mask).0
+    }
+}
+
+impl AttentionCoreOps for burn::backend::Flex {}
+
+#[cfg(feature = "gpu")]
+impl AttentionCoreOps for burn::backend::Cube {}
+
+impl<B: Backend + AttentionCoreOps, C: CheckpointStrategy> AttentionCoreOps for Autodiff<B, C> {
+    fn attention_core(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        mask: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        let mask = mask.into_primitive();
+        match Core
+            .prepare::<C>([q.node(), k.node(), v.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let (q, k, v) = (q.into_primitive(), k.into_primitive(), v.into_primitive());
+                let (out, max, log_sum) =
+                    forward::<B>(q.clone(), k.clone(), v.clone(), mask.clone());
+                let state = Kept {
+                    q,
+                    k,
+                    v,
+                    mask,
+                    out: out.clone(),
+                    max,
+                    log_sum,
+                };
+                prep.finish(state, out)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(
+                forward::<B>(
+                    q.into_primitive(),
+                    k.into_primitive(),
+                    v.into_primitive(),
+                    mask,
+                )
+                .0,
+            ),
+        }
+    }
+}
+
+/// Causal attention's core through [`AttentionCoreOps`] (see the module docs), on whatever
+/// backend the tensors live on; `mask` must live on q's device (autodiff or not alike).
+pub fn attend_recomputing(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, mask: Tensor<4>) -> Tensor<3> {
+    let mask = match (q.is_autodiff(), mask.is_autodiff()) {
+        (true, false) => mask.autodiff(),
+        (false, true) => mask.inner(),
+        _ => mask,
+    };
+    Tensor::from_dispatch(<Dispatch as AttentionCoreOps>::attention_core(
+        q.into_dispatch(),
+        k.into_dispatch(),
+        v.into_dispatch(),
+        mask.into_dispatch(),
+    ))
+}
+
+#[derive(Debug)]
+struct Core;
+
+/// What the backward reads: the inputs, the output and each row's softmax statistics (f32
+/// `[B, H, T, 1]`; max and log-sum apart, so a fully masked row recomputes the forward's 1/S).
+#[derive(Debug, Clone)]
+struct Kept<B: Backend> {
+    q: FloatTensor<B>,
+    k: FloatTensor<B>,
+    v: FloatTensor<B>,
+    mask: FloatTensor<B>,
+    out: FloatTensor<B>,
+    max: FloatTensor<B>,
+    log_sum: FloatTensor<B>,
+}
+
+impl<B: Backend> Backward<B, 3> for Core {
+    type State = Kept<B>;
+
+    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node_q, node_k, node_v] = ops.parents;
+        let d_out = grads.consume::<B>(&ops.node);
+        let Kept {
+            q,
+            k,
+            v,
+            mask,
+            out,
+            max,
+            log_sum,
+        } = ops.state;
+        let [b, h, t, hd] = dims4(&q);
+        let [_, kvh, s, _] = dims4(&k);
+        let g = h / kvh;
+        let dtype = v.dtype();
+        // rowsum(dO · O) per query row, f32 [B, H, T, 1].
+        let rows = B::float_mul(f32_of::<B>(d_out.clone()), f32_of::<B>(out));
+        let rows = B::float_reshape(rows, Shape::new([b, t, h, hd]));
+        let rows = B::float_swap_dims(B::float_sum_dim(rows, 3), 1, 2);
+        let probs = B::float_exp(B::float_sub(
+            B::float_sub(scores::<B>(q.clone(), k.clone(), mask), max),
+            log_sum,
+        ));
+        // dO as [B, KV, G·T, hd], the query heads of each KV head folded into its rows.
+        let d_out = B::float_reshape(d_out, Shape::new([b, t, h, hd]));
+        let d_out = B::float_reshape(
+            B::float_swap_dims(d_out, 1, 2),
+            Shape::new([b, kvh, g * t, hd]),
+        );
+        let folded = |x: FloatTensor<B>| B::float_reshape(x, Shape::new([b, kvh, g * t, s]));
+        if let Some(node) = node_v {
+            let p = folded(cast::<B>(probs.clone(), dtype));
+            let dv = B::float_matmul(B::float_swap_dims(p, 2, 3), d_out.clone());
+            grads.register::<B>(node.id, dv);
+        }
+        if node_q.is_none() && node_k.is_none() {
+            return;
+        }
+        let dp = B::float_matmul(d_out, B::float_swap_dims(v, 2, 3));
+        let dp = f32_of::<B>(B::float_reshape(dp, Shape::new([b, h, t, s])));
+        let ds = B::float_mul(probs, B::float_sub(dp, rows));
+        let ds = B::float_mul_scalar(ds, (1.0 / (hd as f32).sqrt()).into());
+        let ds = folded(cast::<B>(ds, q.dtype()));
+        if let Some(node) = node_q {
+            let dq = B::float_matmul(ds.clone(), k);
+            grads.register::<B>(node.id, B::float_reshape(dq, Shape::new([b, h, t, hd])));
+        }
+        if let Some(node) = node_k {
+            let q = B::float_reshape(q, Shape::new([b, kvh, g * t, hd]));
+            let dk = B::float_matmul(B::float_swap_dims(ds, 2, 3), q);
+            grads.register::<B>(node.id, dk);
+        }
+    }
+}
+
+fn dims4(x: &impl TensorMetadata) -> [usize; 4] {
+    let shape = x.shape();
+    [shape[0], shape[1], shape[2], shape[3]]
+}
+
+fn f32_of<B: Backend>(x: FloatTensor<B>) -> FloatTensor<B> {
+    cast::<B>(x, DType::F32)
+}
+
+fn cast<B: Backend>(x: FloatTensor<B>, dtype: DType) -> FloatTensor<B> {
+    match x.dtype() == dtype {
+        true => x,
+        false => B::float_cast(x, FloatDType::from(dtype)),
+    }
+}
+
+/// `q kᵀ / √hd + mask` in f32, `[B, H, T, S]`.
+fn scores<B: Backend>(
+    q: FloatTensor<B>,
+    k: FloatTensor<B>,
+    mask: FloatTensor<B>,
+) -> FloatTensor<B> {
+    let [b, h, t, hd] = dims4(&q);
+    let [_, kvh, s, _] = dims4(&k);
+    let q = B::float_reshape(q, Shape::new([b, kvh, h / kvh * t, hd]));
+    let scores = B::float_matmul(q, B::float_swap_dims(k, 2, 3));
+    let scores = B::float_mul_scalar(scores, (1.0 / (hd as f32).sqrt()).into());
+    let scores = f32_of::<B>(B::float_reshape(scores, Shape::new([b, h, t, s])));
+    B::float_add(scores, mask)
+}
+
+/// The core's output `[B, T, H * hd]` (v's dtype) and each row's softmax max and log-sum.
+fn forward<B: Backend>(
+    q: FloatTensor<B>,
+    k: FloatTensor<B>,
+    v: FloatTensor<B>,
+    mask: FloatTensor<B>,
+) -> (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>) {
+    let [b, h, t, hd] = dims4(&q);
+    let [_, kvh, s, _] = dims4(&k);
+    let scores = scores::<B>(q, k, mask);
+    let max = B::float_max_dim(scores.clone(), 3);
+    let e = B::float_exp(B::float_sub(scores, max.clone()));
+    let sum = B::float_sum_dim(e.clone(), 3);
+    let probs = cast::<B>(B::float_div(e, sum.clone()), v.dtype());
+    let probs = B::float_reshape(probs, Shape::new([b, kvh, h / kvh * t, s]));
+    let out = B::float_reshape(B::float_matmul(probs, v), Shape::new([b, h, t, hd]));
+    let out = B::float_reshape(B::float_swap_dims(out, 1, 2), Shape::new([b, t, h * hd]));
+    (out, max, B::float_log(sum))
+}
