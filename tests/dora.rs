@@ -6,6 +6,7 @@ use crate::common;
 
 use burn::tensor::{DType, Device, Tensor};
 use common::reference_dir;
+use tuna::model::llama::AttentionPath;
 use tuna::model::load::load_model;
 use tuna::model::lora::{
     LoraConfig, apply_lora, load_adapter, lora_parameters, merge_lora, save_peft_adapter,
@@ -33,15 +34,18 @@ fn dora_loss_and_gradients_match_peft() {
     let expected = std::fs::read(fixture().join("expected.safetensors")).unwrap();
     let want = common::f32_tensor(&expected, "loss")[0];
     let batch = common::lora_example_batch();
-    for (checkpoint, recompute_attention) in
-        [(false, false), (true, false), (false, true), (true, true)]
-    {
+    for (checkpoint, attention) in [
+        (false, None),
+        (true, None),
+        (false, Some(AttentionPath::Explicit)),
+        (true, Some(AttentionPath::Explicit)),
+    ] {
         let sg = loss_and_grads(
             &model,
             &batch,
             &StepOptions {
                 checkpoint,
-                recompute_attention,
+                attention,
                 ..Default::default()
             },
         );

@@ -8,6 +8,7 @@ use crate::common;
 use burn::tensor::{DType, Device};
 use common::{example_batch, reference_dir};
 use safetensors::SafeTensors;
+use tuna::model::llama::AttentionPath;
 use tuna::model::load::load_model;
 use tuna::model::lora::{self, LoraConfig, load_adapter, save_adapter, trainable_parameters};
 use tuna::optim::AdamW;
@@ -38,15 +39,18 @@ fn full_fine_tuning_matches_pytorch() {
         lora::apply_fine_tune(&mut model, &full_last_block(), 0).unwrap();
         let batch = example_batch(name);
         let loss0 = common::f32_tensor(&want, &format!("{name}.loss0"))[0];
-        for (checkpoint, recompute_attention) in
-            [(false, false), (true, false), (false, true), (true, true)]
-        {
+        for (checkpoint, attention) in [
+            (false, None),
+            (true, None),
+            (false, Some(AttentionPath::Explicit)),
+            (true, Some(AttentionPath::Explicit)),
+        ] {
             let sg = loss_and_grads(
                 &model,
                 &batch,
                 &StepOptions {
                     checkpoint,
-                    recompute_attention,
+                    attention,
                     ..Default::default()
                 },
             );

@@ -13,7 +13,7 @@ use burn::nn::LinearConfig;
 use burn::tensor::{DType, Device, Distribution, Tensor};
 use safetensors::SafeTensors;
 use tuna::data::dataset::Batch;
-use tuna::model::llama::{Linear, Llama, LoraBranch};
+use tuna::model::llama::{AttentionPath, Linear, Llama, LoraBranch};
 use tuna::model::load::load_model;
 use tuna::model::lora;
 use tuna::model::lora::{load_adapter, lora_parameters, merge_lora, save_peft_adapter};
@@ -105,22 +105,25 @@ fn check(prefix: &str) {
         "the plain forward's loss"
     );
     // Plain, block checkpointing, and attention cores recomputed in backward.
-    for (checkpoint, recompute_attention) in
-        [(false, false), (true, false), (false, true), (true, true)]
-    {
+    for (checkpoint, attention) in [
+        (false, None),
+        (true, None),
+        (false, Some(AttentionPath::Explicit)),
+        (true, Some(AttentionPath::Explicit)),
+    ] {
         let sg = step(
             &model,
             &ex,
             &StepOptions {
                 checkpoint,
-                recompute_attention,
+                attention,
                 ..Default::default()
             },
         );
         let got = scalar(sg.loss);
         let rel = ((got - want) / want).abs();
         println!(
-            "{prefix} (checkpoint {checkpoint}, recompute {recompute_attention}): loss {got} vs {want} (rel {rel:.2e})"
+            "{prefix} (checkpoint {checkpoint}, attention {attention:?}): loss {got} vs {want} (rel {rel:.2e})"
         );
         assert!(rel < 1e-4, "{prefix}.lora.loss: {got} vs {want}");
         assert_eq!(sg.grads.len(), 8, "one gradient per lora_A/lora_B tensor");
@@ -131,7 +134,7 @@ fn check(prefix: &str) {
             println!("{prefix}: grad {name} rel L2 {e:.2e}");
             assert!(
                 e < 1e-3,
-                "{prefix} grad {name} (checkpoint {checkpoint}, recompute {recompute_attention}): rel L2 {e}"
+                "{prefix} grad {name} (checkpoint {checkpoint}, attention {attention:?}): rel L2 {e}"
             );
         }
     }
@@ -274,9 +277,10 @@ fn side_branch_matches_burn_apply_lora() {
     );
 }
 
-/// Attention cores recomputed in backward (`TUNA_ATTENTION=recompute`) give the plain step's
-/// loss and gradients across layers, whichever modules carry adapters: with none on q/k/v, the
-/// lowest adapted layer's core needs no recompute; with some, the gradient goes through it.
+/// Attention cores recomputed in backward (the training default, `model::attention_op`) give
+/// the explicit path's loss and gradients (every intermediate kept, burn's autodiff) across
+/// layers, whichever modules carry adapters: with none on q/k/v, no gradient flows into the
+/// lowest adapted layer's core; with some, it goes through it.
 #[test]
 fn recomputed_attention_cores_give_the_plain_gradients() {
     use tuna::model::lora::{LoraConfig, apply_lora};
@@ -316,9 +320,12 @@ fn recomputed_attention_cores_give_the_plain_gradients() {
                 }
             }
         }
-        let opts = |recompute_attention| StepOptions {
+        let opts = |recompute| StepOptions {
             dropout_seed: Some(7),
-            recompute_attention,
+            attention: Some(match recompute {
+                true => AttentionPath::Recompute,
+                false => AttentionPath::Explicit,
+            }),
             ..Default::default()
         };
         // The example, and a batch of two rows: it, and its tokens rotated by 3 with the last 4
@@ -399,7 +406,7 @@ fn checkpointing_scaling_and_optimizer_state_round_trip() {
         checkpoint,
         dropout_seed: Some(42),
         loss_scale,
-        recompute_attention: false,
+        attention: None,
     };
     let plain = step(&m, &ex, &opts(false, 1.0));
     assert_eq!(plain.grads.len(), 6, "last layer only, three modules");
@@ -422,14 +429,14 @@ fn checkpointing_scaling_and_optimizer_state_round_trip() {
         scalar(other.loss),
         "another seed draws other masks"
     );
-    let recompute = StepOptions {
-        recompute_attention: true,
+    let explicit = StepOptions {
+        attention: Some(AttentionPath::Explicit),
         ..opts(false, 1.0)
     };
     for (variant, scale) in [
         (opts(true, 1.0), 1.0),
         (opts(false, 1024.0), 1024.0),
-        (recompute, 1.0),
+        (explicit, 1.0),
     ] {
         let got = step(&m, &ex, &variant);
         assert_eq!(got.grads.len(), plain.grads.len());

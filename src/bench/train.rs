@@ -114,7 +114,7 @@ pub fn bench_train(a: &BenchTrainArgs) -> Result<Value> {
                 checkpoint: a.grad_checkpoint,
                 dropout_seed: None,
                 loss_scale,
-                recompute_attention: step::recompute_attention_from_env(),
+                attention: None,
             };
             let t = Instant::now();
             let sg = step::loss_and_grads(model, &b, &opts);

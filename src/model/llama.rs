@@ -306,11 +306,6 @@ pub struct Pass {
     pub mask: Mask,
     /// `Some` in training: LoRA dropout is on, its masks drawn from this seed.
     pub dropout_seed: Option<u64>,
-    /// Gradients flow through one block at a time (block checkpointing), so a tracked causal
-    /// pass may keep its `[B, H, T, T]` probabilities: it takes the explicit path, faster than
-    /// the composed one (TinyLlama 8 × 512 f16 with checkpointing on an H200, one call,
-    /// `bench/device_checkpoint.sh`: 12,305 vs 9,283 tok/s in 4,423 vs 3,535 MiB).
-    pub one_block_backward: bool,
     /// The path this pass's causal attention takes, before `TUNA_ATTENTION` and the defaults
     /// (a training step's choice, [`crate::train::step::StepOptions::recompute_attention`]).
     pub attention: Option<AttentionPath>,
@@ -700,33 +695,30 @@ impl Llama {
             sin_signed,
             mask,
             dropout_seed,
-            one_block_backward: false,
             attention: None,
         }
     }
 
     /// The attention core. Causal attention is fused (flash forward, no scores stored) where no
     /// gradient flows through it: evaluation, generation, and layers below the first adapter.
-    /// Where one does (training), it takes burn's composed logsumexp path
-    /// ([`attend_composed`]): burn 0.23.0-pre.1's fused backward gives wrong gradients on Vulkan
-    /// for real batches (measured on an H100: a padded batch-4 LoRA run learned far slower than
-    /// on the CPU in f32 and overflowed in f16 at every loss scale), and the explicit path keeps
-    /// `[B, H, T, T]` probabilities per layer for backward (SmolLM2 8 × 512 f16 on an H100:
-    /// composed 11,172 tok/s in 3.4 GB reserved, explicit 10,931 tok/s in 8.5 GB). Under block
-    /// checkpointing ([`Pass::one_block_backward`]) only one block's probabilities live at a
-    /// time, and there the explicit path is the faster one.
-    /// `TUNA_ATTENTION=fused|explicit|composed` forces one path for every causal pass, to
-    /// compare them (`tuna bench attention` does so on random tensors).
+    /// Where one does (training, checkpointed or not), it is [`AttentionPath::Recompute`]: one
+    /// autodiff node that keeps no `[B, H, T, S]` tensor for backward. burn 0.23.0-pre.1's
+    /// fused backward gives wrong gradients on Vulkan (an H100: a padded batch-4 LoRA run
+    /// learned far slower than on the CPU and overflowed in f16); its composed logsumexp path
+    /// and the explicit one are slower or larger. TinyLlama 8 × 512 f16 LoRA on an H200, one
+    /// call (`bench/device_where.sh`, `bench/results/h200-2026-12-03d/call2-op`): composed
+    /// 12,401 tok/s in 9,717 MiB, recompute 16,647 in 9,681; SmolLM2 17,814 and 26,983; with
+    /// block checkpointing explicit 11,644 in 4,400 MiB, recompute 11,645 in 3,391.
+    /// `TUNA_ATTENTION=fused|explicit|composed|recompute` (or [`Pass::attention`]) forces one
+    /// path for every causal pass, to compare them (`tuna bench attention` does so on random
+    /// tensors).
     pub fn attend(&self, q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, pass: &Pass) -> Tensor<3> {
         let mask = &pass.mask;
         let forced = pass.attention.or_else(AttentionPath::forced);
         let tracked = q.is_tracked() || k.is_tracked() || v.is_tracked();
-        let path = forced.unwrap_or(if tracked && pass.one_block_backward {
-            AttentionPath::Explicit
-        } else if tracked {
-            AttentionPath::Composed
-        } else {
-            AttentionPath::Fused
+        let path = forced.unwrap_or(match tracked {
+            true => AttentionPath::Recompute,
+            false => AttentionPath::Fused,
         });
         let additive = matches!(path, AttentionPath::Explicit | AttentionPath::Recompute);
         match mask {
@@ -737,14 +729,6 @@ impl Llama {
             Mask::Causal => path.causal(q, k, v),
             Mask::Additive(m) if additive => path.with_mask(q, k, v, m.clone()),
             Mask::Additive(m) => attend_explicit(q, k, v, m.clone()),
-        }
-    }
-
-    /// The mask a pass's attention adds to its scores, `[1 or B, 1, T, S]` f32.
-    pub fn additive_mask(&self, pass: &Pass, t: usize, s: usize) -> Tensor<4> {
-        match &pass.mask {
-            Mask::Causal => self.causal_mask(t, s),
-            Mask::Additive(m) => m.clone(),
         }
     }
 

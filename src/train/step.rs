@@ -35,9 +35,9 @@ pub struct StepOptions {
     /// The loss is multiplied by this before backward (f16 loss scaling); the gradients come
     /// back multiplied by it too.
     pub loss_scale: f64,
-    /// Attention cores keep only their softmax statistics and recompute the probabilities in
-    /// backward (`TUNA_ATTENTION=recompute`, see [`AttentionPath::Recompute`]).
-    pub recompute_attention: bool,
+    /// The path every causal attention of the step takes; `None`: `TUNA_ATTENTION`, else each
+    /// pass's default ([`Llama::attend`]: recompute where gradients flow).
+    pub attention: Option<AttentionPath>,
 }
 
 impl Default for StepOptions {
@@ -46,14 +46,9 @@ impl Default for StepOptions {
             checkpoint: false,
             dropout_seed: None,
             loss_scale: 1.0,
-            recompute_attention: false,
+            attention: None,
         }
     }
-}
-
-/// Whether `TUNA_ATTENTION=recompute` asks training to recompute attention cores in backward.
-pub fn recompute_attention_from_env() -> bool {
-    AttentionPath::forced() == Some(AttentionPath::Recompute)
 }
 
 /// What one micro-batch gives the optimizer.
@@ -153,10 +148,7 @@ pub fn loss_and_grads(model: &Llama, b: &Batch, o: &StepOptions) -> StepGrads {
     let (rows, targets) = target_positions(b);
     let n = targets.len();
     let mut pass = model.pass(0, b.seq, None, o.dropout_seed);
-    pass.one_block_backward = o.checkpoint;
-    if o.recompute_attention {
-        pass.attention = Some(AttentionPath::Recompute);
-    }
+    pass.attention = o.attention;
     let adapted = lora::adapted_layers(model);
     let nl = model.layers.len();
     let first = adapted.first().copied().unwrap_or(nl);

@@ -367,7 +367,7 @@ impl Run<'_> {
                 checkpoint: s.grad_checkpoint,
                 dropout_seed: Some(dropout_seed(s.seed, step, micro)),
                 loss_scale,
-                recompute_attention: step::recompute_attention_from_env(),
+                attention: None,
             };
             let sg = step::loss_and_grads(model, &b, &opts);
             let weighted = sg.loss.mul_scalar(sg.targets as f64);
