@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# One device call: training with block checkpointing, where attention now keeps its
-# probabilities (the explicit path, `Pass::one_block_backward`), against the composed path it
+# One device call (2026-12-03): training with block checkpointing, where attention then kept its
+# probabilities (the explicit path; since replaced by the recompute op), against the composed path it
 # replaced (`case@composed`, tuna only: the peer row is the case's own) and PyTorch + PEFT; the
 # uncheckpointed cases for the same-call table; then the GPU parity test (bench/device_parity.sh)
 # when .dev/all.xz is there. Carry .gl and .dev (tuna.xz). The parity payload (all.xz,

@@ -19,7 +19,7 @@ timeout "${MM_TIMEOUT:-200}" /tmp/tuna bench matmul --device vulkan --dtype f16 
   --cases "${MM_CASES:-tinyllama,layout}" > "$OUT/matmul.json" 2>/dev/null || echo '{"cases": []}' > "$OUT/matmul.json"
 echo "--- attention, $(( $(date +%s) - t0 )) s in"
 python3 bench/peer_attention.py f16 > "$OUT/attention-peer.json" 2>/dev/null
-timeout 150 /tmp/tuna bench attention --device vulkan --dtype f16 --steps 20 --cases "8x512" \
+timeout "${ATT_TIMEOUT:-300}" /tmp/tuna bench attention --device vulkan --dtype f16 --steps 20 --cases "8x512" \
   > "$OUT/attention.json" 2>/dev/null
 python3 - "$OUT" <<'PY' | tee "$OUT/tables.txt"
 import json, sys
