@@ -2,9 +2,9 @@
 # One device call: where a TinyLlama step's time goes, measured with the GPU's clocks up
 # (`keep_busy` before every timed loop; nvidia-smi logs clocks throughout). The step's matrix
 # products one at a time beside cuBLAS, causal attention forward + backward by each of tuna's
-# paths beside torch's SDPA (bench/peer_attention.py; `recompute` is training's
-# TUNA_ATTENTION=recompute, with its gradients' distance to the explicit path's), then training
-# beside PyTorch + PEFT (CASES, e.g. tinyllama-f16,tinyllama-f16@recompute). MM_CASES=none skips
+# paths beside torch's SDPA (bench/peer_attention.py; `recompute` is training's default, the
+# model::attention_op node, with its gradients' distance to the explicit path's), then training
+# beside PyTorch + PEFT (CASES, e.g. tinyllama-f16,tinyllama-f16@composed). MM_CASES=none skips
 # the products.
 # Carry .gl and .dev (tuna.xz). At most 8 files in $OUT.
 set -u

@@ -134,30 +134,30 @@ impl<B: Backend> Backward<B, 3> for Core {
         let [_, kvh, s, _] = dims4(&k);
         let g = h / kvh;
         let dtype = v.dtype();
-        // rowsum(dO · O) per query row, f32 [B, H, T, 1].
-        let rows = B::float_mul(f32_of::<B>(d_out.clone()), f32_of::<B>(out));
-        let rows = B::float_reshape(rows, Shape::new([b, t, h, hd]));
-        let rows = B::float_swap_dims(B::float_sum_dim(rows, 3), 1, 2);
         let probs = B::float_exp(B::float_sub(
             B::float_sub(scores::<B>(q.clone(), k.clone(), mask), max),
             log_sum,
         ));
         // dO as [B, KV, G·T, hd], the query heads of each KV head folded into its rows.
-        let d_out = B::float_reshape(d_out, Shape::new([b, t, h, hd]));
-        let d_out = B::float_reshape(
-            B::float_swap_dims(d_out, 1, 2),
+        let d_out_heads = B::float_reshape(d_out.clone(), Shape::new([b, t, h, hd]));
+        let d_out_folded = B::float_reshape(
+            B::float_swap_dims(d_out_heads, 1, 2),
             Shape::new([b, kvh, g * t, hd]),
         );
         let folded = |x: FloatTensor<B>| B::float_reshape(x, Shape::new([b, kvh, g * t, s]));
         if let Some(node) = node_v {
             let p = folded(cast::<B>(probs.clone(), dtype));
-            let dv = B::float_matmul(B::float_swap_dims(p, 2, 3), d_out.clone());
+            let dv = B::float_matmul(B::float_swap_dims(p, 2, 3), d_out_folded.clone());
             grads.register::<B>(node.id, dv);
         }
         if node_q.is_none() && node_k.is_none() {
             return;
         }
-        let dp = B::float_matmul(d_out, B::float_swap_dims(v, 2, 3));
+        // rowsum(dO · O) per query row, f32 [B, H, T, 1].
+        let rows = B::float_mul(f32_of::<B>(d_out), f32_of::<B>(out));
+        let rows = B::float_reshape(rows, Shape::new([b, t, h, hd]));
+        let rows = B::float_swap_dims(B::float_sum_dim(rows, 3), 1, 2);
+        let dp = B::float_matmul(d_out_folded, B::float_swap_dims(v, 2, 3));
         let dp = f32_of::<B>(B::float_reshape(dp, Shape::new([b, h, t, s])));
         let ds = B::float_mul(probs, B::float_sub(dp, rows));
         let ds = B::float_mul_scalar(ds, (1.0 / (hd as f32).sqrt()).into());

@@ -307,7 +307,7 @@ pub struct Pass {
     /// `Some` in training: LoRA dropout is on, its masks drawn from this seed.
     pub dropout_seed: Option<u64>,
     /// The path this pass's causal attention takes, before `TUNA_ATTENTION` and the defaults
-    /// (a training step's choice, [`crate::train::step::StepOptions::recompute_attention`]).
+    /// (a training step's choice, [`crate::train::step::StepOptions::attention`]).
     pub attention: Option<AttentionPath>,
 }
 
