@@ -128,7 +128,7 @@ pub enum Command {
 pub enum BenchCommand {
     /// LoRA training tokens/s on a model shape with random weights.
     Train(crate::bench::train::BenchTrainArgs),
-    /// Causal attention paths (explicit, fused, composed): gradient error and speed on random tensors.
+    /// Causal attention paths (explicit, fused, composed, recompute): gradient error and speed on random tensors.
     Attention(crate::bench::attention::BenchAttentionArgs),
     /// Prompt and generation tokens/s.
     Generate(crate::bench::generate::BenchGenerateArgs),
