@@ -33,7 +33,7 @@ pub trait AttentionCoreOps: Backend {
         v: FloatTensor<Self>,
         mask: FloatTensor<Self>,
     ) -> FloatTensor<Self> {
-        forward::<Self>(q, k, v, mask).0
+        forward::<Self>(q, k, v, mask).out
     }
 }
 
@@ -56,19 +56,14 @@ impl<B: Backend + AttentionCoreOps, C: CheckpointStrategy> AttentionCoreOps for 
             .stateful()
         {
             OpsKind::Tracked(prep) => {
-                let (q, k, v) = (q.into_primitive(), k.into_primitive(), v.into_primitive());
-                let (out, max, log_sum) =
-                    forward::<B>(q.clone(), k.clone(), v.clone(), mask.clone());
-                let state = Kept {
-                    q,
-                    k,
-                    v,
+                let kept = forward::<B>(
+                    q.into_primitive(),
+                    k.into_primitive(),
+                    v.into_primitive(),
                     mask,
-                    out: out.clone(),
-                    max,
-                    log_sum,
-                };
-                prep.finish(state, out)
+                );
+                let out = kept.out.clone();
+                prep.finish(kept, out)
             }
             OpsKind::UnTracked(prep) => prep.finish(
                 forward::<B>(
@@ -77,7 +72,7 @@ impl<B: Backend + AttentionCoreOps, C: CheckpointStrategy> AttentionCoreOps for 
                     v.into_primitive(),
                     mask,
                 )
-                .0,
+                .out,
             ),
         }
     }
@@ -102,11 +97,13 @@ pub fn attend_recomputing(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, mask: Tensor
 #[derive(Debug)]
 struct Core;
 
-/// What the backward reads: the inputs, the output and each row's softmax statistics (f32
-/// `[B, H, T, 1]`; max and log-sum apart, so a fully masked row recomputes the forward's 1/S).
+/// What the forward computes and the backward reads: the inputs (q folded, see [`fold`], with
+/// its head count), the output and each row's softmax statistics (f32 `[B, H, T, 1]`; max and
+/// log-sum apart, so a fully masked row recomputes the forward's 1/S).
 #[derive(Debug, Clone)]
 struct Kept<B: Backend> {
     q: FloatTensor<B>,
+    heads: usize,
     k: FloatTensor<B>,
     v: FloatTensor<B>,
     mask: FloatTensor<B>,
@@ -123,6 +120,7 @@ impl<B: Backend> Backward<B, 3> for Core {
         let d_out = grads.consume::<B>(&ops.node);
         let Kept {
             q,
+            heads: h,
             k,
             v,
             mask,
@@ -130,23 +128,18 @@ impl<B: Backend> Backward<B, 3> for Core {
             max,
             log_sum,
         } = ops.state;
-        let [b, h, t, hd] = dims4(&q);
-        let [_, kvh, s, _] = dims4(&k);
-        let g = h / kvh;
+        let [b, kvh, gt, hd] = dims4(&q);
+        let s = dims4(&k)[2];
+        let t = gt / (h / kvh);
         let dtype = v.dtype();
         let probs = B::float_exp(B::float_sub(
-            B::float_sub(scores::<B>(q.clone(), k.clone(), mask), max),
+            B::float_sub(scores::<B>(q.clone(), k.clone(), mask, h), max),
             log_sum,
         ));
-        // dO as [B, KV, G·T, hd], the query heads of each KV head folded into its rows.
         let d_out_heads = B::float_reshape(d_out.clone(), Shape::new([b, t, h, hd]));
-        let d_out_folded = B::float_reshape(
-            B::float_swap_dims(d_out_heads, 1, 2),
-            Shape::new([b, kvh, g * t, hd]),
-        );
-        let folded = |x: FloatTensor<B>| B::float_reshape(x, Shape::new([b, kvh, g * t, s]));
+        let d_out_folded = fold::<B>(B::float_swap_dims(d_out_heads, 1, 2), kvh);
         if let Some(node) = node_v {
-            let p = folded(cast::<B>(probs.clone(), dtype));
+            let p = fold::<B>(cast::<B>(probs.clone(), dtype), kvh);
             let dv = B::float_matmul(B::float_swap_dims(p, 2, 3), d_out_folded.clone());
             grads.register::<B>(node.id, dv);
         }
@@ -161,13 +154,12 @@ impl<B: Backend> Backward<B, 3> for Core {
         let dp = f32_of::<B>(B::float_reshape(dp, Shape::new([b, h, t, s])));
         let ds = B::float_mul(probs, B::float_sub(dp, rows));
         let ds = B::float_mul_scalar(ds, (1.0 / (hd as f32).sqrt()).into());
-        let ds = folded(cast::<B>(ds, q.dtype()));
+        let ds = fold::<B>(cast::<B>(ds, q.dtype()), kvh);
         if let Some(node) = node_q {
             let dq = B::float_matmul(ds.clone(), k);
             grads.register::<B>(node.id, B::float_reshape(dq, Shape::new([b, h, t, hd])));
         }
         if let Some(node) = node_k {
-            let q = B::float_reshape(q, Shape::new([b, kvh, g * t, hd]));
             let dk = B::float_matmul(B::float_swap_dims(ds, 2, 3), q);
             grads.register::<B>(node.id, dk);
         }
@@ -190,37 +182,56 @@ fn cast<B: Backend>(x: FloatTensor<B>, dtype: DType) -> FloatTensor<B> {
     }
 }
 
-/// `q kᵀ / √hd + mask` in f32, `[B, H, T, S]`.
+/// `[B, H, T, n]` (q, dO, probabilities) as `[B, KV, G·T, n]`: the G query heads sharing a KV
+/// head folded into its rows, so each product runs against K/V as they are.
+fn fold<B: Backend>(q: FloatTensor<B>, kv_heads: usize) -> FloatTensor<B> {
+    let [b, h, t, hd] = dims4(&q);
+    B::float_reshape(q, Shape::new([b, kv_heads, h / kv_heads * t, hd]))
+}
+
+/// `q kᵀ / √hd + mask` in f32, `[B, H, T, S]`, for folded q of `heads` query heads.
 fn scores<B: Backend>(
     q: FloatTensor<B>,
     k: FloatTensor<B>,
     mask: FloatTensor<B>,
+    heads: usize,
 ) -> FloatTensor<B> {
-    let [b, h, t, hd] = dims4(&q);
-    let [_, kvh, s, _] = dims4(&k);
-    let q = B::float_reshape(q, Shape::new([b, kvh, h / kvh * t, hd]));
+    let [b, kvh, gt, hd] = dims4(&q);
+    let s = dims4(&k)[2];
     let scores = B::float_matmul(q, B::float_swap_dims(k, 2, 3));
     let scores = B::float_mul_scalar(scores, (1.0 / (hd as f32).sqrt()).into());
-    let scores = f32_of::<B>(B::float_reshape(scores, Shape::new([b, h, t, s])));
-    B::float_add(scores, mask)
+    let shape = Shape::new([b, heads, gt / (heads / kvh), s]);
+    B::float_add(f32_of::<B>(B::float_reshape(scores, shape)), mask)
 }
 
-/// The core's output `[B, T, H * hd]` (v's dtype) and each row's softmax max and log-sum.
+/// The forward: the core's output `[B, T, H * hd]` (v's dtype) and what the backward keeps.
 fn forward<B: Backend>(
     q: FloatTensor<B>,
     k: FloatTensor<B>,
     v: FloatTensor<B>,
     mask: FloatTensor<B>,
-) -> (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>) {
+) -> Kept<B> {
     let [b, h, t, hd] = dims4(&q);
-    let [_, kvh, s, _] = dims4(&k);
-    let scores = scores::<B>(q, k, mask);
+    let kvh = dims4(&k)[1];
+    let q = fold::<B>(q, kvh);
+    let scores = scores::<B>(q.clone(), k.clone(), mask.clone(), h);
     let max = B::float_max_dim(scores.clone(), 3);
     let e = B::float_exp(B::float_sub(scores, max.clone()));
     let sum = B::float_sum_dim(e.clone(), 3);
     let probs = cast::<B>(B::float_div(e, sum.clone()), v.dtype());
-    let probs = B::float_reshape(probs, Shape::new([b, kvh, h / kvh * t, s]));
-    let out = B::float_reshape(B::float_matmul(probs, v), Shape::new([b, h, t, hd]));
+    let out = B::float_reshape(
+        B::float_matmul(fold::<B>(probs, kvh), v.clone()),
+        Shape::new([b, h, t, hd]),
+    );
     let out = B::float_reshape(B::float_swap_dims(out, 1, 2), Shape::new([b, t, h * hd]));
-    (out, max, B::float_log(sum))
+    Kept {
+        q,
+        heads: h,
+        k,
+        v,
+        mask,
+        out,
+        max,
+        log_sum: B::float_log(sum),
+    }
 }

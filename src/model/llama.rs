@@ -707,8 +707,9 @@ impl Llama {
     /// learned far slower than on the CPU and overflowed in f16); its composed logsumexp path
     /// and the explicit one are slower or larger. TinyLlama 8 × 512 f16 LoRA on an H200, one
     /// call (`bench/device_where.sh`, `bench/results/h200-2026-12-03d/call2-op`): composed
-    /// 12,401 tok/s in 9,717 MiB, recompute 16,647 in 9,681; SmolLM2 17,814 and 26,983; with
-    /// block checkpointing explicit 11,644 in 4,400 MiB, recompute 11,645 in 3,391.
+    /// 12,401 tok/s in 9,717 MiB, recompute 16,647 in 9,681 (PEFT 33,068 in 11,771); SmolLM2
+    /// 17,814 and 26,983 (PEFT 32,977); with block checkpointing explicit 11,644 in 4,400 MiB,
+    /// recompute 11,645 in 3,391 (PEFT 18,852 in 6,655).
     /// `TUNA_ATTENTION=fused|explicit|composed|recompute` (or [`Pass::attention`]) forces one
     /// path for every causal pass, to compare them (`tuna bench attention` does so on random
     /// tensors).
@@ -720,15 +721,17 @@ impl Llama {
             true => AttentionPath::Recompute,
             false => AttentionPath::Fused,
         });
-        let additive = matches!(path, AttentionPath::Explicit | AttentionPath::Recompute);
+        // burn's fused and composed paths take causal attention without a mask tensor; the
+        // others take this model's cached causal mask, and every path an additive one.
         match mask {
-            Mask::Causal if additive => {
+            Mask::Causal if matches!(path, AttentionPath::Fused | AttentionPath::Composed) => {
+                path.causal(q, k, v)
+            }
+            Mask::Causal => {
                 let (t, s) = (q.dims()[2], k.dims()[2]);
                 path.with_mask(q, k, v, self.causal_mask(t, s))
             }
-            Mask::Causal => path.causal(q, k, v),
-            Mask::Additive(m) if additive => path.with_mask(q, k, v, m.clone()),
-            Mask::Additive(m) => attend_explicit(q, k, v, m.clone()),
+            Mask::Additive(m) => path.with_mask(q, k, v, m.clone()),
         }
     }
 
