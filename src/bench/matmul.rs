@@ -29,6 +29,20 @@ pub struct BenchMatmulArgs {
     /// Only the cases whose name contains one of these (comma-separated); all by default.
     #[arg(long, value_delimiter = ',')]
     pub cases: Vec<String>,
+    /// Instead of the cases: TinyLlama's large products through cubek's Cmma routines with
+    /// forced tile plans, every plan on up_proj's forward, then the best `--top` on the rest.
+    #[arg(long)]
+    pub blueprints: bool,
+    /// Instead of the cases: the large products as one workgroup-scope cooperative matrix per
+    /// cube (VK_NV_cooperative_matrix2), at several tile sizes, each checked against host sums.
+    #[arg(long)]
+    pub coopmat2: bool,
+    /// Instead of the cases: LoRA's six skinny products per adapter, each stated several ways
+    /// (plain, split-k, transposed, outer sums), timed and checked against the plain one.
+    #[arg(long)]
+    pub lora: bool,
+    #[arg(long, default_value_t = 6)]
+    pub top: usize,
 }
 
 /// How the right-hand side is laid out, as the model calls it.
@@ -134,6 +148,21 @@ fn multiply(lhs: &Tensor<3>, rhs: &Tensor<3>, layout: Layout) -> Tensor<3> {
 pub fn bench_matmul(a: &BenchMatmulArgs) -> Result<Value> {
     let sel = device_for(&a.device, &a.dtype)?;
     let (device, dtype) = (sel.device.clone(), sel.dtype);
+    if a.lora {
+        return crate::bench::lora_products::bench(&device, dtype, a.iters);
+    }
+    if a.coopmat2 {
+        #[cfg(all(feature = "gpu", not(target_os = "macos")))]
+        return crate::bench::coopmat2::sweep(&device, a.iters);
+        #[cfg(not(all(feature = "gpu", not(target_os = "macos"))))]
+        anyhow::bail!("--coopmat2 needs a GPU build of tuna on Linux or Windows");
+    }
+    if a.blueprints {
+        #[cfg(all(feature = "gpu", not(target_os = "macos")))]
+        return crate::bench::blueprints::sweep(&device, a.iters, a.top);
+        #[cfg(not(all(feature = "gpu", not(target_os = "macos"))))]
+        anyhow::bail!("--blueprints needs a GPU build of tuna on Linux or Windows");
+    }
     let wanted =
         |name: &str| a.cases.is_empty() || a.cases.iter().any(|c| name.contains(c.as_str()));
     let mut rows = Vec::new();

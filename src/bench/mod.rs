@@ -3,8 +3,13 @@
 //! is run first and kept out of the timing. Timings live here, never in tests.
 
 pub mod attention;
+#[cfg(all(feature = "gpu", not(target_os = "macos")))]
+pub mod blueprints;
+#[cfg(all(feature = "gpu", not(target_os = "macos")))]
+pub mod coopmat2;
 pub mod generate;
 pub mod load;
+pub mod lora_products;
 pub mod matmul;
 pub mod train;
 
