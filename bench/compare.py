@@ -66,11 +66,6 @@ for _name in ("smollm2-f16", "tinyllama-f16"):
     for _tasks in (128, 512):
         CASES[f"{_name}-tasks{_tasks}"] = (CASES[_name][0], None, {"CUBECL_WGPU_MAX_TASKS": str(_tasks)})
 
-# LoRA's products stated as one each (TUNA_LORA_BLOCKS=1, as before 2026-12-03e) instead of
-# per row block, tuna only: the same-call A/B of `model::llama::lora_delta`.
-for _name in ("smollm2-f16", "tinyllama-f16"):
-    CASES[f"{_name}-lora1"] = (CASES[_name][0], None, {"TUNA_LORA_BLOCKS": "1"})
-
 # A case name with one of these suffixes runs tuna with that attention path in training
 # (TUNA_ATTENTION) against the peer of the case without it, e.g. `smollm2-f16@composed`.
 ATTENTION_PATHS = ("explicit", "fused", "composed", "recompute")

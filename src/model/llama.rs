@@ -144,7 +144,11 @@ impl Linear {
             } else {
                 (a, lb)
             };
-            let delta = lora_delta(xin.clone(), a, lb).mul_scalar(lora.scale);
+            let delta = xin
+                .clone()
+                .matmul(a.transpose())
+                .matmul(lb.transpose())
+                .mul_scalar(lora.scale);
             y = match &lora.magnitude {
                 None => y + delta,
                 // PEFT's DoRA: base(x) + (k - 1)·W·drop(x) + k·s·B·A·drop(x), k = m / ||W + sBA||.
@@ -170,44 +174,6 @@ impl Linear {
         let out = y.dims()[1];
         y.reshape([b, t, out])
     }
-}
-
-/// `x Aᵀ Bᵀ` for `x [rows, in]`, `a [r, in]`, `b [out, r]`, with the rows taken in blocks (a
-/// batch of products against the same factors). The forward is the same two products (burn folds
-/// a broadcast right-hand side into one), but autodiff then takes each factor's gradient as one
-/// product per row block, summed over the blocks: a reduction over 4096 rows into an `r`-wide
-/// result gives the matmul routines too few cubes as one product. On one H200 (Vulkan, f16,
-/// `tuna bench matmul --lora`, `bench/results/h200-2026-12-03e/call3-lora/`) 8 blocks of 512 rows
-/// took TinyLlama q_proj's dA in 183 vs 454 µs and dB in 198 vs 343; SmolLM2's 110 vs 291 and
-/// 133 vs 361.
-fn lora_delta(x: Tensor<2>, a: Tensor<2>, b: Tensor<2>) -> Tensor<2> {
-    let [rows, d_in] = x.dims();
-    let blocks = lora_row_blocks(rows);
-    if blocks == 1 {
-        return x.matmul(a.transpose()).matmul(b.transpose());
-    }
-    let out = b.dims()[0];
-    x.reshape([blocks, rows / blocks, d_in])
-        .matmul(a.transpose().unsqueeze_dim::<3>(0))
-        .matmul(b.transpose().unsqueeze_dim::<3>(0))
-        .reshape([rows, out])
-}
-
-/// Row blocks for [`lora_delta`]: up to 8, each of at least 512 rows; at most
-/// `TUNA_LORA_BLOCKS` (a benchmark switch: `1` states every product as one, as before).
-fn lora_row_blocks(rows: usize) -> usize {
-    static MAX: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    let max = *MAX.get_or_init(|| {
-        std::env::var("TUNA_LORA_BLOCKS").ok().and_then(|v| v.parse().ok()).unwrap_or(8)
-    });
-    row_blocks_up_to(rows, max)
-}
-
-fn row_blocks_up_to(rows: usize, max: usize) -> usize {
-    [8, 4, 2]
-        .into_iter()
-        .find(|&s| s <= max && rows % s == 0 && rows / s >= 512)
-        .unwrap_or(1)
 }
 
 /// Serializes seeding and drawing LoRA dropout masks (see [`Linear::forward`]).
@@ -904,55 +870,5 @@ impl Llama {
         let t = ids.len() / batch.max(1);
         let data: Vec<i64> = ids.iter().map(|&x| x as i64).collect();
         Tensor::<2, Int>::from_data(TensorData::new(data, [batch, t]), &self.device)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn vec_of(t: Tensor<2>) -> Vec<f32> {
-        t.into_data().convert::<f32>().try_to_vec::<f32>().unwrap()
-    }
-
-    fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
-        let num: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
-        let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
-        (num / den).sqrt()
-    }
-
-    /// Row blocks change how autodiff states the factors' gradients, not what they are.
-    #[test]
-    fn lora_delta_in_row_blocks_matches_one_product() {
-        assert_eq!(lora_row_blocks(4096), 8);
-        assert_eq!(lora_row_blocks(2048), 4);
-        assert_eq!(lora_row_blocks(1536), 2);
-        assert_eq!(lora_row_blocks(512), 1);
-        assert_eq!(lora_row_blocks(4098), 2);
-        assert_eq!(row_blocks_up_to(4096, 1), 1);
-        assert_eq!(row_blocks_up_to(4096, 4), 4);
-        let dev = Device::flex();
-        let (rows, d_in, r, out) = (2048, 24, 4, 10);
-        let x = Tensor::<2>::random([rows, d_in], Distribution::Normal(0.0, 1.0), &dev);
-        let a0 = Tensor::<2>::random([r, d_in], Distribution::Normal(0.0, 1.0), &dev);
-        let b0 = Tensor::<2>::random([out, r], Distribution::Normal(0.0, 1.0), &dev);
-        let weights = Tensor::<2>::random([rows, out], Distribution::Normal(0.0, 1.0), &dev);
-        let run = |blocked: bool| {
-            let a = a0.clone().autodiff().require_grad();
-            let b = b0.clone().autodiff().require_grad();
-            let x = x.clone().autodiff();
-            let y = if blocked {
-                lora_delta(x, a.clone(), b.clone())
-            } else {
-                x.matmul(a.clone().transpose()).matmul(b.clone().transpose())
-            };
-            let g = (y.clone() * weights.clone().autodiff()).sum().backward();
-            (vec_of(y.inner()), vec_of(a.grad(&g).unwrap()), vec_of(b.grad(&g).unwrap()))
-        };
-        let (y, ga, gb) = run(true);
-        let (y0, ga0, gb0) = run(false);
-        assert!(rel_l2(&y, &y0) < 1e-6, "output {}", rel_l2(&y, &y0));
-        assert!(rel_l2(&ga, &ga0) < 1e-5, "dA {}", rel_l2(&ga, &ga0));
-        assert!(rel_l2(&gb, &gb0) < 1e-5, "dB {}", rel_l2(&gb, &gb0));
     }
 }
