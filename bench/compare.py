@@ -66,6 +66,13 @@ for _name in ("smollm2-f16", "tinyllama-f16"):
     for _tasks in (128, 512):
         CASES[f"{_name}-tasks{_tasks}"] = (CASES[_name][0], None, {"CUBECL_WGPU_MAX_TASKS": str(_tasks)})
 
+# LoRA's branch by two plain matmuls (TUNA_LORA_BRANCH=plain: autodiff states the skinny
+# products) and by the branch op on burn's matmuls (TUNA_LORA_KERNELS=0), tuna only: what the
+# op and its kernels give, measured on their own.
+for _name in ("smollm2-f16", "tinyllama-f16", "tinyllama-f16-gc", "seed004"):
+    CASES[f"{_name}-lora-plain"] = (CASES[_name][0], None, {"TUNA_LORA_BRANCH": "plain"})
+    CASES[f"{_name}-lora-nokernels"] = (CASES[_name][0], None, {"TUNA_LORA_KERNELS": "0"})
+
 # A case name with one of these suffixes runs tuna with that attention path in training
 # (TUNA_ATTENTION) against the peer of the case without it, e.g. `smollm2-f16@composed`.
 ATTENTION_PATHS = ("explicit", "fused", "composed", "recompute")

@@ -16,6 +16,7 @@ use serde_json::{Value, json};
 
 use crate::bench::keep_busy;
 use crate::data::dataset::SplitMix64;
+use crate::model::lora_op;
 
 fn random(rng: &mut SplitMix64, shape: [usize; 2], device: &Device, dtype: DType) -> Tensor<2> {
     let n = shape[0] * shape[1];
@@ -82,6 +83,7 @@ fn forms(rows: usize, d_in: usize, d_out: usize, r: usize, device: &Device, dtyp
         }
     }
     v.push(form!("(A xᵀ)ᵀ", x, a => a.matmul(x.transpose()).transpose()));
+    v.push(form!("op project", x, a => lora_op::project(x, a, 1.0, false)));
     out.push((format!("xa = x·Aᵀ {rows}x{d_in}x{r}"), v));
     // delta = xa Bᵀ: [rows, r] · [r, d_out].
     out.push((
@@ -89,6 +91,7 @@ fn forms(rows: usize, d_in: usize, d_out: usize, r: usize, device: &Device, dtyp
         vec![
             form!("plain", xa, b => xa.matmul(b.transpose())),
             form!("outer sum", xa, b => outer_sum(xa, b.transpose())),
+            form!("op expand", xa, b => lora_op::expand(xa, b, 1.0, true)),
         ],
     ));
     // d(xa) = dδ B: [rows, d_out] · [d_out, r].
@@ -99,6 +102,7 @@ fn forms(rows: usize, d_in: usize, d_out: usize, r: usize, device: &Device, dtyp
         }
     }
     v.push(form!("(Bᵀ dδᵀ)ᵀ", dd, b => b.transpose().matmul(dd.transpose()).transpose()));
+    v.push(form!("op project", dd, b => lora_op::project(dd, b, 1.0, true)));
     out.push((format!("dxa = dδ·B {rows}x{d_out}x{r}"), v));
     // dB = dδᵀ xa: [d_out, rows] · [rows, r] (autodiff: (xaᵀ dδ)ᵀ).
     let mut v = vec![
@@ -109,6 +113,7 @@ fn forms(rows: usize, d_in: usize, d_out: usize, r: usize, device: &Device, dtyp
         v.push(form!(format!("split-rows {s}"), xa, dd => split_rows_t(dd, xa, s)));
         v.push(form!(format!("split-rows {s} xaᵀ"), xa, dd => split_rows_t(xa, dd, s).transpose()));
     }
+    v.push(form!("op reduce", xa, dd => lora_op::reduce(xa, dd, 1.0, true)));
     out.push((format!("dB = dδᵀ·xa {d_out}x{rows}x{r}"), v));
     // dA = d(xa)ᵀ x: [r, rows] · [rows, d_in] (autodiff: (xᵀ d(xa))ᵀ).
     let mut v = vec![
@@ -119,6 +124,7 @@ fn forms(rows: usize, d_in: usize, d_out: usize, r: usize, device: &Device, dtyp
         v.push(form!(format!("split-rows {s}"), x, dxa => split_rows_t(dxa, x, s)));
         v.push(form!(format!("split-rows {s} xᵀ"), x, dxa => split_rows_t(x, dxa, s).transpose()));
     }
+    v.push(form!("op reduce", x, dxa => lora_op::reduce(dxa, x, 1.0, false)));
     out.push((format!("dA = dxaᵀ·x {r}x{rows}x{d_in}"), v));
     // dx = d(xa) A: [rows, r] · [r, d_in].
     out.push((
@@ -126,6 +132,7 @@ fn forms(rows: usize, d_in: usize, d_out: usize, r: usize, device: &Device, dtyp
         vec![
             form!("plain", dxa, a => dxa.matmul(a)),
             form!("outer sum", dxa, a => outer_sum(dxa, a)),
+            form!("op expand", dxa, a => lora_op::expand(dxa, a, 1.0, false)),
         ],
     ));
     out
@@ -149,10 +156,47 @@ impl ScalarF32 for Tensor<1> {
     }
 }
 
+/// The op's three products against the plain statements at ragged shapes and other ranks (rows
+/// not a multiple of a cube's, r of 1, 16 and 64), in `dtype`: the relative L2 error of each.
+fn check_op(device: &Device, dtype: DType) -> Vec<Value> {
+    let mut out = Vec::new();
+    for (m, k, n, r) in [(1000, 100, 72, 16), (4096, 576, 192, 64), (333, 64, 48, 1), (4099, 2048, 256, 8)] {
+        let mut rng = SplitMix64((m * 7 + k + r) as u64);
+        let x = random(&mut rng, [m, k], device, dtype);
+        let a = random(&mut rng, [r, k], device, dtype);
+        let u = random(&mut rng, [m, r], device, dtype);
+        let w = random(&mut rng, [r, n], device, dtype);
+        // The factors in f32 beside x in `dtype`, as training holds them.
+        let (af, wf) = (a.clone().cast(DType::F32), w.clone().cast(DType::F32));
+        let at = af.clone().transpose().reshape([k, r]);
+        let wt = wf.clone().transpose().reshape([n, r]);
+        let ux = u.clone().transpose().matmul(x.clone()).mul_scalar(1.5);
+        let errs = [
+            ("project", rel_err(&lora_op::project(x.clone(), af, 0.5, false), &x.clone().matmul(a.clone().transpose()).mul_scalar(0.5))),
+            ("project w_t", rel_err(&lora_op::project(x.clone(), at, 0.5, true), &x.clone().matmul(a.clone().transpose()).mul_scalar(0.5))),
+            ("expand", rel_err(&lora_op::expand(u.clone(), wf, 2.0, false), &u.clone().matmul(w.clone()).mul_scalar(2.0))),
+            ("expand w_t", rel_err(&lora_op::expand(u.clone(), wt, 2.0, true), &u.clone().matmul(w.clone()).mul_scalar(2.0))),
+            ("reduce", rel_err(&lora_op::reduce(u.clone(), x.clone(), 1.5, false), &ux)),
+            ("reduce out_t", rel_err(&lora_op::reduce(u.clone(), x.clone(), 1.5, true), &ux.transpose())),
+        ];
+        for (product, err) in errs {
+            let row = json!({"check": product, "m": m, "k": k, "n": n, "r": r, "rel_err": err});
+            eprintln!("{row}");
+            out.push(row);
+        }
+    }
+    out
+}
+
+/// `short`: only the plain statements and the op's (`TUNA_LORA_BENCH=short`).
 pub fn bench(device: &Device, dtype: DType, iters: usize) -> Result<Value> {
-    let mut rows_out = Vec::new();
+    let short = std::env::var("TUNA_LORA_BENCH").is_ok_and(|v| v == "short");
+    let mut rows_out = check_op(device, dtype);
     for (model, d_in, d_out) in [("tinyllama q", 2048, 2048), ("tinyllama v", 2048, 256), ("smollm2 q", 576, 576)] {
-        for (product, forms) in forms(4096, d_in, d_out, 8, device, dtype) {
+        for (product, mut forms) in forms(4096, d_in, d_out, 8, device, dtype) {
+            if short {
+                forms.retain(|(name, _)| name.starts_with("plain") || name.starts_with("op "));
+            }
             let want = (forms[0].1)();
             for (name, f) in &forms {
                 let got = f();

@@ -13,6 +13,7 @@ use burn::tensor::{DType, Device, Distribution, Int, Tensor, TensorData, activat
 
 use crate::model::attention_op::attend_recomputing;
 use crate::model::config::ModelConfig;
+use crate::model::lora_op::lora_delta;
 use crate::model::quant::QuantWeight;
 
 /// Additive mask value: large enough that `exp` underflows to exactly 0, finite so that a
@@ -138,17 +139,22 @@ impl Linear {
                 dropped = true;
             }
             let (a, lb) = (lora.a.clone(), lora.b.clone());
-            // Factors stay f32 (optimizer state); meet half-precision activations in their dtype.
-            let (a, lb) = if a.dtype() != dtype {
-                (a.cast(dtype), lb.cast(dtype))
-            } else {
-                (a, lb)
+            let delta = match lora_branch_op() {
+                // The op reads f32 factors beside half-precision activations as they are.
+                true => lora_delta(xin.clone(), a, lb, lora.scale),
+                false => {
+                    // Factors stay f32 (optimizer state); meet half-precision activations in
+                    // their dtype.
+                    let (a, lb) = match a.dtype() == dtype {
+                        true => (a, lb),
+                        false => (a.cast(dtype), lb.cast(dtype)),
+                    };
+                    xin.clone()
+                        .matmul(a.transpose())
+                        .matmul(lb.transpose())
+                        .mul_scalar(lora.scale)
+                }
             };
-            let delta = xin
-                .clone()
-                .matmul(a.transpose())
-                .matmul(lb.transpose())
-                .mul_scalar(lora.scale);
             y = match &lora.magnitude {
                 None => y + delta,
                 // PEFT's DoRA: base(x) + (k - 1)·W·drop(x) + k·s·B·A·drop(x), k = m / ||W + sBA||.
@@ -178,6 +184,23 @@ impl Linear {
 
 /// Serializes seeding and drawing LoRA dropout masks (see [`Linear::forward`]).
 static DROPOUT_RNG: Mutex<()> = Mutex::new(());
+
+/// Whether LoRA branches go through [`crate::model::lora_op`] (the default) or through two plain
+/// matmuls (`TUNA_LORA_BRANCH=plain`, for comparison), read once per process.
+fn lora_branch_op() -> bool {
+    static OP: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *OP.get_or_init(|| match std::env::var("TUNA_LORA_BRANCH").as_deref() {
+        Err(_) | Ok("op") => true,
+        Ok("plain") => false,
+        Ok(other) => {
+            eprintln!(
+                "warning: TUNA_LORA_BRANCH is `{other}`, which names no LoRA path \
+                 (op or plain); using op"
+            );
+            true
+        }
+    })
+}
 
 /// RMSNorm computed in f32 whatever the model dtype, as transformers does.
 #[derive(Debug, Clone)]

@@ -8,4 +8,7 @@ pub mod full;
 pub mod llama;
 pub mod load;
 pub mod lora;
+#[cfg(all(feature = "gpu", not(target_os = "macos")))]
+pub mod lora_kernels;
+pub mod lora_op;
 pub mod quant;

@@ -1,0 +1,76 @@
+#!/usr/bin/env python3
+"""Runs a command and samples, every 0.25 s, its process tree's CPU time (user + system, from
+/proc) and the GPU's utilization and clock (nvidia-smi): whether a training step is bound by the
+host (a core busy, the GPU idle part of the time) or by the GPU. Prints one line per sample and
+to stderr, and a summary of the last `--tail` seconds before the last half second (the timed steps of `tuna bench train`).
+
+usage: host_gpu_timeline.py [--tail S] -- CMD ...
+"""
+import os, subprocess, sys, threading, time
+
+args = sys.argv[1:]
+tail = 6.0
+if args[:1] == ["--tail"]:
+    tail, args = float(args[1]), args[2:]
+if args[:1] == ["--"]:
+    args = args[1:]
+tick = os.sysconf("SC_CLK_TCK")
+
+
+def tree_cpu_s(root):
+    """User + system seconds of root and its descendants (threads included)."""
+    total, kids = 0.0, {}
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            f = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        kids.setdefault(int(f[1]), []).append((int(pid), (int(f[11]) + int(f[12])) / tick))
+    stack = [root]
+    own = {}
+    for ppid, lst in kids.items():
+        for pid, t in lst:
+            own[pid] = t
+    while stack:
+        p = stack.pop()
+        total += own.get(p, 0.0)
+        stack += [c for c, _ in kids.get(p, [])]
+    return total
+
+
+gpu = {"util": 0, "sm": 0}
+
+
+def smi():
+    q = subprocess.Popen(["nvidia-smi", "--query-gpu=utilization.gpu,clocks.sm", "--format=csv,noheader,nounits",
+                          "-lms", "200"], stdout=subprocess.PIPE, text=True)
+    for line in q.stdout:
+        try:
+            u, c = [int(x) for x in line.split(",")[:2]]
+            gpu.update(util=u, sm=c)
+        except ValueError:
+            pass
+
+
+threading.Thread(target=smi, daemon=True).start()
+t0 = time.time()
+proc = subprocess.Popen(args)
+rows, last_t, last_c = [], t0, 0.0
+while proc.poll() is None:
+    time.sleep(0.25)
+    now, cpu = time.time(), tree_cpu_s(proc.pid)
+    if cpu >= last_c:
+        rows.append((now - t0, (cpu - last_c) / (now - last_t), gpu["util"], gpu["sm"]))
+    last_t, last_c = now, cpu
+for t, c, u, s in rows:
+    print(f"t {t:6.2f} s  host cores busy {c:4.2f}  gpu util {u:3d} %  sm {s:4d} MHz", file=sys.stderr)
+end = rows[-1][0] if rows else 0
+# The window ends half a second before exit (teardown).
+sel = [r for r in rows if end - tail - 0.5 <= r[0] <= end - 0.5]
+if sel:
+    n = len(sel)
+    print(f"last {tail:.0f} s: host cores busy {sum(r[1] for r in sel) / n:.2f}, gpu util "
+          f"{sum(r[2] for r in sel) / n:.0f} %, sm {sum(r[3] for r in sel) / n:.0f} MHz ({n} samples)", file=sys.stderr)
+sys.exit(proc.returncode)
