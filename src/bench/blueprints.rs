@@ -68,7 +68,12 @@ fn plans() -> Vec<Plan> {
             (2, 2, 4),
         ] {
             for stage in [(4, 1), (2, 2), (8, 1), (2, 1), (4, 2), (1, 4)] {
-                out.push(Plan { double, partition, stage, swizzle_row: 4 });
+                out.push(Plan {
+                    double,
+                    partition,
+                    stage,
+                    swizzle_row: 4,
+                });
             }
         }
     }
@@ -132,13 +137,18 @@ impl Plan {
 /// The routines' own plans, as burn's autotuner launches them.
 fn inferred() -> Vec<(String, Strategy)> {
     let simple = |multi_rows| {
-        Strategy::from(Multi::SimpleCyclicCmma(BlueprintStrategy::Inferred(SimpleArgs {
-            multi_rows,
-            tile_matmul: TileMatmulKind::Cmma,
-        })))
+        Strategy::from(Multi::SimpleCyclicCmma(BlueprintStrategy::Inferred(
+            SimpleArgs {
+                multi_rows,
+                tile_matmul: TileMatmulKind::Cmma,
+            },
+        )))
     };
     let double = Strategy::from(Multi::DoubleCyclicCmma(BlueprintStrategy::Inferred(
-        DoubleBufferingArgs { specialized: false, tile_matmul: TileMatmulKind::Cmma },
+        DoubleBufferingArgs {
+            specialized: false,
+            tile_matmul: TileMatmulKind::Cmma,
+        },
     )));
     vec![
         ("inferred simple multi_rows".into(), simple(true)),
@@ -165,7 +175,13 @@ fn tensor(client: &Client, device: &CubeDevice, shape: [usize; 2], seed: u64) ->
         })
         .collect();
     let handle = client.create_from_slice(&bytes);
-    CubeTensor::new_contiguous(client.clone(), device.clone(), shape.into(), handle, DType::F16)
+    CubeTensor::new_contiguous(
+        client.clone(),
+        device.clone(),
+        shape.into(),
+        handle,
+        DType::F16,
+    )
 }
 
 fn operands(device: &CubeDevice, &(_, m, k, n, transposed): &Case) -> Operands {
@@ -198,12 +214,22 @@ fn operands(device: &CubeDevice, &(_, m, k, n, transposed): &Case) -> Operands {
         None,
     )
     .expect("a plain f16 product's layout");
-    Operands { client, lhs, rhs, out, problem }
+    Operands {
+        client,
+        lhs,
+        rhs,
+        out,
+        problem,
+    }
 }
 
 fn elems() -> MatmulGlobalElems {
     let f16 = burn_cubecl::cubecl::ir::ElemType::Float(burn_cubecl::cubecl::ir::FloatKind::F16);
-    MatmulGlobalElems { lhs: f16, rhs: f16, out: f16 }
+    MatmulGlobalElems {
+        lhs: f16,
+        rhs: f16,
+        out: f16,
+    }
 }
 
 fn launch(ops: &Operands, strategy: &Strategy) -> Result<()> {
@@ -272,7 +298,9 @@ pub fn sweep(device: &Device, iters: usize, top: usize) -> Result<Value> {
         rows.push(row(first, &name, time(&ops, &s, iters, 0.3)));
     }
     for plan in plans() {
-        let ms = plan.strategy(&ops.client, &ops.problem).and_then(|s| time(&ops, &s, iters, 0.2));
+        let ms = plan
+            .strategy(&ops.client, &ops.problem)
+            .and_then(|s| time(&ops, &s, iters, 0.2));
         if let Ok(ms) = ms {
             scored.push((ms, plan));
         }
@@ -287,7 +315,9 @@ pub fn sweep(device: &Device, iters: usize, top: usize) -> Result<Value> {
             rows.push(row(case, &name, time(&ops, &s, iters, 0.3)));
         }
         for plan in &best {
-            let ms = plan.strategy(&ops.client, &ops.problem).and_then(|s| time(&ops, &s, iters, 0.3));
+            let ms = plan
+                .strategy(&ops.client, &ops.problem)
+                .and_then(|s| time(&ops, &s, iters, 0.3));
             rows.push(row(case, &plan.name(), ms));
         }
     }

@@ -12,8 +12,8 @@ use anyhow::{Result, bail};
 use burn::tensor::Device;
 use burn_cubecl::cubecl::ir::{ElemType, FloatKind};
 use burn_cubecl::cubecl::prelude::*;
-use half::f16;
 use burn_cubecl::cubecl::{self, client::Client, cmma, future};
+use half::f16;
 use serde_json::{Value, json};
 
 use crate::data::dataset::SplitMix64;
@@ -116,7 +116,11 @@ const TILES: &[(usize, usize, usize)] = &[
 fn random_f16(seed: u64, n: usize) -> Vec<half::f16> {
     let mut rng = SplitMix64(seed);
     (0..n)
-        .map(|_| half::f16::from_f32(((rng.next() >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0) as f32))
+        .map(|_| {
+            half::f16::from_f32(
+                ((rng.next() >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0) as f32,
+            )
+        })
         .collect()
 }
 
@@ -133,13 +137,7 @@ struct Operands {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn launch(
-    client: &Client,
-    ops: &Operands,
-    case: &Case,
-    tile: (usize, usize, usize),
-    units: u32,
-) {
+fn launch(client: &Client, ops: &Operands, case: &Case, tile: (usize, usize, usize), units: u32) {
     let &(_, m, k, n, nk) = case;
     let (bm, bn, bk) = tile;
     unsafe {
@@ -168,9 +166,13 @@ fn sync(client: &Client) -> Result<()> {
 /// Largest relative error over sampled entries of the product against the host's f32 sums.
 fn check(client: &Client, ops: &Operands, case: &Case) -> Result<f64> {
     let &(_, m, k, n, nk) = case;
-    let raw = client.read_one(ops.out_h.clone()).map_err(|e| anyhow::anyhow!("{e:?}"))?;
-    let out: Vec<f32> =
-        raw.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect();
+    let raw = client
+        .read_one(ops.out_h.clone())
+        .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    let out: Vec<f32> = raw
+        .chunks_exact(2)
+        .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+        .collect();
     let mut rng = SplitMix64(7);
     let mut worst = 0.0f64;
     for _ in 0..64 {
@@ -178,7 +180,11 @@ fn check(client: &Client, ops: &Operands, case: &Case) -> Result<f64> {
         let mut want = 0.0f64;
         let mut scale = 0.0f64;
         for p in 0..k {
-            let r = if nk { ops.rhs[j * k + p] } else { ops.rhs[p * n + j] };
+            let r = if nk {
+                ops.rhs[j * k + p]
+            } else {
+                ops.rhs[p * n + j]
+            };
             let t = ops.lhs[i * k + p].to_f64() * r.to_f64();
             want += t;
             scale += t.abs();
@@ -210,7 +216,9 @@ pub fn sweep(device: &Device, iters: usize) -> Result<Value> {
         client.properties().hardware.cube_mma_reserved_shared_memory
     );
     if configs.is_empty() {
-        bail!("the device offers no workgroup-scope cooperative matrix (VK_NV_cooperative_matrix2)");
+        bail!(
+            "the device offers no workgroup-scope cooperative matrix (VK_NV_cooperative_matrix2)"
+        );
     }
     let mut units: Vec<u32> = configs.iter().filter_map(|c| c.units_per_block).collect();
     units.sort();
@@ -230,24 +238,26 @@ pub fn sweep(device: &Device, iters: usize) -> Result<Value> {
         for &tile in TILES {
             for &u in &units {
                 let plan = format!("{}x{}x{} units {u}", tile.0, tile.1, tile.2);
-                let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| -> Result<(f64, f64)> {
-                    launch(&client, &ops, case, tile, u);
-                    sync(&client)?;
-                    let err = check(&client, &ops, case)?;
-                    let t = Instant::now();
-                    while t.elapsed().as_secs_f64() < 0.3 {
-                        for _ in 0..10 {
+                let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(
+                    || -> Result<(f64, f64)> {
+                        launch(&client, &ops, case, tile, u);
+                        sync(&client)?;
+                        let err = check(&client, &ops, case)?;
+                        let t = Instant::now();
+                        while t.elapsed().as_secs_f64() < 0.3 {
+                            for _ in 0..10 {
+                                launch(&client, &ops, case, tile, u);
+                            }
+                            sync(&client)?;
+                        }
+                        let t0 = Instant::now();
+                        for _ in 0..iters {
                             launch(&client, &ops, case, tile, u);
                         }
                         sync(&client)?;
-                    }
-                    let t0 = Instant::now();
-                    for _ in 0..iters {
-                        launch(&client, &ops, case, tile, u);
-                    }
-                    sync(&client)?;
-                    Ok((t0.elapsed().as_secs_f64() / iters as f64 * 1e3, err))
-                }));
+                        Ok((t0.elapsed().as_secs_f64() / iters as f64 * 1e3, err))
+                    },
+                ));
                 let row = match run {
                     Ok(Ok((ms, err))) => json!({"case": name, "plan": plan, "ms": ms,
                         "tflops": 2.0 * (m * k * n) as f64 / ms / 1e9, "rel_err": err}),

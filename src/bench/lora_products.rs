@@ -32,7 +32,11 @@ pub fn split_k(lhs: Tensor<2>, rhs: Tensor<2>, s: usize) -> Tensor<2> {
     let dtype = lhs.dtype();
     let l = lhs.reshape([m, s, k / s]).swap_dims(0, 1);
     let r = rhs.reshape([s, k / s, n]);
-    l.matmul(r).cast(DType::F32).sum_dim(0).reshape([m, n]).cast(dtype)
+    l.matmul(r)
+        .cast(DType::F32)
+        .sum_dim(0)
+        .reshape([m, n])
+        .cast(dtype)
 }
 
 /// `lhsᵀ · rhs` for `lhs [rows, m]`, `rhs [rows, n]` (a gradient's reduction over the rows), as
@@ -42,7 +46,11 @@ pub fn split_rows_t(lhs: Tensor<2>, rhs: Tensor<2>, s: usize) -> Tensor<2> {
     let dtype = lhs.dtype();
     let l = lhs.reshape([s, rows / s, m]).swap_dims(1, 2);
     let r = rhs.reshape([s, rows / s, n]);
-    l.matmul(r).cast(DType::F32).sum_dim(0).reshape([m, n]).cast(dtype)
+    l.matmul(r)
+        .cast(DType::F32)
+        .sum_dim(0)
+        .reshape([m, n])
+        .cast(dtype)
 }
 
 /// `a [m, r] · b [r, n]` for a short `r` as `r` broadcast multiply-adds (one fused elementwise
@@ -60,7 +68,14 @@ pub fn outer_sum(a: Tensor<2>, b: Tensor<2>) -> Tensor<2> {
 
 type Form = (String, Box<dyn Fn() -> Tensor<2>>);
 
-fn forms(rows: usize, d_in: usize, d_out: usize, r: usize, device: &Device, dtype: DType) -> Vec<(String, Vec<Form>)> {
+fn forms(
+    rows: usize,
+    d_in: usize,
+    d_out: usize,
+    r: usize,
+    device: &Device,
+    dtype: DType,
+) -> Vec<(String, Vec<Form>)> {
     let mut rng = SplitMix64((rows + d_in * 3 + d_out) as u64);
     let x = random(&mut rng, [rows, d_in], device, dtype);
     let a = random(&mut rng, [r, d_in], device, dtype);
@@ -152,7 +167,11 @@ trait ScalarF32 {
 
 impl ScalarF32 for Tensor<1> {
     fn into_scalar_f32(self) -> f32 {
-        self.into_data().convert::<f32>().try_to_vec::<f32>().map(|v| v[0]).unwrap_or(f32::NAN)
+        self.into_data()
+            .convert::<f32>()
+            .try_to_vec::<f32>()
+            .map(|v| v[0])
+            .unwrap_or(f32::NAN)
     }
 }
 
@@ -160,7 +179,12 @@ impl ScalarF32 for Tensor<1> {
 /// not a multiple of a cube's, r of 1, 16 and 64), in `dtype`: the relative L2 error of each.
 fn check_op(device: &Device, dtype: DType) -> Vec<Value> {
     let mut out = Vec::new();
-    for (m, k, n, r) in [(1000, 100, 72, 16), (4096, 576, 192, 64), (333, 64, 48, 1), (4099, 2048, 256, 8)] {
+    for (m, k, n, r) in [
+        (1000, 100, 72, 16),
+        (4096, 576, 192, 64),
+        (333, 64, 48, 1),
+        (4099, 2048, 256, 8),
+    ] {
         let mut rng = SplitMix64((m * 7 + k + r) as u64);
         let x = random(&mut rng, [m, k], device, dtype);
         let a = random(&mut rng, [r, k], device, dtype);
@@ -172,12 +196,45 @@ fn check_op(device: &Device, dtype: DType) -> Vec<Value> {
         let wt = wf.clone().transpose().reshape([n, r]);
         let ux = u.clone().transpose().matmul(x.clone()).mul_scalar(1.5);
         let errs = [
-            ("project", rel_err(&lora_op::project(x.clone(), af, 0.5, false), &x.clone().matmul(a.clone().transpose()).mul_scalar(0.5))),
-            ("project w_t", rel_err(&lora_op::project(x.clone(), at, 0.5, true), &x.clone().matmul(a.clone().transpose()).mul_scalar(0.5))),
-            ("expand", rel_err(&lora_op::expand(u.clone(), wf, 2.0, false), &u.clone().matmul(w.clone()).mul_scalar(2.0))),
-            ("expand w_t", rel_err(&lora_op::expand(u.clone(), wt, 2.0, true), &u.clone().matmul(w.clone()).mul_scalar(2.0))),
-            ("reduce", rel_err(&lora_op::reduce(u.clone(), x.clone(), 1.5, false), &ux)),
-            ("reduce out_t", rel_err(&lora_op::reduce(u.clone(), x.clone(), 1.5, true), &ux.transpose())),
+            (
+                "project",
+                rel_err(
+                    &lora_op::project(x.clone(), af, 0.5, false),
+                    &x.clone().matmul(a.clone().transpose()).mul_scalar(0.5),
+                ),
+            ),
+            (
+                "project w_t",
+                rel_err(
+                    &lora_op::project(x.clone(), at, 0.5, true),
+                    &x.clone().matmul(a.clone().transpose()).mul_scalar(0.5),
+                ),
+            ),
+            (
+                "expand",
+                rel_err(
+                    &lora_op::expand(u.clone(), wf, 2.0, false),
+                    &u.clone().matmul(w.clone()).mul_scalar(2.0),
+                ),
+            ),
+            (
+                "expand w_t",
+                rel_err(
+                    &lora_op::expand(u.clone(), wt, 2.0, true),
+                    &u.clone().matmul(w.clone()).mul_scalar(2.0),
+                ),
+            ),
+            (
+                "reduce",
+                rel_err(&lora_op::reduce(u.clone(), x.clone(), 1.5, false), &ux),
+            ),
+            (
+                "reduce out_t",
+                rel_err(
+                    &lora_op::reduce(u.clone(), x.clone(), 1.5, true),
+                    &ux.transpose(),
+                ),
+            ),
         ];
         for (product, err) in errs {
             let row = json!({"check": product, "m": m, "k": k, "n": n, "r": r, "rel_err": err});
@@ -192,7 +249,11 @@ fn check_op(device: &Device, dtype: DType) -> Vec<Value> {
 pub fn bench(device: &Device, dtype: DType, iters: usize) -> Result<Value> {
     let short = std::env::var("TUNA_LORA_BENCH").is_ok_and(|v| v == "short");
     let mut rows_out = check_op(device, dtype);
-    for (model, d_in, d_out) in [("tinyllama q", 2048, 2048), ("tinyllama v", 2048, 256), ("smollm2 q", 576, 576)] {
+    for (model, d_in, d_out) in [
+        ("tinyllama q", 2048, 2048),
+        ("tinyllama v", 2048, 256),
+        ("smollm2 q", 576, 576),
+    ] {
         for (product, mut forms) in forms(4096, d_in, d_out, 8, device, dtype) {
             if short {
                 forms.retain(|(name, _)| name.starts_with("plain") || name.starts_with("op "));

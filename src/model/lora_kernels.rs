@@ -13,15 +13,15 @@
 //!   dB, already in B's `[n, r]` layout. Splitting the rows gives the long reduction enough
 //!   threads, which a square GEMM tile of r rows does not.
 
+use burn::backend::TensorMetadata;
 use burn::tensor::{DType, Shape};
+use burn_cubecl::CubeBackend;
 use burn_cubecl::cubecl::ir::{ElemType, FloatKind};
 use burn_cubecl::cubecl::prelude::*;
 use burn_cubecl::cubecl::{self, CubeDim, calculate_cube_count_elemwise};
 use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::ops::numeric::empty_device_dtype;
 use burn_cubecl::tensor::CubeTensor;
-use burn_cubecl::CubeBackend;
-use burn::backend::TensorMetadata;
 
 use crate::model::lora_op::{LoraOps, plain_expand, plain_project, plain_reduce};
 
@@ -60,7 +60,11 @@ fn project_kernel<F: Float, W: Float>(
         let xv = f32::cast_from(x[base + c]);
         #[unroll]
         for j in 0..r {
-            let wv = if comptime!(w_t) { w[c * r + j] } else { w[j * k + c] };
+            let wv = if comptime!(w_t) {
+                w[c * r + j]
+            } else {
+                w[j * k + c]
+            };
             acc[j] += xv * f32::cast_from(wv);
         }
         c += step;
@@ -95,7 +99,11 @@ fn expand_kernel<F: Float, W: Float>(
     let mut acc = 0.0f32;
     #[unroll]
     for j in 0..r {
-        let wv = if comptime!(w_t) { w[c * r + j] } else { w[j * n + c] };
+        let wv = if comptime!(w_t) {
+            w[c * r + j]
+        } else {
+            w[j * n + c]
+        };
         acc += f32::cast_from(u[i * r + j]) * f32::cast_from(wv);
     }
     out[pos] = F::cast_from(acc * scale);
@@ -203,12 +211,20 @@ impl LoraOps for CubeBackend {
     fn lora_project(x: CubeTensor, w: CubeTensor, scale: f32, w_t: bool) -> CubeTensor {
         let ([m, k], [w0, w1]) = (dims2(&x), dims2(&w));
         let (r, kw) = if w_t { (w1, w0) } else { (w0, w1) };
-        assert_eq!(k, kw, "lora_project: x [m, {k}] against a weight of {kw} columns");
+        assert_eq!(
+            k, kw,
+            "lora_project: x [m, {k}] against a weight of {kw} columns"
+        );
         let (Some(dtypes), Some(plane)) = (applies(r, &x, &w), plane_size(&x)) else {
             return plain_project::<Self>(x, w, scale, w_t);
         };
         let (x, w) = (into_contiguous(x), into_contiguous(w));
-        let out = empty_device_dtype(x.client.clone(), x.device.clone(), Shape::new([m, r]), x.dtype);
+        let out = empty_device_dtype(
+            x.client.clone(),
+            x.device.clone(),
+            Shape::new([m, r]),
+            x.dtype,
+        );
         let cube_dim = CubeDim::new_2d(plane, CUBE / plane);
         let count = calculate_cube_count_elemwise(&x.client, m * plane as usize, cube_dim);
         let client = x.client.clone();
@@ -234,12 +250,20 @@ impl LoraOps for CubeBackend {
     fn lora_expand(u: CubeTensor, w: CubeTensor, scale: f32, w_t: bool) -> CubeTensor {
         let ([m, r], [w0, w1]) = (dims2(&u), dims2(&w));
         let (rw, n) = if w_t { (w1, w0) } else { (w0, w1) };
-        assert_eq!(r, rw, "lora_expand: u [m, {r}] against a weight of rank {rw}");
+        assert_eq!(
+            r, rw,
+            "lora_expand: u [m, {r}] against a weight of rank {rw}"
+        );
         let Some(dtypes) = applies(r, &u, &w) else {
             return plain_expand::<Self>(u, w, scale, w_t);
         };
         let (u, w) = (into_contiguous(u), into_contiguous(w));
-        let out = empty_device_dtype(u.client.clone(), u.device.clone(), Shape::new([m, n]), u.dtype);
+        let out = empty_device_dtype(
+            u.client.clone(),
+            u.device.clone(),
+            Shape::new([m, n]),
+            u.dtype,
+        );
         let cube_dim = CubeDim::new_1d(CUBE);
         let count = calculate_cube_count_elemwise(&u.client, m * n, cube_dim);
         let client = u.client.clone();
@@ -271,7 +295,12 @@ impl LoraOps for CubeBackend {
         let (u, x) = (into_contiguous(u), into_contiguous(x));
         let (rows, blocks) = row_blocks(m, k);
         let (client, device) = (x.client.clone(), x.device.clone());
-        let partial = empty_device_dtype(client.clone(), device.clone(), Shape::new([blocks, r, k]), DType::F32);
+        let partial = empty_device_dtype(
+            client.clone(),
+            device.clone(),
+            Shape::new([blocks, r, k]),
+            DType::F32,
+        );
         let cube_dim = CubeDim::new_1d(CUBE);
         let count = calculate_cube_count_elemwise(&client, blocks * k, cube_dim);
         unsafe {
@@ -315,7 +344,9 @@ impl LoraOps for CubeBackend {
 /// subgroup of `CUBE_DIM_X` lanes).
 fn plane_size(x: &CubeTensor) -> Option<u32> {
     let hw = &x.client.properties().hardware;
-    (hw.plane_size_min == hw.plane_size_max && hw.plane_size_max > 1 && CUBE % hw.plane_size_max == 0)
+    (hw.plane_size_min == hw.plane_size_max
+        && hw.plane_size_max > 1
+        && CUBE % hw.plane_size_max == 0)
         .then_some(hw.plane_size_max)
 }
 

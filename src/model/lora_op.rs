@@ -36,21 +36,36 @@ pub trait LoraOps: Backend {
     /// `scale · x wᵀ` → `[m, r]` in x's dtype: x `[m, k]`, w `[r, k]`, or w `[k, r]` and `w_t`
     /// (B's layout, for `dδ · B`).
     #[fusion(dtype = x, shape = project_shape(x, w, w_t))]
-    fn lora_project(x: FloatTensor<Self>, w: FloatTensor<Self>, scale: f32, w_t: bool) -> FloatTensor<Self> {
+    fn lora_project(
+        x: FloatTensor<Self>,
+        w: FloatTensor<Self>,
+        scale: f32,
+        w_t: bool,
+    ) -> FloatTensor<Self> {
         plain_project::<Self>(x, w, scale, w_t)
     }
 
     /// `scale · u w` → `[m, n]` in u's dtype: u `[m, r]`, w `[r, n]`, or w `[n, r]` and `w_t`
     /// (B's layout, for `XA · Bᵀ`).
     #[fusion(dtype = u, shape = expand_shape(u, w, w_t))]
-    fn lora_expand(u: FloatTensor<Self>, w: FloatTensor<Self>, scale: f32, w_t: bool) -> FloatTensor<Self> {
+    fn lora_expand(
+        u: FloatTensor<Self>,
+        w: FloatTensor<Self>,
+        scale: f32,
+        w_t: bool,
+    ) -> FloatTensor<Self> {
         plain_expand::<Self>(u, w, scale, w_t)
     }
 
     /// `scale · uᵀ x` in f32: u `[m, r]`, x `[m, k]` → `[r, k]`, or its transpose `[k, r]` with
     /// `out_t` (B's layout, for dB).
     #[fusion(dtype = DType::F32, shape = reduce_shape(u, x, out_t))]
-    fn lora_reduce(u: FloatTensor<Self>, x: FloatTensor<Self>, scale: f32, out_t: bool) -> FloatTensor<Self> {
+    fn lora_reduce(
+        u: FloatTensor<Self>,
+        x: FloatTensor<Self>,
+        scale: f32,
+        out_t: bool,
+    ) -> FloatTensor<Self> {
         plain_reduce::<Self>(u, x, scale, out_t)
     }
 
@@ -125,17 +140,32 @@ pub fn lora_delta(x: Tensor<2>, a: Tensor<2>, b: Tensor<2>, scale: f64) -> Tenso
 
 /// [`LoraOps::lora_project`] on tensors.
 pub fn project(x: Tensor<2>, w: Tensor<2>, scale: f32, w_t: bool) -> Tensor<2> {
-    Tensor::from_dispatch(<Dispatch as LoraOps>::lora_project(x.into_dispatch(), w.into_dispatch(), scale, w_t))
+    Tensor::from_dispatch(<Dispatch as LoraOps>::lora_project(
+        x.into_dispatch(),
+        w.into_dispatch(),
+        scale,
+        w_t,
+    ))
 }
 
 /// [`LoraOps::lora_expand`] on tensors.
 pub fn expand(u: Tensor<2>, w: Tensor<2>, scale: f32, w_t: bool) -> Tensor<2> {
-    Tensor::from_dispatch(<Dispatch as LoraOps>::lora_expand(u.into_dispatch(), w.into_dispatch(), scale, w_t))
+    Tensor::from_dispatch(<Dispatch as LoraOps>::lora_expand(
+        u.into_dispatch(),
+        w.into_dispatch(),
+        scale,
+        w_t,
+    ))
 }
 
 /// [`LoraOps::lora_reduce`] on tensors.
 pub fn reduce(u: Tensor<2>, x: Tensor<2>, scale: f32, out_t: bool) -> Tensor<2> {
-    Tensor::from_dispatch(<Dispatch as LoraOps>::lora_reduce(u.into_dispatch(), x.into_dispatch(), scale, out_t))
+    Tensor::from_dispatch(<Dispatch as LoraOps>::lora_reduce(
+        u.into_dispatch(),
+        x.into_dispatch(),
+        scale,
+        out_t,
+    ))
 }
 
 #[derive(Debug)]
@@ -220,23 +250,41 @@ fn scaled<B: Backend>(x: FloatTensor<B>, scale: f32) -> FloatTensor<B> {
 }
 
 /// [`LoraOps::lora_project`] in tensor ops.
-pub(crate) fn plain_project<B: Backend>(x: FloatTensor<B>, w: FloatTensor<B>, scale: f32, w_t: bool) -> FloatTensor<B> {
+pub(crate) fn plain_project<B: Backend>(
+    x: FloatTensor<B>,
+    w: FloatTensor<B>,
+    scale: f32,
+    w_t: bool,
+) -> FloatTensor<B> {
     let w = cast::<B>(w, x.dtype());
     let w = if w_t { w } else { B::float_swap_dims(w, 0, 1) };
     scaled::<B>(B::float_matmul(x, w), scale)
 }
 
 /// [`LoraOps::lora_expand`] in tensor ops.
-pub(crate) fn plain_expand<B: Backend>(u: FloatTensor<B>, w: FloatTensor<B>, scale: f32, w_t: bool) -> FloatTensor<B> {
+pub(crate) fn plain_expand<B: Backend>(
+    u: FloatTensor<B>,
+    w: FloatTensor<B>,
+    scale: f32,
+    w_t: bool,
+) -> FloatTensor<B> {
     let w = cast::<B>(w, u.dtype());
     let w = if w_t { B::float_swap_dims(w, 0, 1) } else { w };
     scaled::<B>(B::float_matmul(u, w), scale)
 }
 
 /// [`LoraOps::lora_reduce`] in tensor ops.
-pub(crate) fn plain_reduce<B: Backend>(u: FloatTensor<B>, x: FloatTensor<B>, scale: f32, out_t: bool) -> FloatTensor<B> {
+pub(crate) fn plain_reduce<B: Backend>(
+    u: FloatTensor<B>,
+    x: FloatTensor<B>,
+    scale: f32,
+    out_t: bool,
+) -> FloatTensor<B> {
     let u = cast::<B>(u, x.dtype());
-    let out = scaled::<B>(cast::<B>(B::float_matmul(B::float_swap_dims(u, 0, 1), x), DType::F32), scale);
+    let out = scaled::<B>(
+        cast::<B>(B::float_matmul(B::float_swap_dims(u, 0, 1), x), DType::F32),
+        scale,
+    );
     match out_t {
         // A reshape of the transposed view lays it out row-major.
         true => {
@@ -253,7 +301,9 @@ mod tests {
     use burn::tensor::{DType, Device, Distribution};
 
     fn rel(a: &Tensor<2>, b: &Tensor<2>) -> f32 {
-        let d = (a.clone().cast(DType::F32) - b.clone().cast(DType::F32)).square().sum();
+        let d = (a.clone().cast(DType::F32) - b.clone().cast(DType::F32))
+            .square()
+            .sum();
         let n = b.clone().cast(DType::F32).square().sum();
         (d.into_scalar::<f32>() / n.into_scalar::<f32>().max(1e-30)).sqrt()
     }
@@ -279,7 +329,11 @@ mod tests {
                         true => x.autodiff().require_grad(),
                         false => x,
                     };
-                    (x, a0.clone().autodiff().require_grad(), b0.clone().autodiff().require_grad())
+                    (
+                        x,
+                        a0.clone().autodiff().require_grad(),
+                        b0.clone().autodiff().require_grad(),
+                    )
                 };
                 let (x, a, b) = leaves();
                 let op = lora_delta(x.clone(), a.clone(), b.clone(), scale);
@@ -320,22 +374,40 @@ mod tests {
         let w = t(vec![1., 0., 1., 1.], [2, 2]);
         let p = project(x.clone(), w.clone(), 2.0, false);
         // 2 · x wᵀ: rows (1, 3), (3, 7), (5, 11) doubled.
-        assert_eq!(p.into_data().try_to_vec::<f32>().unwrap(), vec![2., 6., 6., 14., 10., 22.]);
+        assert_eq!(
+            p.into_data().try_to_vec::<f32>().unwrap(),
+            vec![2., 6., 6., 14., 10., 22.]
+        );
         let e = expand(x.clone(), w.clone(), 1.0, false);
-        assert_eq!(e.into_data().try_to_vec::<f32>().unwrap(), vec![3., 2., 7., 4., 11., 6.]);
+        assert_eq!(
+            e.into_data().try_to_vec::<f32>().unwrap(),
+            vec![3., 2., 7., 4., 11., 6.]
+        );
         let u = t(vec![1., 0., 0., 1., 1., 1.], [3, 2]);
         let rd = reduce(u.clone(), x.clone(), 1.0, false);
         // uᵀ x: (x0 + x2, x1 + x2).
-        assert_eq!(rd.into_data().try_to_vec::<f32>().unwrap(), vec![6., 8., 8., 10.]);
+        assert_eq!(
+            rd.into_data().try_to_vec::<f32>().unwrap(),
+            vec![6., 8., 8., 10.]
+        );
         // The transposed layouts: w given as wᵀ, the result of reduce transposed.
         let wt = t(vec![1., 1., 0., 1.], [2, 2]);
         let pt = project(x.clone(), wt.clone(), 2.0, true);
-        assert_eq!(pt.into_data().try_to_vec::<f32>().unwrap(), vec![2., 6., 6., 14., 10., 22.]);
+        assert_eq!(
+            pt.into_data().try_to_vec::<f32>().unwrap(),
+            vec![2., 6., 6., 14., 10., 22.]
+        );
         let et = expand(x.clone(), wt, 1.0, true);
-        assert_eq!(et.into_data().try_to_vec::<f32>().unwrap(), vec![3., 2., 7., 4., 11., 6.]);
+        assert_eq!(
+            et.into_data().try_to_vec::<f32>().unwrap(),
+            vec![3., 2., 7., 4., 11., 6.]
+        );
         let x2 = t(vec![1., 2., 3., 4., 5., 7.], [3, 2]);
         // uᵀ x2 = [[6, 9], [8, 11]], transposed.
         let rt = reduce(u, x2, 1.0, true);
-        assert_eq!(rt.into_data().try_to_vec::<f32>().unwrap(), vec![6., 8., 9., 11.]);
+        assert_eq!(
+            rt.into_data().try_to_vec::<f32>().unwrap(),
+            vec![6., 8., 9., 11.]
+        );
     }
 }
