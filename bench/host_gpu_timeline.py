@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Runs a command and samples, every 0.25 s, its process tree's CPU time (user + system, from
 /proc) and the GPU's utilization and clock (nvidia-smi): whether a training step is bound by the
-host (a core busy, the GPU idle part of the time) or by the GPU. Prints one line per sample and
-to stderr, and a summary of the last `--tail` seconds before the last half second (the timed steps of `tuna bench train`).
+host (host cores busy, the GPU idle part of the time) or by the GPU. Writes one line per sample
+to stderr, then a summary of the `--tail` seconds before the last half second (the timed steps
+of `tuna bench train`; the last half second is the process's teardown).
 
 usage: host_gpu_timeline.py [--tail S] -- CMD ...
 """

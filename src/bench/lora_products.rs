@@ -1,12 +1,14 @@
 //! `tuna bench matmul --lora`: LoRA's six skinny products per adapter and step (rank r against
-//! thousands of rows), each stated several ways through burn's tensor API, timed and checked
-//! against the plain statement autodiff uses. On the H200 the plain statements run at 60–180 µs
-//! each on Vulkan (torch: 18–35 µs), about 0.8 ms per adapter and step: 37 ms of a TinyLlama step.
-//! Products with a long reduction (k of 2048–4096) but a short side of r give the matmul routines
-//! too few cubes; stating them as a batch of k-slices summed afterwards (split-k) gives more.
-//! Measured and not adopted in training: taking LoRA's rows in 8 blocks (so autodiff states dA
-//! and dB split by rows, 2–3× faster here) made the whole step slower on the same H200
-//! (SmolLM2 22,308 vs 26,814 tok/s, TinyLlama 15,660 vs 16,315; `h200-2026-12-03e/call4-lora-train/`).
+//! thousands of rows), each stated several ways through burn's tensor API and by the branch op's
+//! kernels (`op …`, [`crate::model::lora_op`]), timed and checked against the plain statement
+//! autodiff uses; first, the op's products against the plain ones at ragged shapes and other
+//! ranks (`check` rows). `TUNA_LORA_BENCH=short` times only the plain statements and the op's.
+//!
+//! Each timing is of a whole call (the host's dispatch and allocation included), not of a kernel:
+//! on the H200 even the op's trivial expand kernel shows 40–213 µs here while cubecl's profile of
+//! training puts it at 20–55 µs. So these figures rank statements of one product only roughly;
+//! the rows-in-blocks statement that ran 2–3× faster here made the training step slower
+//! (`h200-2026-12-03e/call4-lora-train/`) and was not adopted.
 
 use std::time::Instant;
 

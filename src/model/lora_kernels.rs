@@ -14,8 +14,10 @@
 //!   threads, which a square GEMM tile of r rows does not.
 
 use burn::backend::TensorMetadata;
+use burn::backend::ops::FloatTensorOps;
 use burn::tensor::{DType, Shape};
 use burn_cubecl::CubeBackend;
+use burn_cubecl::cubecl::features::Plane;
 use burn_cubecl::cubecl::ir::{ElemType, FloatKind};
 use burn_cubecl::cubecl::prelude::*;
 use burn_cubecl::cubecl::{self, CubeDim, calculate_cube_count_elemwise};
@@ -198,13 +200,17 @@ fn dims2(x: &CubeTensor) -> [usize; 2] {
 /// Whether the kernels take operands of this rank and dtypes (the element types to launch
 /// with): the plain products otherwise.
 fn applies(r: usize, a: &CubeTensor, b: &CubeTensor) -> Option<[ElemType; 2]> {
-    if r == 0 || r > MAX_RANK || a.qparams.is_some() || b.qparams.is_some() {
-        return None;
-    }
-    if std::env::var_os("TUNA_LORA_KERNELS").is_some_and(|v| v == "0") {
+    if r == 0 || r > MAX_RANK || a.qparams.is_some() || b.qparams.is_some() || !kernels_on() {
         return None;
     }
     Some([storage(a.dtype)?, storage(b.dtype)?])
+}
+
+/// `TUNA_LORA_KERNELS=0` keeps the branch op on burn's matmuls (to measure what the kernels
+/// give), read once per process.
+fn kernels_on() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var_os("TUNA_LORA_KERNELS").is_none_or(|v| v != "0"))
 }
 
 impl LoraOps for CubeBackend {
@@ -320,6 +326,9 @@ impl LoraOps for CubeBackend {
                 [xx, ux],
             )
         };
+        if blocks == 1 && !out_t {
+            return Self::float_reshape(partial, Shape::new([r, k]));
+        }
         let shape = if out_t { [k, r] } else { [r, k] };
         let out = empty_device_dtype(client.clone(), device, Shape::new(shape), DType::F32);
         let count = calculate_cube_count_elemwise(&client, r * k, cube_dim);
@@ -340,18 +349,24 @@ impl LoraOps for CubeBackend {
     }
 }
 
-/// The subgroup size, when the device has one fixed size (the project kernel gives each row one
-/// subgroup of `CUBE_DIM_X` lanes).
+/// The subgroup size, when the device has subgroup operations and one fixed size (the project
+/// kernel gives each row one subgroup of `CUBE_DIM_X` lanes; a variable size, as on AMD and
+/// Intel, leaves project to the plain matmul).
 fn plane_size(x: &CubeTensor) -> Option<u32> {
-    let hw = &x.client.properties().hardware;
+    let props = x.client.properties();
+    if !props.features.plane.contains(Plane::Ops) {
+        return None;
+    }
+    let hw = &props.hardware;
     (hw.plane_size_min == hw.plane_size_max
         && hw.plane_size_max > 1
         && CUBE % hw.plane_size_max == 0)
         .then_some(hw.plane_size_max)
 }
 
-/// Rows per block and block count for reduce: enough threads (blocks × k) to fill the device,
-/// at least 16 rows a block so the partials stay small beside x.
+/// Rows per block and block count for reduce: enough threads (blocks × k) to fill the device
+/// (about 65,536), at least 16 rows a block. The f32 partials are transient, 2r / rows times the
+/// size of an f16 x (0.4× at r 8 and SmolLM2's k = 576, 3.6× at r 64).
 pub(crate) fn row_blocks(m: usize, k: usize) -> (usize, usize) {
     let want = (1usize << 16).div_ceil(k.max(1));
     let rows = m.div_ceil(want.max(1)).max(16).min(m.max(1));

@@ -2,17 +2,23 @@
 //! products (a burn backend extension).
 //!
 //! Every product of a rank-r branch has r (8–64) on one side: x·Aᵀ is `[m, k] × [k, r]`, its
-//! gradients dA = dXAᵀ·x and dB = dδᵀ·XA sum 4,096 rows into an `[r, k]` result. A general
-//! GEMM tiles these for square blocks and, on Vulkan, runs each in 80–450 µs where cuBLAS takes
-//! 18–35 (`tuna bench matmul --lora`). The branch needs only three shapes of product:
-//! - `project(x, w, s)`  = s · x wᵀ, x `[m, k]`, w `[r, k]` → `[m, r]` (xa = x Aᵀ, dXA = dδ B)
-//! - `expand(u, w, s)`   = s · u w,  u `[m, r]`, w `[r, n]` → `[m, n]` (δ = XA Bᵀ, dx = dXA A)
-//! - `reduce(u, x, s)`   = s · uᵀ x, u `[m, r]`, x `[m, k]` → `[r, k]` (dA, and dBᵀ)
+//! gradients dA = dXAᵀ·x and dB = dδᵀ·XA sum thousands of rows into `[r, k]` and `[n, r]`, shapes a
+//! square-tiled GEMM serves poorly. Stated as two matmuls, autodiff also records casts of the f32
+//! factors to the activations' dtype and transposed copies around them. The branch needs only
+//! three shapes of product:
+//! - `project(x, w, s)` = s · x wᵀ, x `[m, k]`, w `[r, k]` → `[m, r]` (xa = x Aᵀ; with `w_t`, w
+//!   is `[k, r]`: dXA = dδ B with B as it is)
+//! - `expand(u, w, s)` = s · u w, u `[m, r]`, w `[r, n]` → `[m, n]` (dx = dXA A; with `w_t`, w is
+//!   `[n, r]`: δ = XA Bᵀ)
+//! - `reduce(u, x, s)` = s · uᵀ x in f32, u `[m, r]`, x `[m, k]` → `[r, k]` (dA; with `out_t` the
+//!   transpose `[k, r]`: dB in B's layout)
 //!
-//! Each has a plain body (two matmuls' worth of tensor ops, used on the CPU and wherever no
-//! kernel applies) and, on cubecl's runtimes, a kernel of its own ([`crate::model::lora_kernels`]).
-//! The branch's backward is written here once in terms of the three, so autodiff records one node
-//! per adapted projection and never asks the general matmul for a skinny product.
+//! Each has a plain body (one matmul, used on the CPU and wherever no kernel applies) and, on
+//! cubecl's runtimes, a kernel of its own (`model::lora_kernels`, Linux; r ≤ 64, and project only
+//! where subgroups have one fixed size). The branch's backward is written here once in terms of
+//! the three, so autodiff records one node per adapted projection. Measured on an
+//! H200, training runs within the run-to-run spread of the two-matmul branch (README, *LoRA's
+//! branch is one op*); `TUNA_LORA_BRANCH=plain` selects that branch again.
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
@@ -57,8 +63,9 @@ pub trait LoraOps: Backend {
         plain_expand::<Self>(u, w, scale, w_t)
     }
 
-    /// `scale · uᵀ x` in f32: u `[m, r]`, x `[m, k]` → `[r, k]`, or its transpose `[k, r]` with
-    /// `out_t` (B's layout, for dB).
+    /// `scale · uᵀ x` as f32: u `[m, r]`, x `[m, k]` → `[r, k]`, or its transpose `[k, r]` with
+    /// `out_t` (B's layout, for dB). The kernels sum in f32; the plain body multiplies in x's
+    /// dtype and casts the result.
     #[fusion(dtype = DType::F32, shape = reduce_shape(u, x, out_t))]
     fn lora_reduce(
         u: FloatTensor<Self>,
@@ -286,7 +293,8 @@ pub(crate) fn plain_reduce<B: Backend>(
         scale,
     );
     match out_t {
-        // A reshape of the transposed view lays it out row-major.
+        // The transposed view (row-major on Flex, which copies on reshape; cubecl's backend may
+        // keep the strided view, which holds the same values).
         true => {
             let [r, k] = dims2(&out);
             B::float_reshape(B::float_swap_dims(out, 0, 1), Shape::new([k, r]))
