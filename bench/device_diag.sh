@@ -41,18 +41,5 @@ u=[int(l.split(',')[1].split()[0]) for l in open('$OUT/util.csv') if l.count(','
 u=[x for x in u if x>0]; print('util samples', len(u), 'mean busy %', sum(u)/max(1,len(u)))"
 echo "--- TinyLlama profile"
 CUBECL_DEBUG_LOG=/tmp/prof.log CUBECL_DEBUG_OPTION=profile-medium timeout 150 $T bench train --device vulkan --shape tinyllama-1.1b --dtype f16 --steps 3 --warmup 1 > "$OUT/prof-bench.json" 2>/dev/null
-python3 - <<'PY' > "$OUT/prof-top.txt"
-import re, collections
-unit={'ns':1e-9,'µs':1e-6,'us':1e-6,'ms':1e-3,'s':1.0}
-tot=collections.Counter(); cnt=collections.Counter()
-for line in open('/tmp/prof.log', errors='replace'):
-    parts=[p.strip() for p in line.split('|') if p.strip()]
-    if len(parts) < 2: continue
-    m=re.match(r'^([0-9.]+)\s*(ns|µs|us|ms|s)$', parts[0])
-    if not m: continue
-    tot[re.sub(r'<.*', '', parts[1])[:90]] += float(m.group(1))*unit[m.group(2)]
-    cnt[re.sub(r'<.*', '', parts[1])[:90]] += 1
-a=sum(tot.values()); print(f"total {a:.3f} s over {sum(cnt.values())} launches")
-for n,t in tot.most_common(30): print(f"{t:9.4f} s {100*t/a:5.1f}% {cnt[n]:7d}  {n}")
-PY
+python3 bench/prof_top.py /tmp/prof.log 30 > "$OUT/prof-top.txt"
 head -32 "$OUT/prof-top.txt"; cat "$OUT/prof-bench.json"

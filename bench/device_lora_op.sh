@@ -27,19 +27,6 @@ if [ "${PROFILE:-0}" = 1 ]; then
   # A per-kernel profile of SmolLM2 8 x 512 training on the warm cache (cubecl's profile-medium).
   CUBECL_DEBUG_LOG=/tmp/prof.log CUBECL_DEBUG_OPTION=profile-medium timeout "${PROFILE_TIMEOUT:-120}" /tmp/tuna bench train \
     --device vulkan --shape smollm2-135m --dtype f16 --steps 3 --warmup 1 > "$OUT/prof-bench.json" 2>/dev/null
-  python3 - <<'PY' > "$OUT/prof-top.txt"
-import re, collections
-unit = {'ns': 1e-9, 'µs': 1e-6, 'us': 1e-6, 'ms': 1e-3, 's': 1.0}
-tot = collections.Counter(); cnt = collections.Counter()
-for line in open('/tmp/prof.log', errors='replace'):
-    parts = [p.strip() for p in line.split('|') if p.strip()]
-    if len(parts) < 2: continue
-    m = re.match(r'^([0-9.]+)\s*(ns|µs|us|ms|s)$', parts[0])
-    if not m: continue
-    name = re.sub(r'<.*', '', parts[1])[:90]
-    tot[name] += float(m.group(1)) * unit[m.group(2)]; cnt[name] += 1
-a = sum(tot.values()); print(f"total {a:.3f} s over {sum(cnt.values())} launches (4 steps, 1 warmup)")
-for n, t in tot.most_common(40): print(f"{t:9.4f} s {100*t/a:5.1f}% {cnt[n]:7d}  {n}")
-PY
+  python3 bench/prof_top.py /tmp/prof.log 40 "(4 steps, 1 warmup)" > "$OUT/prof-top.txt"
   head -25 "$OUT/prof-top.txt"; cat "$OUT/prof-bench.json"
 fi

@@ -25,7 +25,7 @@ use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::ops::numeric::empty_device_dtype;
 use burn_cubecl::tensor::CubeTensor;
 
-use crate::model::lora_op::{LoraOps, plain_expand, plain_project, plain_reduce};
+use crate::model::lora_op::{LoraOps, plain_expand, plain_project, plain_reduce, row_blocks};
 
 /// Largest rank the kernels take; a larger one runs the plain products.
 pub const MAX_RANK: usize = 64;
@@ -362,13 +362,4 @@ fn plane_size(x: &CubeTensor) -> Option<u32> {
         && hw.plane_size_max > 1
         && CUBE % hw.plane_size_max == 0)
         .then_some(hw.plane_size_max)
-}
-
-/// Rows per block and block count for reduce: enough threads (blocks × k) to fill the device
-/// (about 65,536), at least 16 rows a block. The f32 partials are transient, 2r / rows times the
-/// size of an f16 x (0.4× at r 8 and SmolLM2's k = 576, 3.6× at r 64).
-pub(crate) fn row_blocks(m: usize, k: usize) -> (usize, usize) {
-    let want = (1usize << 16).div_ceil(k.max(1));
-    let rows = m.div_ceil(want.max(1)).max(16).min(m.max(1));
-    (rows, m.max(1).div_ceil(rows))
 }
