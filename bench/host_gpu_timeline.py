@@ -3,7 +3,8 @@
 /proc) and the GPU's utilization and clock (nvidia-smi): whether a training step is bound by the
 host (host cores busy, the GPU idle part of the time) or by the GPU. Writes one line per sample
 to stderr, then a summary of the `--tail` seconds before the last half second (the timed steps
-of `tuna bench train`; the last half second is the process's teardown).
+of `tuna bench train`; the last half second is the process's teardown), with the six busiest
+threads' share of a core over that window.
 
 usage: host_gpu_timeline.py [--tail S] -- CMD ...
 """
@@ -41,6 +42,34 @@ def tree_cpu_s(root):
     return total
 
 
+def thread_cpu_s(root):
+    """{(pid, tid, name): user + system seconds} for every thread of root's process tree."""
+    out, pids, kids = {}, [root], {}
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                ppid = int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                continue
+            kids.setdefault(ppid, []).append(int(pid))
+    while pids:
+        p = pids.pop()
+        pids += kids.get(p, [])
+        try:
+            tids = os.listdir(f"/proc/{p}/task")
+        except OSError:
+            continue
+        for tid in tids:
+            try:
+                f = open(f"/proc/{p}/task/{tid}/stat").read()
+                name = f[f.index("(") + 1:f.rindex(")")]
+                v = f.rsplit(")", 1)[1].split()
+                out[(p, int(tid), name)] = (int(v[11]) + int(v[12])) / tick
+            except (OSError, ValueError):
+                continue
+    return out
+
+
 gpu = {"util": 0, "sm": 0}
 
 
@@ -59,11 +88,13 @@ threading.Thread(target=smi, daemon=True).start()
 t0 = time.time()
 proc = subprocess.Popen(args)
 rows, last_t, last_c = [], t0, 0.0
+threads = []  # (t, {thread: cpu seconds}) per sample
 while proc.poll() is None:
     time.sleep(0.25)
     now, cpu = time.time(), tree_cpu_s(proc.pid)
     if cpu >= last_c:
         rows.append((now - t0, (cpu - last_c) / (now - last_t), gpu["util"], gpu["sm"]))
+        threads.append((now - t0, thread_cpu_s(proc.pid)))
     last_t, last_c = now, cpu
 for t, c, u, s in rows:
     print(f"t {t:6.2f} s  host cores busy {c:4.2f}  gpu util {u:3d} %  sm {s:4d} MHz", file=sys.stderr)
@@ -72,6 +103,14 @@ end = rows[-1][0] if rows else 0
 sel = [r for r in rows if end - tail - 0.5 <= r[0] <= end - 0.5]
 if sel:
     n = len(sel)
+    # Each thread's share of one core over the same window: is one thread (the one building the
+    # step's operations) at 100 %?
+    win = [(t, th) for t, th in threads if end - tail - 0.5 <= t <= end - 0.5]
+    if len(win) >= 2:
+        (ta, a), (tb, b) = win[0], win[-1]
+        busy = sorted(((b[k] - a.get(k, 0.0)) / (tb - ta), k) for k in b)[::-1]
+        for frac, (pid, tid, name) in busy[:6]:
+            print(f"  thread {name!r} (pid {pid}, tid {tid}): {100 * frac:.0f} % of a core", file=sys.stderr)
     print(f"last {tail:.0f} s: host cores busy {sum(r[1] for r in sel) / n:.2f}, gpu util "
           f"{sum(r[2] for r in sel) / n:.0f} %, sm {sum(r[3] for r in sel) / n:.0f} MHz ({n} samples)", file=sys.stderr)
 sys.exit(proc.returncode)
