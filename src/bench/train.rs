@@ -158,6 +158,9 @@ pub fn bench_train(a: &BenchTrainArgs) -> Result<Value> {
     for _ in 0..a.steps {
         losses.push(step(&mut model, &mut phases)?);
     }
+    // Nothing in the loop waits for the device: the loop's time is the host's to state the
+    // steps (and any wait the device's queue imposes), the readback's what the device had left.
+    let enqueue_s = tm.elapsed().as_secs_f64();
     let losses: Vec<f32> = Tensor::cat(losses, 0).try_into_vec_as::<f32>()?;
     let secs = tm.elapsed().as_secs_f64();
     let tokens = (a.batch * a.seq * a.steps) as f64;
@@ -167,6 +170,7 @@ pub fn bench_train(a: &BenchTrainArgs) -> Result<Value> {
         "num_layers": a.num_layers, "grad_checkpoint": a.grad_checkpoint, "quantize_bits": a.quantize_bits, "params": model.num_parameters(),
         "fine_tune_type": a.fine_tune_type, "trainable_params": lora::num_trainable_parameters(&model),
         "tokens_per_s": tokens / secs, "s_per_step": secs / a.steps as f64, "warmup_s": warmup_s, "load_s": load_s,
+        "enqueue_s": enqueue_s, "drain_s": secs - enqueue_s,
         "first_loss": losses.first(), "last_loss": losses.last(), "peak_rss_mb": peak_rss_mb(),
         "gpu_reserved_mb": device_mem_mb(&model.device), "gpu_reserved_mb_load_then_warmup": reserved_mb,
         "profile_s_per_step": a.profile.then(|| json!({"forward_backward": phases[0] / a.steps as f64,
