@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
-# One device call: is a training step bound by the host or by the GPU? `tuna bench train`
+# One device call: is a training step bound by the host or by the GPU? `tuna bench ops` (the
+# host's time per tensor operation), then `tuna bench train`
 # (SmolLM2 and TinyLlama, 8 x 512, 40 timed steps) under bench/host_gpu_timeline.py, which
 # samples tuna's CPU time and the GPU's utilization every 0.25 s; the summary covers the last
 # seconds (timed steps), with the busiest threads' share of a core. Carry .gl and .dev (tuna.xz).
 set -u
 . bench/device_env.sh
+# The host's time per tensor operation, by kind and tracking (`tuna bench ops`).
+timeout 120 /tmp/tuna bench ops --device vulkan --dtype f16 >"$OUT/ops.json" 2>"$OUT/ops.log"; echo "ops rc=$?"
+grep '^{' "$OUT/ops.log"
 for shape in smollm2-135m tinyllama-1.1b; do
   echo "--- $shape"
   python3 bench/host_gpu_timeline.py --tail "${TAIL:-4}" -- timeout 200 /tmp/tuna bench train --device vulkan \

@@ -136,6 +136,9 @@ pub enum BenchCommand {
     Load(crate::bench::load::BenchLoadArgs),
     /// Matrix-product throughput at the shapes a training step uses (peer: bench/peer_matmul.py).
     Matmul(crate::bench::matmul::BenchMatmulArgs),
+    /// The host's time per tensor operation: elementwise, reduce and matmul chains, plain,
+    /// autodiff-tracked, and with their backward.
+    Ops(crate::bench::ops::BenchOpsArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -299,6 +302,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             command: BenchCommand::Matmul(a),
         } => {
             println!("{}", crate::bench::matmul::bench_matmul(&a)?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench {
+            command: BenchCommand::Ops(a),
+        } => {
+            println!("{}", crate::bench::ops::bench_ops(&a)?);
             Ok(ExitCode::SUCCESS)
         }
         Command::Bench {

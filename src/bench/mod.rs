@@ -11,6 +11,7 @@ pub mod generate;
 pub mod load;
 pub mod lora_products;
 pub mod matmul;
+pub mod ops;
 pub mod train;
 
 use anyhow::{Result, bail};
