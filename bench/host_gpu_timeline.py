@@ -2,9 +2,9 @@
 """Runs a command and samples, every 0.25 s, its process tree's CPU time (user + system, from
 /proc) and the GPU's utilization and clock (nvidia-smi): whether a training step is bound by the
 host (host cores busy, the GPU idle part of the time) or by the GPU. Writes one line per sample
-to stderr, then a summary of the `--tail` seconds before the last half second (the timed steps
-of `tuna bench train`; the last half second is the process's teardown), with the six busiest
-threads' share of a core over that window.
+to stderr, then a summary of the `--tail` seconds up to the last sample with the GPU busy (the
+timed steps of `tuna bench train`; what follows is its teardown), with the six busiest threads'
+share of a core over that window.
 
 usage: host_gpu_timeline.py [--tail S] -- CMD ...
 """
@@ -43,7 +43,7 @@ def tree_cpu_s(root):
 
 
 def thread_cpu_s(root):
-    """{(pid, tid, name): user + system seconds} for every thread of root's process tree."""
+    """{(pid, tid): (name, user + system seconds)} for every thread of root's process tree."""
     out, pids, kids = {}, [root], {}
     for pid in os.listdir("/proc"):
         if pid.isdigit():
@@ -64,7 +64,7 @@ def thread_cpu_s(root):
                 f = open(f"/proc/{p}/task/{tid}/stat").read()
                 name = f[f.index("(") + 1:f.rindex(")")]
                 v = f.rsplit(")", 1)[1].split()
-                out[(p, int(tid), name)] = (int(v[11]) + int(v[12])) / tick
+                out[(p, int(tid))] = (name, (int(v[11]) + int(v[12])) / tick)
             except (OSError, ValueError):
                 continue
     return out
@@ -98,18 +98,21 @@ while proc.poll() is None:
     last_t, last_c = now, cpu
 for t, c, u, s in rows:
     print(f"t {t:6.2f} s  host cores busy {c:4.2f}  gpu util {u:3d} %  sm {s:4d} MHz", file=sys.stderr)
-end = rows[-1][0] if rows else 0
-# The window ends half a second before exit (teardown).
+# The window ends at the last sample with the GPU busy (after it, tuna tears down: frees memory,
+# writes its kernel cache); without GPU activity, half a second before exit.
+busy = [r[0] for r in rows if r[2] > 0]
+end = busy[-1] + 0.5 if busy else (rows[-1][0] if rows else 0)
 sel = [r for r in rows if end - tail - 0.5 <= r[0] <= end - 0.5]
 if sel:
     n = len(sel)
     # Each thread's share of one core over the same window: is one thread (the one building the
     # step's operations) at 100 %?
+    # Threads that live through the window (one that exits inside it is left out).
     win = [(t, th) for t, th in threads if end - tail - 0.5 <= t <= end - 0.5]
     if len(win) >= 2:
         (ta, a), (tb, b) = win[0], win[-1]
-        busy = sorted(((b[k] - a.get(k, 0.0)) / (tb - ta), k) for k in b)[::-1]
-        for frac, (pid, tid, name) in busy[:6]:
+        share = sorted(((b[k][1] - a[k][1]) / (tb - ta), k, b[k][0]) for k in b if k in a)[::-1]
+        for frac, (pid, tid), name in share[:6]:
             print(f"  thread {name!r} (pid {pid}, tid {tid}): {100 * frac:.0f} % of a core", file=sys.stderr)
     print(f"last {tail:.0f} s: host cores busy {sum(r[1] for r in sel) / n:.2f}, gpu util "
           f"{sum(r[2] for r in sel) / n:.0f} %, sm {sum(r[3] for r in sel) / n:.0f} MHz ({n} samples)", file=sys.stderr)

@@ -6,8 +6,9 @@
 //! (`plain`), autodiff's bookkeeping on top (`tracked`), and the backward's own operations
 //! (`tracked+backward`). Each case chains `n` operations on an activation-sized tensor; the loop
 //! never waits for the device, so its time is the host's (`enqueue_us_per_op`, per chained
-//! operation, its backward included in `tracked+backward`), and the wait at the end is what the
-//! device still had to do (`drain_us_per_op`).
+//! operation, its backward included in `tracked+backward`), and the wait at the final sync is
+//! what was still to do (`drain_us_per_op`): the device's work and whatever host work fusion had
+//! deferred to its flush.
 
 use std::time::Instant;
 
@@ -83,13 +84,16 @@ pub fn bench_ops(a: &BenchOpsArgs) -> Result<Value> {
                 };
                 let t = Instant::now();
                 let (y, ops) = chain(kind, x.clone(), &w, n);
-                match mode {
-                    "tracked+backward" => drop(y.cast(DType::F32).sum().backward()),
-                    _ => drop(y),
-                }
+                // The results stay alive through the sync, so fusion cannot drop the chain.
+                let kept = match mode {
+                    "tracked+backward" => (None, Some(y.cast(DType::F32).sum().backward())),
+                    _ => (Some(y), None),
+                };
                 let enqueue = t.elapsed().as_secs_f64();
                 sync(&device)?;
-                Ok((enqueue, t.elapsed().as_secs_f64() - enqueue, ops))
+                let drain = t.elapsed().as_secs_f64() - enqueue;
+                drop(kept);
+                Ok((enqueue, drain, ops))
             };
             // A short run first compiles (and tunes) the case's kernels.
             run(a.n.min(64))?;

@@ -159,7 +159,8 @@ pub fn bench_train(a: &BenchTrainArgs) -> Result<Value> {
         losses.push(step(&mut model, &mut phases)?);
     }
     // Nothing in the loop waits for the device: the loop's time is the host's to state the
-    // steps (and any wait the device's queue imposes), the readback's what the device had left.
+    // steps (and any wait the device's queue imposes); the readback's is what was still to do,
+    // on the device and in fusion's deferred host work.
     let enqueue_s = tm.elapsed().as_secs_f64();
     let losses: Vec<f32> = Tensor::cat(losses, 0).try_into_vec_as::<f32>()?;
     let secs = tm.elapsed().as_secs_f64();
