@@ -14,6 +14,7 @@ use burn::tensor::{DType, Device, Distribution, Int, Tensor, TensorData, activat
 use crate::model::attention_op::attend_recomputing;
 use crate::model::config::ModelConfig;
 use crate::model::lora_op::lora_delta;
+use crate::model::norm_op::rms_norm;
 use crate::model::quant::QuantWeight;
 
 /// Additive mask value: large enough that `exp` underflows to exactly 0, finite so that a
@@ -185,6 +186,21 @@ impl Linear {
 /// Serializes seeding and drawing LoRA dropout masks (see [`Linear::forward`]).
 static DROPOUT_RNG: Mutex<()> = Mutex::new(());
 
+/// Whether RMSNorm is one autodiff op ([`crate::model::norm_op`], `TUNA_NORM=op`, not yet
+/// measured on a GPU) or the tensor ops of [`RmsNorm::forward_plain`] (the default), read once
+/// per process.
+fn norm_op() -> bool {
+    static OP: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *OP.get_or_init(|| match std::env::var("TUNA_NORM").as_deref() {
+        Err(_) | Ok("plain") => false,
+        Ok("op") => true,
+        Ok(other) => {
+            eprintln!("warning: TUNA_NORM is `{other}`, which names no norm path (op or plain); using plain");
+            false
+        }
+    })
+}
+
 /// Whether LoRA branches go through [`crate::model::lora_op`] (the default) or through two plain
 /// matmuls (`TUNA_LORA_BRANCH=plain`, for comparison), read once per process.
 fn lora_branch_op() -> bool {
@@ -211,6 +227,14 @@ pub struct RmsNorm {
 
 impl RmsNorm {
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        match norm_op() {
+            true => rms_norm(x, self.weight.clone(), self.eps),
+            false => self.forward_plain(x),
+        }
+    }
+
+    /// The norm in tensor ops (autodiff records each; [`crate::model::norm_op`] is one node).
+    pub fn forward_plain(&self, x: Tensor<3>) -> Tensor<3> {
         let dtype = x.dtype();
         let xf = if dtype != DType::F32 {
             x.cast(DType::F32)

@@ -11,4 +11,5 @@ pub mod lora;
 #[cfg(all(feature = "gpu", not(target_os = "macos")))]
 pub mod lora_kernels;
 pub mod lora_op;
+pub mod norm_op;
 pub mod quant;
