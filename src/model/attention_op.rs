@@ -171,11 +171,13 @@ fn dims4(x: &impl TensorMetadata) -> [usize; 4] {
     [shape[0], shape[1], shape[2], shape[3]]
 }
 
-fn f32_of<B: Backend>(x: FloatTensor<B>) -> FloatTensor<B> {
+/// `x` in f32 (unchanged when it is); shared by the model's autodiff ops.
+pub(crate) fn f32_of<B: Backend>(x: FloatTensor<B>) -> FloatTensor<B> {
     cast::<B>(x, DType::F32)
 }
 
-fn cast<B: Backend>(x: FloatTensor<B>, dtype: DType) -> FloatTensor<B> {
+/// `x` in `dtype` (unchanged when it is); shared by the model's autodiff ops.
+pub(crate) fn cast<B: Backend>(x: FloatTensor<B>, dtype: DType) -> FloatTensor<B> {
     match x.dtype() == dtype {
         true => x,
         false => B::float_cast(x, FloatDType::from(dtype)),

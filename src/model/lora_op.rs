@@ -24,9 +24,11 @@ use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
-use burn::backend::{Autodiff, Backend, Dispatch, FloatDType, backend_extension};
+use burn::backend::{Autodiff, Backend, Dispatch, backend_extension};
 use burn::backend::{TensorMetadata, tensor::FloatTensor};
 use burn::tensor::{DType, Shape, Tensor};
+
+use crate::model::attention_op::cast;
 
 /// The three skinny products and the branch built from them. The default bodies are plain
 /// tensor ops; cubecl's backend overrides the products with its kernels. The factors keep their
@@ -221,13 +223,6 @@ fn dims2(x: &impl TensorMetadata) -> [usize; 2] {
     [shape[0], shape[1]]
 }
 
-fn cast<B: Backend>(x: FloatTensor<B>, dtype: DType) -> FloatTensor<B> {
-    match x.dtype() == dtype {
-        true => x,
-        false => B::float_cast(x, FloatDType::from(dtype)),
-    }
-}
-
 /// Output shape for fusion's record of the op.
 #[cfg_attr(not(all(feature = "gpu", not(target_os = "macos"))), allow(dead_code))]
 fn project_shape(x: &Shape, w: &Shape, w_t: &bool) -> Shape {
@@ -315,11 +310,12 @@ pub(crate) fn row_blocks(m: usize, k: usize) -> (usize, usize) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use burn::tensor::{DType, Device, Distribution};
 
-    fn rel(a: &Tensor<2>, b: &Tensor<2>) -> f32 {
+    /// Relative L2 distance of `a` from `b`, in f32.
+    pub(crate) fn rel<const D: usize>(a: &Tensor<D>, b: &Tensor<D>) -> f32 {
         let d = (a.clone().cast(DType::F32) - b.clone().cast(DType::F32))
             .square()
             .sum();

@@ -13,9 +13,11 @@ use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
-use burn::backend::{Autodiff, Backend, Dispatch, FloatDType, backend_extension};
+use burn::backend::{Autodiff, Backend, Dispatch, backend_extension};
 use burn::backend::{TensorMetadata, tensor::FloatTensor};
 use burn::tensor::{DType, Shape, Tensor};
+
+use crate::model::attention_op::{cast, f32_of};
 
 /// RMSNorm over the last axis. The default body (no autodiff) is the forward alone; the
 /// autodiff backend records it as one node with the backward above.
@@ -107,17 +109,6 @@ impl<B: Backend> Backward<B, 2> for Norm {
     }
 }
 
-fn f32_of<B: Backend>(x: FloatTensor<B>) -> FloatTensor<B> {
-    cast::<B>(x, DType::F32)
-}
-
-fn cast<B: Backend>(x: FloatTensor<B>, dtype: DType) -> FloatTensor<B> {
-    match x.dtype() == dtype {
-        true => x,
-        false => B::float_cast(x, FloatDType::from(dtype)),
-    }
-}
-
 /// The norm in x's dtype and each row's `r`, as [`crate::model::llama::RmsNorm::forward_plain`]
 /// computes them: f32 arithmetic, the result cast back, then times the weight in x's dtype.
 fn forward<B: Backend>(
@@ -139,15 +130,8 @@ fn forward<B: Backend>(
 mod tests {
     use super::*;
     use crate::model::llama::RmsNorm;
+    use crate::model::lora_op::tests::rel;
     use burn::tensor::{Device, Distribution};
-
-    fn rel<const D: usize>(a: &Tensor<D>, b: &Tensor<D>) -> f32 {
-        let d = (a.clone().cast(DType::F32) - b.clone().cast(DType::F32))
-            .square()
-            .sum();
-        let n = b.clone().cast(DType::F32).square().sum();
-        (d.into_scalar::<f32>() / n.into_scalar::<f32>().max(1e-30)).sqrt()
-    }
 
     /// The op's output and gradients equal autodiff through `RmsNorm::forward`'s tensor ops, in
     /// f32 and f16, with the weight frozen (LoRA) and trained in f32 (full fine-tuning).
