@@ -15,7 +15,7 @@ use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::{Autodiff, Backend, Dispatch, backend_extension};
 use burn::backend::{TensorMetadata, tensor::FloatTensor};
-use burn::tensor::{DType, Shape, Tensor};
+use burn::tensor::{Shape, Tensor};
 
 use crate::model::attention_op::{cast, f32_of};
 
@@ -131,7 +131,7 @@ mod tests {
     use super::*;
     use crate::model::llama::RmsNorm;
     use crate::model::lora_op::tests::rel;
-    use burn::tensor::{Device, Distribution};
+    use burn::tensor::{DType, Device, Distribution};
 
     /// The op's output and gradients equal autodiff through `RmsNorm::forward`'s tensor ops, in
     /// f32 and f16, with the weight frozen (LoRA) and trained in f32 (full fine-tuning).
