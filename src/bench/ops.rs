@@ -61,6 +61,14 @@ fn chain(kind: &str, x: Tensor<2>, w: &Tensor<2>, n: usize) -> (Tensor<2>, usize
 }
 
 pub fn bench_ops(a: &BenchOpsArgs) -> Result<Value> {
+    if a.n == 0 || a.rows == 0 || a.cols == 0 {
+        anyhow::bail!(
+            "tuna bench ops: --n, --rows and --cols must be at least 1 (got {}, {}, {})",
+            a.n,
+            a.rows,
+            a.cols
+        );
+    }
     let sel = device_for(&a.device, &a.dtype)?;
     let (device, dtype) = (sel.device.clone(), sel.dtype);
     let x0 = Tensor::<2>::random(
@@ -122,6 +130,19 @@ mod tests {
     use super::*;
 
     /// Every kind in every mode runs and reports finite, non-negative times for its operations.
+    #[test]
+    fn zero_operations_are_refused() {
+        let a = BenchOpsArgs {
+            device: "cpu".into(),
+            dtype: "f32".into(),
+            n: 0,
+            rows: 16,
+            cols: 8,
+        };
+        let err = bench_ops(&a).unwrap_err().to_string();
+        assert!(err.contains("--n"), "{err}");
+    }
+
     #[test]
     fn every_case_runs_on_the_cpu() {
         let a = BenchOpsArgs {

@@ -16,9 +16,11 @@ use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
-use burn::backend::{Autodiff, Backend, Dispatch, FloatDType, backend_extension};
+use burn::backend::{Autodiff, Backend, Dispatch, backend_extension};
 use burn::backend::{TensorMetadata, tensor::FloatTensor};
-use burn::tensor::{DType, Shape, Tensor};
+use burn::tensor::{Shape, Tensor};
+
+use crate::model::op_common::{cast, f32_of};
 
 /// The attention core as a backend operation: the default body (no autodiff) is the forward
 /// alone; the autodiff backend records it as one node with the backward above.
@@ -169,19 +171,6 @@ impl<B: Backend> Backward<B, 3> for Core {
 fn dims4(x: &impl TensorMetadata) -> [usize; 4] {
     let shape = x.shape();
     [shape[0], shape[1], shape[2], shape[3]]
-}
-
-/// `x` in f32 (unchanged when it is); shared by the model's autodiff ops.
-pub(crate) fn f32_of<B: Backend>(x: FloatTensor<B>) -> FloatTensor<B> {
-    cast::<B>(x, DType::F32)
-}
-
-/// `x` in `dtype` (unchanged when it is); shared by the model's autodiff ops.
-pub(crate) fn cast<B: Backend>(x: FloatTensor<B>, dtype: DType) -> FloatTensor<B> {
-    match x.dtype() == dtype {
-        true => x,
-        false => B::float_cast(x, FloatDType::from(dtype)),
-    }
 }
 
 /// `[B, H, T, n]` (q, dO, probabilities) as `[B, KV, G·T, n]`: the G query heads sharing a KV

@@ -191,31 +191,31 @@ static DROPOUT_RNG: Mutex<()> = Mutex::new(());
 /// per process.
 fn norm_op() -> bool {
     static OP: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *OP.get_or_init(|| match std::env::var("TUNA_NORM").as_deref() {
-        Err(_) | Ok("plain") => false,
-        Ok("op") => true,
-        Ok(other) => {
-            eprintln!("warning: TUNA_NORM is `{other}`, which names no norm path (op or plain); using plain");
-            false
-        }
-    })
+    *OP.get_or_init(|| env_switch("TUNA_NORM", "op", "plain", false))
 }
 
 /// Whether LoRA branches go through [`crate::model::lora_op`] (the default) or through two plain
 /// matmuls (`TUNA_LORA_BRANCH=plain`, for comparison), read once per process.
 fn lora_branch_op() -> bool {
     static OP: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *OP.get_or_init(|| match std::env::var("TUNA_LORA_BRANCH").as_deref() {
-        Err(_) | Ok("op") => true,
-        Ok("plain") => false,
+    *OP.get_or_init(|| env_switch("TUNA_LORA_BRANCH", "op", "plain", true))
+}
+
+/// A two-way switch from the environment: `on` is true, `off` false, unset `default`; any other
+/// value is said on stderr, naming both, and taken as unset.
+fn env_switch(var: &str, on: &str, off: &str, default: bool) -> bool {
+    match std::env::var(var) {
+        Ok(v) if v == on => true,
+        Ok(v) if v == off => false,
+        Err(_) => default,
         Ok(other) => {
+            let using = if default { on } else { off };
             eprintln!(
-                "warning: TUNA_LORA_BRANCH is `{other}`, which names no LoRA path \
-                 (op or plain); using op"
+                "warning: {var} is `{other}`, which is neither {on} nor {off}; using {using}"
             );
-            true
+            default
         }
-    })
+    }
 }
 
 /// RMSNorm computed in f32 whatever the model dtype, as transformers does.

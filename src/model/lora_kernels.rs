@@ -13,7 +13,6 @@
 //!   dB, already in B's `[n, r]` layout. Splitting the rows gives the long reduction enough
 //!   threads, which a square GEMM tile of r rows does not.
 
-use burn::backend::TensorMetadata;
 use burn::backend::ops::FloatTensorOps;
 use burn::tensor::{DType, Shape};
 use burn_cubecl::CubeBackend;
@@ -25,7 +24,9 @@ use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::ops::numeric::empty_device_dtype;
 use burn_cubecl::tensor::CubeTensor;
 
-use crate::model::lora_op::{LoraOps, plain_expand, plain_project, plain_reduce, row_blocks};
+use crate::model::lora_op::{
+    LoraOps, dims2, plain_expand, plain_project, plain_reduce, row_blocks,
+};
 
 /// Largest rank the kernels take; a larger one runs the plain products.
 pub const MAX_RANK: usize = 64;
@@ -192,9 +193,14 @@ fn storage(dtype: DType) -> Option<ElemType> {
     Some(ElemType::Float(kind))
 }
 
-fn dims2(x: &CubeTensor) -> [usize; 2] {
-    let shape = x.shape();
-    [shape[0], shape[1]]
+/// An uninitialized `shape` tensor on `like`'s device.
+fn alloc<const N: usize>(like: &CubeTensor, shape: [usize; N], dtype: DType) -> CubeTensor {
+    empty_device_dtype(
+        like.client.clone(),
+        like.device.clone(),
+        Shape::new(shape),
+        dtype,
+    )
 }
 
 /// Whether the kernels take operands of this rank and dtypes (the element types to launch
@@ -225,12 +231,7 @@ impl LoraOps for CubeBackend {
             return plain_project::<Self>(x, w, scale, w_t);
         };
         let (x, w) = (into_contiguous(x), into_contiguous(w));
-        let out = empty_device_dtype(
-            x.client.clone(),
-            x.device.clone(),
-            Shape::new([m, r]),
-            x.dtype,
-        );
+        let out = alloc(&x, [m, r], x.dtype);
         let cube_dim = CubeDim::new_2d(plane, CUBE / plane);
         let count = calculate_cube_count_elemwise(&x.client, m * plane as usize, cube_dim);
         let client = x.client.clone();
@@ -264,12 +265,7 @@ impl LoraOps for CubeBackend {
             return plain_expand::<Self>(u, w, scale, w_t);
         };
         let (u, w) = (into_contiguous(u), into_contiguous(w));
-        let out = empty_device_dtype(
-            u.client.clone(),
-            u.device.clone(),
-            Shape::new([m, n]),
-            u.dtype,
-        );
+        let out = alloc(&u, [m, n], u.dtype);
         let cube_dim = CubeDim::new_1d(CUBE);
         let count = calculate_cube_count_elemwise(&u.client, m * n, cube_dim);
         let client = u.client.clone();
@@ -300,13 +296,8 @@ impl LoraOps for CubeBackend {
         };
         let (u, x) = (into_contiguous(u), into_contiguous(x));
         let (rows, blocks) = row_blocks(m, k);
-        let (client, device) = (x.client.clone(), x.device.clone());
-        let partial = empty_device_dtype(
-            client.clone(),
-            device.clone(),
-            Shape::new([blocks, r, k]),
-            DType::F32,
-        );
+        let client = x.client.clone();
+        let partial = alloc(&x, [blocks, r, k], DType::F32);
         let cube_dim = CubeDim::new_1d(CUBE);
         let count = calculate_cube_count_elemwise(&client, blocks * k, cube_dim);
         unsafe {
@@ -330,7 +321,7 @@ impl LoraOps for CubeBackend {
             return Self::float_reshape(partial, Shape::new([r, k]));
         }
         let shape = if out_t { [k, r] } else { [r, k] };
-        let out = empty_device_dtype(client.clone(), device, Shape::new(shape), DType::F32);
+        let out = alloc(&partial, shape, DType::F32);
         let count = calculate_cube_count_elemwise(&client, r * k, cube_dim);
         unsafe {
             sum_blocks_kernel::launch_unchecked(

@@ -28,7 +28,7 @@ use burn::backend::{Autodiff, Backend, Dispatch, backend_extension};
 use burn::backend::{TensorMetadata, tensor::FloatTensor};
 use burn::tensor::{DType, Shape, Tensor};
 
-use crate::model::attention_op::cast;
+use crate::model::op_common::{cast, joined};
 
 /// The three skinny products and the branch built from them. The default bodies are plain
 /// tensor ops; cubecl's backend overrides the products with its kernels. The factors keep their
@@ -88,9 +88,20 @@ pub trait LoraOps: Backend {
         b: FloatTensor<Self>,
         scale: f32,
     ) -> FloatTensor<Self> {
-        let xa = Self::lora_project(x, a, 1.0, false);
-        Self::lora_expand(xa, b, scale, true)
+        branch_forward::<Self>(x, a, b, scale).1
     }
+}
+
+/// The branch's forward, `(x aᵀ, s · (x aᵀ) bᵀ)`: the first is what the backward keeps.
+fn branch_forward<B: LoraOps>(
+    x: FloatTensor<B>,
+    a: FloatTensor<B>,
+    b: FloatTensor<B>,
+    scale: f32,
+) -> (FloatTensor<B>, FloatTensor<B>) {
+    let xa = B::lora_project(x, a, 1.0, false);
+    let out = B::lora_expand(xa.clone(), b, scale, true);
+    (xa, out)
 }
 
 impl LoraOps for burn::backend::Flex {}
@@ -114,8 +125,7 @@ impl<B: Backend + LoraOps, C: CheckpointStrategy> LoraOps for Autodiff<B, C> {
         {
             OpsKind::Tracked(prep) => {
                 let (x, a, b) = (x.into_primitive(), a.into_primitive(), b.into_primitive());
-                let xa = B::lora_project(x.clone(), a.clone(), 1.0, false);
-                let out = B::lora_expand(xa.clone(), b.clone(), scale, true);
+                let (xa, out) = branch_forward::<B>(x.clone(), a.clone(), b.clone(), scale);
                 prep.finish(Kept { x, a, b, xa, scale }, out)
             }
             OpsKind::UnTracked(prep) => prep.finish(B::lora_delta(
@@ -134,11 +144,7 @@ pub fn lora_delta(x: Tensor<2>, a: Tensor<2>, b: Tensor<2>, scale: f64) -> Tenso
     // A frozen input (the first adapted layer's) meets trainable factors, or the reverse: all
     // three join the autodiff graph, the untracked ones as constants.
     let tracked = x.is_autodiff() || a.is_autodiff() || b.is_autodiff();
-    let join = |t: Tensor<2>| match tracked && !t.is_autodiff() {
-        true => t.autodiff(),
-        false => t,
-    };
-    let (x, a, b) = (join(x), join(a), join(b));
+    let (x, a, b) = (joined(x, tracked), joined(a, tracked), joined(b, tracked));
     Tensor::from_dispatch(<Dispatch as LoraOps>::lora_delta(
         x.into_dispatch(),
         a.into_dispatch(),
@@ -218,7 +224,7 @@ impl<B: Backend + LoraOps> Backward<B, 3> for Branch {
     }
 }
 
-fn dims2(x: &impl TensorMetadata) -> [usize; 2] {
+pub(crate) fn dims2(x: &impl TensorMetadata) -> [usize; 2] {
     let shape = x.shape();
     [shape[0], shape[1]]
 }
@@ -263,16 +269,15 @@ pub(crate) fn plain_project<B: Backend>(
     scaled::<B>(B::float_matmul(x, w), scale)
 }
 
-/// [`LoraOps::lora_expand`] in tensor ops.
+/// [`LoraOps::lora_expand`] in tensor ops: `u w` is project's `u wᵀ` with w's layout flag
+/// flipped.
 pub(crate) fn plain_expand<B: Backend>(
     u: FloatTensor<B>,
     w: FloatTensor<B>,
     scale: f32,
     w_t: bool,
 ) -> FloatTensor<B> {
-    let w = cast::<B>(w, u.dtype());
-    let w = if w_t { B::float_swap_dims(w, 0, 1) } else { w };
-    scaled::<B>(B::float_matmul(u, w), scale)
+    plain_project::<B>(u, w, scale, !w_t)
 }
 
 /// [`LoraOps::lora_reduce`] in tensor ops.

@@ -12,4 +12,5 @@ pub mod lora;
 pub mod lora_kernels;
 pub mod lora_op;
 pub mod norm_op;
+pub mod op_common;
 pub mod quant;

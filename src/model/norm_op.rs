@@ -17,7 +17,7 @@ use burn::backend::{Autodiff, Backend, Dispatch, backend_extension};
 use burn::backend::{TensorMetadata, tensor::FloatTensor};
 use burn::tensor::{Shape, Tensor};
 
-use crate::model::attention_op::{cast, f32_of};
+use crate::model::op_common::{cast, f32_of, joined};
 
 /// RMSNorm over the last axis. The default body (no autodiff) is the forward alone; the
 /// autodiff backend records it as one node with the backward above.
@@ -59,12 +59,7 @@ impl<B: Backend + RmsNormOps, C: CheckpointStrategy> RmsNormOps for Autodiff<B, 
 pub fn rms_norm(x: Tensor<3>, w: Tensor<1>, eps: f64) -> Tensor<3> {
     let [b, t, d] = x.dims();
     let tracked = x.is_autodiff() || w.is_autodiff();
-    let x = x.reshape([b * t, d]);
-    let (x, w) = match (tracked, x.is_autodiff(), w.is_autodiff()) {
-        (true, false, _) => (x.autodiff(), w),
-        (true, _, false) => (x, w.autodiff()),
-        _ => (x, w),
-    };
+    let (x, w) = (joined(x.reshape([b * t, d]), tracked), joined(w, tracked));
     let y: Tensor<2> = Tensor::from_dispatch(<Dispatch as RmsNormOps>::rms_norm(
         x.into_dispatch(),
         w.into_dispatch(),
