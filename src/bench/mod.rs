@@ -8,6 +8,8 @@ pub mod blueprints;
 #[cfg(all(feature = "gpu", not(target_os = "macos")))]
 pub mod coopmat2;
 pub mod generate;
+#[cfg(target_os = "linux")]
+pub mod host_profile;
 pub mod load;
 pub mod lora_products;
 pub mod matmul;

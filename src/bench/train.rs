@@ -63,6 +63,15 @@ pub struct BenchTrainArgs {
     /// update), to measure what the flat update saves.
     #[arg(long)]
     pub optimizer_per_parameter: bool,
+    /// Sample every thread's stack through the timed steps and write them to this file as
+    /// folded stacks (`bench/host_profile_top.py` sums them up). Linux only.
+    #[arg(long)]
+    pub host_profile: Option<std::path::PathBuf>,
+    /// Samples a second of the process's CPU time for `--host-profile`. The kernel delivers
+    /// the timer's signal to one thread at a time, so busy threads beside tuna's own need a
+    /// high rate to be seen at all.
+    #[arg(long, default_value_t = 997)]
+    pub host_profile_hz: i32,
 }
 
 /// Runs the benchmark and returns its result as one JSON object (also printed by the CLI).
@@ -141,22 +150,48 @@ pub fn bench_train(a: &BenchTrainArgs) -> Result<Value> {
             }
             Ok(sg.loss)
         };
-    // The allocator's pages after load and after each warmup step (each synced, outside the
+    // The allocator's pages after load and after each synced warmup step (outside the
     // timing): where in a run the device memory goes.
     sync(&model);
     let mut reserved_mb = vec![device_mem_mb(&model.device)];
     let tw = Instant::now();
-    for _ in 0..a.warmup {
+    for i in 0..a.warmup {
+        eprintln!("[tuna bench train] warmup step {i}");
         step(&mut model, &mut phases)?;
-        sync(&model);
-        reserved_mb.push(device_mem_mb(&model.device));
+        // The second-to-last warmup step runs straight into the last, as timed steps do: burn's
+        // fusion caches a plan per boundary it has seen, and the optimizer's ops followed by the
+        // next step's are another boundary than followed by a sync. Unseen, the first timed step
+        // would explore it and compile its kernels (0.23 s of SmolLM2's 0.10 s steps on an H200,
+        // `bench/results/h200-2026-12-04b/`), a cost a run pays once.
+        if i + 2 != a.warmup {
+            sync(&model);
+            reserved_mb.push(device_mem_mb(&model.device));
+        }
     }
     phases = [0.0; 2];
     let warmup_s = tw.elapsed().as_secs_f64();
+    #[cfg(target_os = "linux")]
+    let profiler = a
+        .host_profile
+        .as_ref()
+        .map(|_| super::host_profile::HostProfile::start(a.host_profile_hz))
+        .transpose()?;
+    #[cfg(not(target_os = "linux"))]
+    if a.host_profile.is_some() {
+        anyhow::bail!("tuna bench train: --host-profile samples stacks on Linux only");
+    }
     let tm = Instant::now();
     let mut losses = Vec::new();
-    for _ in 0..a.steps {
+    // Each step's host time (the loop never waits for the device, unless its queues are full):
+    // a step that gets faster through the run is still compiling, tuning or exploring fusions.
+    let mut enqueue_per_step = Vec::with_capacity(a.steps);
+    for i in 0..a.steps {
+        // A marker on stderr, to cut a fusion or cubecl log (BURN_FUSION_LOG, CUBECL_DEBUG_LOG)
+        // by step.
+        eprintln!("[tuna bench train] timed step {i}");
+        let ts = Instant::now();
         losses.push(step(&mut model, &mut phases)?);
+        enqueue_per_step.push((ts.elapsed().as_secs_f64() * 1e4).round() / 1e4);
     }
     // Nothing in the loop waits for the device: the loop's time is the host's to state the
     // steps (and any wait the device's queue imposes); the readback's is what was still to do,
@@ -164,6 +199,12 @@ pub fn bench_train(a: &BenchTrainArgs) -> Result<Value> {
     let enqueue_s = tm.elapsed().as_secs_f64();
     let losses: Vec<f32> = Tensor::cat(losses, 0).try_into_vec_as::<f32>()?;
     let secs = tm.elapsed().as_secs_f64();
+    let host_samples: Option<u64> = None;
+    #[cfg(target_os = "linux")]
+    let host_samples = match (profiler, &a.host_profile) {
+        (Some(p), Some(path)) => Some(p.write(path)?),
+        _ => host_samples,
+    };
     let tokens = (a.batch * a.seq * a.steps) as f64;
     Ok(json!({
         "bench": "train", "shape": a.shape, "device": sel.kind.to_string(), "dtype": format!("{:?}", sel.dtype),
@@ -172,9 +213,58 @@ pub fn bench_train(a: &BenchTrainArgs) -> Result<Value> {
         "fine_tune_type": a.fine_tune_type, "trainable_params": lora::num_trainable_parameters(&model),
         "tokens_per_s": tokens / secs, "s_per_step": secs / a.steps as f64, "warmup_s": warmup_s, "load_s": load_s,
         "enqueue_s": enqueue_s, "drain_s": secs - enqueue_s,
+        "enqueue_s_per_step": enqueue_per_step, "host_profile_samples": host_samples,
         "first_loss": losses.first(), "last_loss": losses.last(), "peak_rss_mb": peak_rss_mb(),
         "gpu_reserved_mb": device_mem_mb(&model.device), "gpu_reserved_mb_load_then_warmup": reserved_mb,
         "profile_s_per_step": a.profile.then(|| json!({"forward_backward": phases[0] / a.steps as f64,
             "optimizer": phases[1] / a.steps as f64})),
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `--host-profile` writes the timed steps' stacks, and they reach into tuna's training step.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn host_profile_samples_the_timed_steps() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("host.folded");
+        let a = BenchTrainArgs {
+            shape: "smollm2-135m".into(),
+            device: "cpu".into(),
+            dtype: "f32".into(),
+            batch: 1,
+            seq: 32,
+            steps: 3,
+            warmup: 0,
+            rank: 4,
+            keys: vec!["q_proj".into(), "v_proj".into()],
+            num_layers: 2,
+            grad_checkpoint: false,
+            quantize_bits: 0,
+            fine_tune_type: "lora".into(),
+            group_size: 64,
+            profile: false,
+            optimizer_per_parameter: false,
+            host_profile: Some(path.clone()),
+            host_profile_hz: 997,
+        };
+        let r = bench_train(&a).unwrap();
+        let n = r["host_profile_samples"].as_u64().unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(n > 0 && !text.is_empty(), "{r}");
+        // Names come from the symbol table (`tuna::train::step::loss_and_grads`) or, in a build
+        // with debug information, from DWARF (`loss_and_grads`).
+        let ours = text
+            .lines()
+            .filter(|l| l.contains("loss_and_grads"))
+            .count();
+        assert!(
+            ours > 0,
+            "no sample inside tuna's training step:\n{}",
+            &text[..text.len().min(4000)]
+        );
+    }
 }

@@ -114,12 +114,18 @@ impl Linear {
         self.weight.dims()[0]
     }
 
-    /// `x`: `[B, T, in]` -> `[B, T, out]`. `dropout_seed` is `Some` only in training: the LoRA
-    /// input's dropout mask is drawn from it, so a recomputed forward (block checkpointing) or a
-    /// resumed run draws the same mask.
+    /// `x`: `[B, T, in]` -> `[B, T, out]` (see [`Linear::forward_rows`]).
     pub fn forward(&self, x: Tensor<3>, dropout_seed: Option<u64>) -> Tensor<3> {
         let [b, t, d_in] = x.dims();
-        let x2 = x.reshape([b * t, d_in]);
+        let y = self.forward_rows(x.reshape([b * t, d_in]), dropout_seed);
+        let out = y.dims()[1];
+        y.reshape([b, t, out])
+    }
+
+    /// `x2`: `[rows, in]` -> `[rows, out]`. `dropout_seed` is `Some` only in training: the LoRA
+    /// input's dropout mask is drawn from it, so a recomputed forward (block checkpointing) or a
+    /// resumed run draws the same mask.
+    pub fn forward_rows(&self, x2: Tensor<2>, dropout_seed: Option<u64>) -> Tensor<2> {
         let dtype = x2.dtype();
         let w = self.weight.dense(dtype);
         let mut y = x2.clone().matmul(w.clone().transpose());
@@ -178,8 +184,7 @@ impl Linear {
             };
             y = y + bias.unsqueeze_dim::<2>(0);
         }
-        let out = y.dims()[1];
-        y.reshape([b, t, out])
+        y
     }
 }
 
@@ -226,7 +231,8 @@ pub struct RmsNorm {
 }
 
 impl RmsNorm {
-    pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+    /// Over the last axis of `x` (`[rows, d]` in the layers, `[B, T, d]` elsewhere).
+    pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
         match norm_op() {
             true => rms_norm(x, self.weight.clone(), self.eps),
             false => self.forward_plain(x),
@@ -234,14 +240,14 @@ impl RmsNorm {
     }
 
     /// The norm in tensor ops (autodiff records each; [`crate::model::norm_op`] is one node).
-    pub fn forward_plain(&self, x: Tensor<3>) -> Tensor<3> {
+    pub fn forward_plain<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
         let dtype = x.dtype();
         let xf = if dtype != DType::F32 {
             x.cast(DType::F32)
         } else {
             x
         };
-        let var = xf.clone().square().mean_dim(2);
+        let var = xf.clone().square().mean_dim(D - 1);
         let normed = xf * (var + self.eps).sqrt().recip();
         let normed = if dtype != DType::F32 {
             normed.cast(dtype)
@@ -253,7 +259,7 @@ impl RmsNorm {
             true => self.weight.clone(),
             false => self.weight.clone().cast(normed.dtype()),
         };
-        normed * w.unsqueeze_dims::<3>(&[0, 1])
+        normed * w.unsqueeze::<D>()
     }
 }
 
@@ -286,11 +292,12 @@ fn module_seed(pass: &Pass, layer: usize, module: u64) -> Option<u64> {
 }
 
 impl Mlp {
-    pub fn forward(&self, x: Tensor<3>, pass: &Pass, layer: usize) -> Tensor<3> {
+    /// `x`: `[rows, hidden]`.
+    pub fn forward(&self, x: Tensor<2>, pass: &Pass, layer: usize) -> Tensor<2> {
         let seed = |m| module_seed(pass, layer, m);
-        let gate = activation::silu(self.gate_proj.forward(x.clone(), seed(4)));
-        let up = self.up_proj.forward(x, seed(5));
-        self.down_proj.forward(gate * up, seed(6))
+        let gate = activation::silu(self.gate_proj.forward_rows(x.clone(), seed(4)));
+        let up = self.up_proj.forward_rows(x, seed(5));
+        self.down_proj.forward_rows(gate * up, seed(6))
     }
 }
 
@@ -346,6 +353,9 @@ pub enum Mask {
 /// Position-dependent inputs shared by every layer of one forward call.
 #[derive(Debug, Clone)]
 pub struct Pass {
+    /// The positions this call computes per row of the batch: the layers hold the hidden state
+    /// as `[B·T, hidden]` rows (no reshape around every projection) and split it by `T`.
+    pub seq: usize,
     /// RoPE's `cos` and `[-sin, sin]` (see [`apply_rope`]), `[1, T, 1, 2, head_dim / 2]`,
     /// model dtype.
     pub cos: Tensor<5>,
@@ -541,27 +551,29 @@ pub fn causal_mask_tensor(t: usize, s: usize, window: Option<usize>, device: &De
 }
 
 impl Attention {
-    /// Queries `[B, H, T, hd]`, keys and values `[B, KV, T, hd]`, RoPE applied.
+    /// Queries `[B, H, T, hd]`, keys and values `[B, KV, T, hd]`, RoPE applied, from `x`
+    /// `[B·T, hidden]` (the pass's `T` positions per row of the batch).
     pub fn qkv(
         &self,
-        x: Tensor<3>,
+        x: Tensor<2>,
         pass: &Pass,
         layer: usize,
     ) -> (Tensor<4>, Tensor<4>, Tensor<4>) {
-        let [b, t, _] = x.dims();
+        let t = pass.seq;
+        let b = x.dims()[0] / t;
         let (h, kvh, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let seed = |m| module_seed(pass, layer, m);
         let q = self
             .q_proj
-            .forward(x.clone(), seed(0))
+            .forward_rows(x.clone(), seed(0))
             .reshape([b, t, h, hd]);
         let k = self
             .k_proj
-            .forward(x.clone(), seed(1))
+            .forward_rows(x.clone(), seed(1))
             .reshape([b, t, kvh, hd]);
         let v = self
             .v_proj
-            .forward(x, seed(2))
+            .forward_rows(x, seed(2))
             .reshape([b, t, kvh, hd])
             .swap_dims(1, 2);
         (
@@ -576,7 +588,7 @@ impl DecoderLayer {
     /// The attention half's input side: `input_layernorm`, projections, RoPE.
     pub fn attn_in(
         &self,
-        x: Tensor<3>,
+        x: Tensor<2>,
         pass: &Pass,
         layer: usize,
     ) -> (Tensor<4>, Tensor<4>, Tensor<4>) {
@@ -585,12 +597,13 @@ impl DecoderLayer {
     }
 
     /// Everything after the attention core: `x + o_proj(a)`, then the MLP half with its
-    /// residual. `a`: `[B, T, H * hd]`.
-    pub fn attn_out(&self, x: Tensor<3>, a: Tensor<3>, pass: &Pass, layer: usize) -> Tensor<3> {
+    /// residual. `x`: `[B·T, hidden]`; `a`: `[B, T, H * hd]`.
+    pub fn attn_out(&self, x: Tensor<2>, a: Tensor<3>, pass: &Pass, layer: usize) -> Tensor<2> {
+        let [b, t, ahd] = a.dims();
         let h = x + self
             .self_attn
             .o_proj
-            .forward(a, module_seed(pass, layer, 3));
+            .forward_rows(a.reshape([b * t, ahd]), module_seed(pass, layer, 3));
         h.clone()
             + self
                 .mlp
@@ -738,6 +751,7 @@ impl Llama {
             }
         };
         Pass {
+            seq: t,
             cos,
             sin_signed,
             mask,
@@ -784,14 +798,19 @@ impl Llama {
 
     pub fn embed(&self, ids: Tensor<2, Int>) -> Tensor<3> {
         let [b, t] = ids.dims();
-        self.embed_tokens
-            .clone()
-            .select(0, ids.reshape([b * t]))
+        self.embed_rows(ids)
             .reshape([b, t, self.config.hidden_size])
     }
 
-    /// `layer` (this model's layer `i`, or a copy of it with trainable adapters) on `x`.
-    pub fn layer(&self, layer: &DecoderLayer, i: usize, x: Tensor<3>, pass: &Pass) -> Tensor<3> {
+    /// The embeddings of `ids` `[B, T]` as rows `[B·T, hidden]`, the layers' layout.
+    pub fn embed_rows(&self, ids: Tensor<2, Int>) -> Tensor<2> {
+        let [b, t] = ids.dims();
+        self.embed_tokens.clone().select(0, ids.reshape([b * t]))
+    }
+
+    /// `layer` (this model's layer `i`, or a copy of it with trainable adapters) on `x`
+    /// `[B·T, hidden]` (see [`Pass::seq`]).
+    pub fn layer(&self, layer: &DecoderLayer, i: usize, x: Tensor<2>, pass: &Pass) -> Tensor<2> {
         let (q, k, v) = layer.attn_in(x.clone(), pass, i);
         let a = self.attend(q, k, v, pass);
         layer.attn_out(x, a, pass, i)
@@ -801,10 +820,10 @@ impl Llama {
     fn layer_forward(
         &self,
         i: usize,
-        x: Tensor<3>,
+        x: Tensor<2>,
         pass: &Pass,
         slot: Option<&mut Option<(Tensor<4>, Tensor<4>)>>,
-    ) -> Tensor<3> {
+    ) -> Tensor<2> {
         let Some(slot) = slot else {
             return self.layer(&self.layers[i], i, x, pass);
         };
@@ -827,11 +846,11 @@ impl Llama {
         attention_mask: Option<Tensor<2>>,
         mut cache: Option<&mut KvCache>,
     ) -> Tensor<3> {
-        let [_, t] = ids.dims();
+        let [b, t] = ids.dims();
         let start = cache.as_ref().map_or(0, |c| c.len);
         // No dropout: training draws its masks through `train::step` with a seed.
         let pass = self.pass(start, t, attention_mask, None);
-        let mut h = self.embed(ids);
+        let mut h = self.embed_rows(ids);
         if let Some(c) = cache.as_deref_mut() {
             c.layers.resize(self.layers.len(), None);
         }
@@ -842,7 +861,9 @@ impl Llama {
         if let Some(c) = cache {
             c.len += t;
         }
-        self.norm.forward(h)
+        self.norm
+            .forward(h)
+            .reshape([b, t, self.config.hidden_size])
     }
 
     /// LM head (tied or not): `[B, T, hidden]` -> logits `[B, T, vocab]`.

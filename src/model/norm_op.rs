@@ -55,17 +55,27 @@ impl<B: Backend + RmsNormOps, C: CheckpointStrategy> RmsNormOps for Autodiff<B, 
     }
 }
 
-/// RMSNorm of `x` (`[B, T, d]`) by `w` (`[d]`) through [`RmsNormOps`], autodiff or not.
-pub fn rms_norm(x: Tensor<3>, w: Tensor<1>, eps: f64) -> Tensor<3> {
-    let [b, t, d] = x.dims();
+/// RMSNorm of `x` (`[..., d]`) by `w` (`[d]`) over its last axis, through [`RmsNormOps`],
+/// autodiff or not.
+pub fn rms_norm<const D: usize>(x: Tensor<D>, w: Tensor<1>, eps: f64) -> Tensor<D> {
+    let dims = x.dims();
+    let d = dims[D - 1];
     let tracked = x.is_autodiff() || w.is_autodiff();
-    let (x, w) = (joined(x.reshape([b * t, d]), tracked), joined(w, tracked));
+    // The layers hold rows already: no reshape recorded there.
+    let rows: Tensor<2> = match D {
+        2 => Tensor::from_dispatch(x.into_dispatch()),
+        _ => x.reshape([dims.iter().product::<usize>() / d.max(1), d]),
+    };
+    let (x, w) = (joined(rows, tracked), joined(w, tracked));
     let y: Tensor<2> = Tensor::from_dispatch(<Dispatch as RmsNormOps>::rms_norm(
         x.into_dispatch(),
         w.into_dispatch(),
         eps as f32,
     ));
-    y.reshape([b, t, d])
+    match D {
+        2 => Tensor::from_dispatch(y.into_dispatch()),
+        _ => y.reshape(dims),
+    }
 }
 
 #[derive(Debug)]

@@ -76,11 +76,10 @@ pub fn target_positions(b: &Batch) -> (Vec<i64>, Vec<i64>) {
 }
 
 /// The final-normed hidden states of the target rows, `[n, d]`, from the last layer's output.
-fn target_rows(model: &Llama, h: Tensor<3>, rows: Vec<i64>) -> Tensor<2> {
-    let [bs, t, d] = h.dims();
+fn target_rows(model: &Llama, h: Tensor<2>, rows: Vec<i64>) -> Tensor<2> {
     let n = rows.len();
     let idx = Tensor::<1, Int>::from_data(TensorData::new(rows, [n]), &model.device);
-    model.norm.forward(h).reshape([bs * t, d]).select(0, idx)
+    model.norm.forward(h).select(0, idx)
 }
 
 /// Summed NLL of `targets` under the LM head applied to `sel` (`[n, d]`, outside autodiff),
@@ -134,7 +133,7 @@ pub fn eval_loss(model: &Llama, b: &Batch) -> (Tensor<1>, usize) {
     let (rows, targets) = target_positions(b);
     let n = targets.len();
     let pass = model.pass(0, b.seq, None, None);
-    let mut h = model.embed(model.ids_tensor(&b.ids, b.batch));
+    let mut h = model.embed_rows(model.ids_tensor(&b.ids, b.batch));
     for (i, layer) in model.layers.iter().enumerate() {
         h = model.layer(layer, i, h, &pass);
     }
@@ -152,7 +151,7 @@ pub fn loss_and_grads(model: &Llama, b: &Batch, o: &StepOptions) -> StepGrads {
     let adapted = lora::adapted_layers(model);
     let nl = model.layers.len();
     let first = adapted.first().copied().unwrap_or(nl);
-    let mut x = model.embed(model.ids_tensor(&b.ids, b.batch));
+    let mut x = model.embed_rows(model.ids_tensor(&b.ids, b.batch));
     for i in 0..first {
         x = model.layer(&model.layers[i], i, x, &pass);
     }
@@ -165,7 +164,7 @@ pub fn loss_and_grads(model: &Llama, b: &Batch, o: &StepOptions) -> StepGrads {
             }
         }
     };
-    let head = |h: Tensor<3>| -> (Tensor<1>, Tensor<3>) {
+    let head = |h: Tensor<2>| -> (Tensor<1>, Tensor<2>) {
         // Its own segment: a leaf for the last hidden state, the chunked head on top.
         let hl = h.inner().autodiff().require_grad();
         let sel = target_rows(model, hl.clone(), rows.clone());
