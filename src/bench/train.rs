@@ -194,11 +194,15 @@ pub fn bench_train(a: &BenchTrainArgs) -> Result<Value> {
         enqueue_per_step.push((ts.elapsed().as_secs_f64() * 1e4).round() / 1e4);
     }
     // Nothing in the loop waits for the device: the loop's time is the host's to state the
-    // steps (and any wait the device's queue imposes); the readback's is what was still to do,
-    // on the device and in fusion's deferred host work.
+    // steps (and any wait the device's queue imposes); the wait that ends the timing is what
+    // was still to do, on the device and in fusion's deferred host work. It is the same sync
+    // that ended the warmup, so fusion runs a plan it has cached; reading the losses first
+    // would end the last step's operations with a concatenation and a read, a boundary fusion
+    // has not seen, and explore it inside the timing (`bench/results/h200-2026-12-04b/`).
     let enqueue_s = tm.elapsed().as_secs_f64();
-    let losses: Vec<f32> = Tensor::cat(losses, 0).try_into_vec_as::<f32>()?;
+    sync(&model);
     let secs = tm.elapsed().as_secs_f64();
+    let losses: Vec<f32> = Tensor::cat(losses, 0).try_into_vec_as::<f32>()?;
     let host_samples: Option<u64> = None;
     #[cfg(target_os = "linux")]
     let host_samples = match (profiler, &a.host_profile) {
