@@ -2,9 +2,12 @@
 """Sums up `tuna bench train --host-profile FILE` (folded stacks: `thread;outer;...;inner count`).
 
 Prints, per thread (busiest first): its samples, the crates its time is spent in (by the
-innermost frame that names a crate, so time in libc or the allocator called from burn's fusion
-counts as libc/alloc), the functions with the most self time, and the functions with the most
-inclusive time (each counted once per stack) among tuna's, burn's and cubecl's.
+innermost frame), the functions with the most self time, and the functions with the most
+inclusive time (each counted once per stack) among tuna's, burn's and cubecl's. pprof drops the
+samples taken inside libc, libgcc, pthread and the vDSO (bench::host_profile), so every share is
+of the time outside them; and the kernel hands the timer's signal to one thread at a time, so the
+threads' shares of the samples are not their shares of a core (bench/host_gpu_timeline.py has
+those).
 
 usage: host_profile_top.py FILE [N]
 """

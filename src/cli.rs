@@ -522,3 +522,31 @@ fn install_ctrl_c() -> Arc<AtomicBool> {
     });
     flag
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `tuna bench train` refuses a step count and a sampling rate it cannot run, by name.
+    #[test]
+    fn bench_train_refuses_zero_steps_and_a_zero_sampling_rate() {
+        for (flag, value) in [
+            ("--steps", "0"),
+            ("--host-profile-hz", "0"),
+            ("--host-profile-hz", "1000000"),
+        ] {
+            let err = Cli::try_parse_from(["tuna", "bench", "train", flag, value]).unwrap_err();
+            assert!(err.to_string().contains(flag), "{flag} {value}: {err}");
+        }
+        let ok = Cli::try_parse_from([
+            "tuna",
+            "bench",
+            "train",
+            "--steps",
+            "2",
+            "--host-profile-hz",
+            "4999",
+        ]);
+        assert!(ok.is_ok(), "{:?}", ok.err());
+    }
+}

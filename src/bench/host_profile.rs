@@ -34,7 +34,9 @@ impl HostProfile {
         let guard = pprof::ProfilerGuardBuilder::default()
             .frequency(hz)
             // Unwinding through these from a signal handler can deadlock or crash (pprof-rs's
-            // own advice).
+            // own advice). A sample taken inside them is dropped, not cut there: time in libc
+            // (malloc, memcpy, futex waits, sched_yield), libgcc, pthread and the vDSO is not
+            // in the profile, so its shares are of the time outside them.
             .blocklist(&["libc", "libgcc", "pthread", "vdso"])
             .build()
             .context("starting the host profiler (pprof)")?;
@@ -76,8 +78,8 @@ impl HostProfile {
     }
 }
 
-/// A demangled symbol without its hash suffix (`::h0123456789abcdef`) and with no `;` or
-/// space, which the folded format reserves.
+/// A demangled symbol without its hash suffix (`::h0123456789abcdef`) and with no `;`, which
+/// the folded format reserves (the count follows the last space, so spaces may stay).
 fn short_name(name: &str) -> String {
     let trimmed = match name.rfind("::h") {
         Some(i) if name.len() - i == 19 && name[i + 3..].bytes().all(|b| b.is_ascii_hexdigit()) => {
@@ -85,7 +87,7 @@ fn short_name(name: &str) -> String {
         }
         _ => name,
     };
-    trimmed.replace(';', ":").replace(' ', "")
+    trimmed.replace(';', ":")
 }
 
 #[cfg(test)]
@@ -100,7 +102,7 @@ mod tests {
         );
         assert_eq!(
             short_name("<T as core::ops::Fn<(A; B)>>::call"),
-            "<Tascore::ops::Fn<(A:B)>>::call"
+            "<T as core::ops::Fn<(A: B)>>::call"
         );
         // Not a hash: left as it is.
         assert_eq!(short_name("a::hb"), "a::hb");

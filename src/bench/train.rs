@@ -34,7 +34,7 @@ pub struct BenchTrainArgs {
     pub batch: usize,
     #[arg(long, default_value_t = 512)]
     pub seq: usize,
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = 10, value_parser = at_least_one)]
     pub steps: usize,
     #[arg(long, default_value_t = 3)]
     pub warmup: usize,
@@ -70,8 +70,16 @@ pub struct BenchTrainArgs {
     /// Samples a second of the process's CPU time for `--host-profile`. The kernel delivers
     /// the timer's signal to one thread at a time, so busy threads beside tuna's own need a
     /// high rate to be seen at all.
-    #[arg(long, default_value_t = 997)]
+    #[arg(long, default_value_t = 997, value_parser = clap::value_parser!(i32).range(1..=100_000))]
     pub host_profile_hz: i32,
+}
+
+/// A step count of 1 or more (a benchmark of no steps has no rate to give).
+fn at_least_one(s: &str) -> std::result::Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n) if n >= 1 => Ok(n),
+        _ => Err(format!("`{s}` is not a whole number of 1 or more")),
+    }
 }
 
 /// Runs the benchmark and returns its result as one JSON object (also printed by the CLI).
@@ -161,11 +169,14 @@ pub fn bench_train(a: &BenchTrainArgs) -> Result<Value> {
         // The second-to-last warmup step runs straight into the last, as timed steps do: burn's
         // fusion caches a plan per boundary it has seen, and the optimizer's ops followed by the
         // next step's are another boundary than followed by a sync. Unseen, the first timed step
-        // would explore it and compile its kernels (0.23 s of SmolLM2's 0.10 s steps on an H200,
-        // `bench/results/h200-2026-12-04b/`), a cost a run pays once.
+        // would explore it and compile its kernels (0.23 s on top of SmolLM2's 0.10 s step on an
+        // H200, `bench/results/h200-2026-12-04b/`), a cost a run pays once. Needs 2 warmup steps
+        // or more; that step's memory is `null`.
         if i + 2 != a.warmup {
             sync(&model);
             reserved_mb.push(device_mem_mb(&model.device));
+        } else {
+            reserved_mb.push(None);
         }
     }
     phases = [0.0; 2];
@@ -202,13 +213,14 @@ pub fn bench_train(a: &BenchTrainArgs) -> Result<Value> {
     let enqueue_s = tm.elapsed().as_secs_f64();
     sync(&model);
     let secs = tm.elapsed().as_secs_f64();
-    let losses: Vec<f32> = Tensor::cat(losses, 0).try_into_vec_as::<f32>()?;
+    // The samples end with the timing, before the losses' readback.
     let host_samples: Option<u64> = None;
     #[cfg(target_os = "linux")]
     let host_samples = match (profiler, &a.host_profile) {
         (Some(p), Some(path)) => Some(p.write(path)?),
         _ => host_samples,
     };
+    let losses: Vec<f32> = Tensor::cat(losses, 0).try_into_vec_as::<f32>()?;
     let tokens = (a.batch * a.seq * a.steps) as f64;
     Ok(json!({
         "bench": "train", "shape": a.shape, "device": sel.kind.to_string(), "dtype": format!("{:?}", sel.dtype),
@@ -225,12 +237,11 @@ pub fn bench_train(a: &BenchTrainArgs) -> Result<Value> {
     }))
 }
 
-#[cfg(test)]
+#[cfg(all(test, target_os = "linux"))]
 mod tests {
     use super::*;
 
     /// `--host-profile` writes the timed steps' stacks, and they reach into tuna's training step.
-    #[cfg(target_os = "linux")]
     #[test]
     fn host_profile_samples_the_timed_steps() {
         let dir = tempfile::tempdir().unwrap();

@@ -188,7 +188,7 @@ impl Linear {
     }
 }
 
-/// Serializes seeding and drawing LoRA dropout masks (see [`Linear::forward`]).
+/// Serializes seeding and drawing LoRA dropout masks (see [`Linear::forward_rows`]).
 static DROPOUT_RNG: Mutex<()> = Mutex::new(());
 
 /// Whether RMSNorm is one autodiff op ([`crate::model::norm_op`], `TUNA_NORM=op`, not yet
@@ -231,7 +231,7 @@ pub struct RmsNorm {
 }
 
 impl RmsNorm {
-    /// Over the last axis of `x` (`[rows, d]` in the layers, `[B, T, d]` elsewhere).
+    /// Over the last axis of `x` (`[rows, d]` in the layers and the head).
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
         match norm_op() {
             true => rms_norm(x, self.weight.clone(), self.eps),
@@ -559,8 +559,12 @@ impl Attention {
         pass: &Pass,
         layer: usize,
     ) -> (Tensor<4>, Tensor<4>, Tensor<4>) {
-        let t = pass.seq;
-        let b = x.dims()[0] / t;
+        let (t, rows) = (pass.seq, x.dims()[0]);
+        assert!(
+            t > 0 && rows % t == 0,
+            "{rows} hidden rows do not split into rows of the pass's {t} positions"
+        );
+        let b = rows / t;
         let (h, kvh, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let seed = |m| module_seed(pass, layer, m);
         let q = self

@@ -176,8 +176,21 @@ mod tests {
                 };
                 let yp = norm.forward_plain(xp.clone());
                 let pgrads = (yp.clone() * g.clone()).sum().backward();
-                let dy = rel(&y.inner(), &yp.inner());
+                let dy = rel(&y.inner(), &yp.clone().inner());
                 let dx = rel(&x.grad(&grads).unwrap(), &xp.grad(&pgrads).unwrap());
+                // The layers' layout: the same values as rows `[B·T, d]`, no reshape in the op.
+                let (xr, wr) = leaves();
+                let xr2 = xr.clone().reshape([b * t, d]).detach().require_grad();
+                let yr = rms_norm(xr2.clone(), wr.clone(), 1e-5);
+                let rgrads = (yr.clone() * g.clone().reshape([b * t, d]))
+                    .sum()
+                    .backward();
+                let dyr = rel(&yr.inner().reshape([b, t, d]), &yp.inner());
+                let dxr = rel(
+                    &xr2.grad(&rgrads).unwrap().reshape([b, t, d]),
+                    &xp.grad(&pgrads).unwrap(),
+                );
+                assert!(dyr < tol && dxr < tol, "{dtype:?} rows: y {dyr}, dx {dxr}");
                 assert!(
                     dy < tol && dx < tol,
                     "{dtype:?} w trained {w_trained}: y {dy}, dx {dx}"
