@@ -11,7 +11,7 @@
 //! information only (`strip --strip-debug`), not the symbols.
 
 use std::collections::HashMap;
-use std::io::Write;
+use std::fmt::Write;
 use std::path::Path;
 
 use anyhow::{Context, Result};
@@ -64,16 +64,13 @@ impl HostProfile {
         }
         let mut lines: Vec<_> = folded.into_iter().collect();
         lines.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
-        let mut f = std::io::BufWriter::new(
-            std::fs::File::create(path)
-                .with_context(|| format!("creating the host profile {}", path.display()))?,
-        );
+        let mut text = String::new();
         let mut total = 0u64;
         for (stack, count) in &lines {
-            writeln!(f, "{stack} {count}")?;
+            let _ = writeln!(text, "{stack} {count}");
             total += *count as u64;
         }
-        f.flush()?;
+        crate::files::write_atomic(path, text.as_bytes())?;
         Ok(total)
     }
 }

@@ -185,7 +185,7 @@ pub fn bench_train(a: &BenchTrainArgs) -> Result<Value> {
     let profiler = a
         .host_profile
         .as_ref()
-        .map(|_| super::host_profile::HostProfile::start(a.host_profile_hz))
+        .map(|path| super::host_profile::HostProfile::start(a.host_profile_hz).map(|p| (p, path)))
         .transpose()?;
     #[cfg(not(target_os = "linux"))]
     if a.host_profile.is_some() {
@@ -214,12 +214,10 @@ pub fn bench_train(a: &BenchTrainArgs) -> Result<Value> {
     sync(&model);
     let secs = tm.elapsed().as_secs_f64();
     // The samples end with the timing, before the losses' readback.
-    let host_samples: Option<u64> = None;
     #[cfg(target_os = "linux")]
-    let host_samples = match (profiler, &a.host_profile) {
-        (Some(p), Some(path)) => Some(p.write(path)?),
-        _ => host_samples,
-    };
+    let host_samples = profiler.map(|(p, path)| p.write(path)).transpose()?;
+    #[cfg(not(target_os = "linux"))]
+    let host_samples: Option<u64> = None;
     let losses: Vec<f32> = Tensor::cat(losses, 0).try_into_vec_as::<f32>()?;
     let tokens = (a.batch * a.seq * a.steps) as f64;
     Ok(json!({

@@ -800,12 +800,6 @@ impl Llama {
         }
     }
 
-    pub fn embed(&self, ids: Tensor<2, Int>) -> Tensor<3> {
-        let [b, t] = ids.dims();
-        self.embed_rows(ids)
-            .reshape([b, t, self.config.hidden_size])
-    }
-
     /// The embeddings of `ids` `[B, T]` as rows `[B·T, hidden]`, the layers' layout.
     pub fn embed_rows(&self, ids: Tensor<2, Int>) -> Tensor<2> {
         let [b, t] = ids.dims();

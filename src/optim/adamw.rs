@@ -23,7 +23,7 @@ pub const FLAT_MAX_VALUES: usize = 1 << 24;
 /// one `[Σ rows, cols]` block per column count), so gathering them is one concatenation per
 /// column count and cutting them back out is one row range each: no reshape per parameter. A
 /// LoRA run has two column counts (the A factors' input width, the B factors' rank), so SmolLM2's
-/// 120 factors cost about 10 operations to gather instead of 121, and 124 to cut instead of 240;
+/// 120 factors cost 5 operations to gather instead of 121, and 124 to cut instead of 240;
 /// on a GPU each one is host time whatever its size (bench::host_profile).
 #[derive(Debug, Clone, PartialEq)]
 pub struct FlatLayout {
