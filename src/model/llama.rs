@@ -15,6 +15,7 @@ use crate::model::attention_op::attend_recomputing;
 use crate::model::config::ModelConfig;
 use crate::model::lora_op::lora_delta;
 use crate::model::norm_op::rms_norm;
+use crate::model::op_common::env_switch;
 use crate::model::quant::QuantWeight;
 
 /// Additive mask value: large enough that `exp` underflows to exactly 0, finite so that a
@@ -204,23 +205,6 @@ fn norm_op() -> bool {
 fn lora_branch_op() -> bool {
     static OP: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *OP.get_or_init(|| env_switch("TUNA_LORA_BRANCH", "op", "plain", true))
-}
-
-/// A two-way switch from the environment: `on` is true, `off` false, unset `default`; any other
-/// value is said on stderr, naming both, and taken as unset.
-fn env_switch(var: &str, on: &str, off: &str, default: bool) -> bool {
-    match std::env::var(var) {
-        Ok(v) if v == on => true,
-        Ok(v) if v == off => false,
-        Err(_) => default,
-        Ok(other) => {
-            let using = if default { on } else { off };
-            eprintln!(
-                "warning: {var} is `{other}`, which is neither {on} nor {off}; using {using}"
-            );
-            default
-        }
-    }
 }
 
 /// RMSNorm computed in f32 whatever the model dtype, as transformers does.

@@ -216,7 +216,7 @@ fn applies(r: usize, a: &CubeTensor, b: &CubeTensor) -> Option<[ElemType; 2]> {
 /// give), read once per process.
 fn kernels_on() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var_os("TUNA_LORA_KERNELS").is_none_or(|v| v != "0"))
+    *ON.get_or_init(|| crate::model::op_common::env_switch("TUNA_LORA_KERNELS", "1", "0", true))
 }
 
 impl LoraOps for CubeBackend {

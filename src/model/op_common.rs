@@ -1,5 +1,6 @@
 //! What the model's autodiff operations (`attention_op`, `lora_op`, `norm_op`) share: dtype
-//! casts on backend primitives, and bringing a call's tensors into one autodiff graph.
+//! casts on backend primitives, bringing a call's tensors into one autodiff graph, and the
+//! environment switches that turn an op or its kernels off for comparison.
 
 use burn::backend::{Backend, FloatDType, TensorMetadata, tensor::FloatTensor};
 use burn::tensor::{DType, Tensor};
@@ -23,5 +24,22 @@ pub(crate) fn joined<const D: usize>(t: Tensor<D>, tracked: bool) -> Tensor<D> {
     match tracked && !t.is_autodiff() {
         true => t.autodiff(),
         false => t,
+    }
+}
+
+/// A two-way switch from the environment: `on` is true, `off` false, unset `default`; any other
+/// value is said on stderr, naming both, and taken as unset.
+pub(crate) fn env_switch(var: &str, on: &str, off: &str, default: bool) -> bool {
+    match std::env::var(var) {
+        Ok(v) if v == on => true,
+        Ok(v) if v == off => false,
+        Err(_) => default,
+        Ok(other) => {
+            let using = if default { on } else { off };
+            eprintln!(
+                "warning: {var} is `{other}`, which is neither {on} nor {off}; using {using}"
+            );
+            default
+        }
     }
 }
