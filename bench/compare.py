@@ -77,7 +77,7 @@ CASES["smollm2-f16-b16"] = (["--shape", "smollm2-135m", "--dtype", "f16", "--bat
 for _name in ("smollm2-f16", "tinyllama-f16", "tinyllama-f16-gc", "seed004"):
     CASES[f"{_name}-lora-plain"] = (CASES[_name][0], None, {"TUNA_LORA_BRANCH": "plain"})
     CASES[f"{_name}-lora-nokernels"] = (CASES[_name][0], None, {"TUNA_LORA_KERNELS": "0"})
-    # RMSNorm as one autodiff node (TUNA_NORM=op, opt-in until measured), tuna only.
+    # RMSNorm as one autodiff node (TUNA_NORM=op, opt-in: neutral on an H200), tuna only.
     CASES[f"{_name}-norm-op"] = (CASES[_name][0], None, {"TUNA_NORM": "op"})
 
 # A case name with one of these suffixes runs tuna with that attention path in training

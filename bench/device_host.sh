@@ -13,5 +13,5 @@ for shape in smollm2-135m tinyllama-1.1b; do
   echo "--- $shape"
   python3 bench/host_gpu_timeline.py --tail "${TAIL:-4}" -- timeout 200 /tmp/tuna bench train --device vulkan \
     --shape "$shape" --dtype f16 --steps "${STEPS:-40}" >"$OUT/train-$shape.json" 2>"$OUT/timeline-$shape.txt"
-  grep -v "^t " "$OUT/timeline-$shape.txt" | tail -7; python3 -c "import json; d=json.load(open('$OUT/train-$shape.json')); print('tok/s', round(d['tokens_per_s']), 's/step', round(d['s_per_step'], 4))"
+  grep -v "^t " "$OUT/timeline-$shape.txt" | grep -v "^\[tuna" | tail -7; python3 -c "import json; d=json.load(open('$OUT/train-$shape.json')); print('tok/s', round(d['tokens_per_s']), 's/step', round(d['s_per_step'], 4))"
 done
