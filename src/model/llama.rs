@@ -192,8 +192,8 @@ impl Linear {
 /// Serializes seeding and drawing LoRA dropout masks (see [`Linear::forward_rows`]).
 static DROPOUT_RNG: Mutex<()> = Mutex::new(());
 
-/// Whether RMSNorm is one autodiff op ([`crate::model::norm_op`], `TUNA_NORM=op`, not yet
-/// measured on a GPU) or the tensor ops of [`RmsNorm::forward_plain`] (the default), read once
+/// Whether RMSNorm is one autodiff op ([`crate::model::norm_op`], `TUNA_NORM=op`, neutral in
+/// speed on an H200) or the tensor ops of [`RmsNorm::forward_plain`] (the default), read once
 /// per process.
 fn norm_op() -> bool {
     static OP: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
