@@ -79,6 +79,10 @@ for _name in ("smollm2-f16", "tinyllama-f16", "tinyllama-f16-gc", "seed004"):
     CASES[f"{_name}-lora-nokernels"] = (CASES[_name][0], None, {"TUNA_LORA_KERNELS": "0"})
     # RMSNorm as one autodiff node (TUNA_NORM=op, opt-in: neutral on an H200), tuna only.
     CASES[f"{_name}-norm-op"] = (CASES[_name][0], None, {"TUNA_NORM": "op"})
+    # One product per group of projections that read the same input (TUNA_PROJECTIONS=fused:
+    # q/k/v and gate/up, model::fused_proj_op; opt-in, not yet run on a GPU), tuna only: what the
+    # fused groups give, measured on their own.
+    CASES[f"{_name}-fused"] = (CASES[_name][0], None, {"TUNA_PROJECTIONS": "fused"})
 
 # A case name with one of these suffixes runs tuna with that attention path in training
 # (TUNA_ATTENTION) against the peer of the case without it, e.g. `smollm2-f16@composed`.

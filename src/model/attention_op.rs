@@ -103,13 +103,13 @@ struct Core;
 /// its head count), the output and each row's softmax statistics (f32 `[B, H, T, 1]`; max and
 /// log-sum apart, so a fully masked row recomputes the forward's 1/S).
 #[derive(Debug, Clone)]
-struct Kept<B: Backend> {
+pub(crate) struct Kept<B: Backend> {
     q: FloatTensor<B>,
     heads: usize,
     k: FloatTensor<B>,
     v: FloatTensor<B>,
     mask: FloatTensor<B>,
-    out: FloatTensor<B>,
+    pub(crate) out: FloatTensor<B>,
     max: FloatTensor<B>,
     log_sum: FloatTensor<B>,
 }
@@ -120,52 +120,65 @@ impl<B: Backend> Backward<B, 3> for Core {
     fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
         let [node_q, node_k, node_v] = ops.parents;
         let d_out = grads.consume::<B>(&ops.node);
-        let Kept {
-            q,
-            heads: h,
-            k,
-            v,
-            mask,
-            out,
-            max,
-            log_sum,
-        } = ops.state;
-        let [b, kvh, gt, hd] = dims4(&q);
-        let s = dims4(&k)[2];
-        let t = gt / (h / kvh);
-        let dtype = v.dtype();
-        let probs = B::float_exp(B::float_sub(
-            B::float_sub(scores::<B>(q.clone(), k.clone(), mask, h), max),
-            log_sum,
-        ));
-        let d_out_heads = B::float_reshape(d_out.clone(), Shape::new([b, t, h, hd]));
-        let d_out_folded = fold::<B>(B::float_swap_dims(d_out_heads, 1, 2), kvh);
-        if let Some(node) = node_v {
-            let p = fold::<B>(cast::<B>(probs.clone(), dtype), kvh);
-            let dv = B::float_matmul(B::float_swap_dims(p, 2, 3), d_out_folded.clone());
-            grads.register::<B>(node.id, dv);
-        }
-        if node_q.is_none() && node_k.is_none() {
-            return;
-        }
-        // rowsum(dO · O) per query row, f32 [B, H, T, 1].
-        let rows = B::float_mul(f32_of::<B>(d_out), f32_of::<B>(out));
-        let rows = B::float_reshape(rows, Shape::new([b, t, h, hd]));
-        let rows = B::float_swap_dims(B::float_sum_dim(rows, 3), 1, 2);
-        let dp = B::float_matmul(d_out_folded, B::float_swap_dims(v, 2, 3));
-        let dp = f32_of::<B>(B::float_reshape(dp, Shape::new([b, h, t, s])));
-        let ds = B::float_mul(probs, B::float_sub(dp, rows));
-        let ds = B::float_mul_scalar(ds, (1.0 / (hd as f32).sqrt()).into());
-        let ds = fold::<B>(cast::<B>(ds, q.dtype()), kvh);
-        if let Some(node) = node_q {
-            let dq = B::float_matmul(ds.clone(), k);
-            grads.register::<B>(node.id, B::float_reshape(dq, Shape::new([b, h, t, hd])));
-        }
-        if let Some(node) = node_k {
-            let dk = B::float_matmul(B::float_swap_dims(ds, 2, 3), q);
-            grads.register::<B>(node.id, dk);
+        let want = [node_q.is_some(), node_k.is_some(), node_v.is_some()];
+        let [dq, dk, dv] = core_grads::<B>(ops.state, d_out, want);
+        for (node, grad) in [(node_q, dq), (node_k, dk), (node_v, dv)] {
+            if let (Some(node), Some(grad)) = (node, grad) {
+                grads.register::<B>(node.id, grad);
+            }
         }
     }
+}
+
+/// dQ `[B, H, T, hd]`, dK and dV `[B, KV, S, hd]` from the forward's [`Kept`] and dO
+/// `[B, T, H * hd]`, each only where `want` asks for it (q, k, v).
+pub(crate) fn core_grads<B: Backend>(
+    kept: Kept<B>,
+    d_out: FloatTensor<B>,
+    want: [bool; 3],
+) -> [Option<FloatTensor<B>>; 3] {
+    let Kept {
+        q,
+        heads: h,
+        k,
+        v,
+        mask,
+        out,
+        max,
+        log_sum,
+    } = kept;
+    let [b, kvh, gt, hd] = dims4(&q);
+    let s = dims4(&k)[2];
+    let t = gt / (h / kvh);
+    let dtype = v.dtype();
+    let probs = B::float_exp(B::float_sub(
+        B::float_sub(scores::<B>(q.clone(), k.clone(), mask, h), max),
+        log_sum,
+    ));
+    let d_out_heads = B::float_reshape(d_out.clone(), Shape::new([b, t, h, hd]));
+    let d_out_folded = fold::<B>(B::float_swap_dims(d_out_heads, 1, 2), kvh);
+    let dv = want[2].then(|| {
+        let p = fold::<B>(cast::<B>(probs.clone(), dtype), kvh);
+        B::float_matmul(B::float_swap_dims(p, 2, 3), d_out_folded.clone())
+    });
+    if !want[0] && !want[1] {
+        return [None, None, dv];
+    }
+    // rowsum(dO · O) per query row, f32 [B, H, T, 1].
+    let rows = B::float_mul(f32_of::<B>(d_out), f32_of::<B>(out));
+    let rows = B::float_reshape(rows, Shape::new([b, t, h, hd]));
+    let rows = B::float_swap_dims(B::float_sum_dim(rows, 3), 1, 2);
+    let dp = B::float_matmul(d_out_folded, B::float_swap_dims(v, 2, 3));
+    let dp = f32_of::<B>(B::float_reshape(dp, Shape::new([b, h, t, s])));
+    let ds = B::float_mul(probs, B::float_sub(dp, rows));
+    let ds = B::float_mul_scalar(ds, (1.0 / (hd as f32).sqrt()).into());
+    let ds = fold::<B>(cast::<B>(ds, q.dtype()), kvh);
+    let dq = want[0].then(|| {
+        let dq = B::float_matmul(ds.clone(), k);
+        B::float_reshape(dq, Shape::new([b, h, t, hd]))
+    });
+    let dk = want[1].then(|| B::float_matmul(B::float_swap_dims(ds, 2, 3), q));
+    [dq, dk, dv]
 }
 
 fn dims4(x: &impl TensorMetadata) -> [usize; 4] {
@@ -196,7 +209,7 @@ fn scores<B: Backend>(
 }
 
 /// The forward: the core's output `[B, T, H * hd]` (v's dtype) and what the backward keeps.
-fn forward<B: Backend>(
+pub(crate) fn forward<B: Backend>(
     q: FloatTensor<B>,
     k: FloatTensor<B>,
     v: FloatTensor<B>,

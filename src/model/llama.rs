@@ -13,9 +13,10 @@ use burn::tensor::{DType, Device, Distribution, Int, Tensor, TensorData, activat
 
 use crate::model::attention_op::attend_recomputing;
 use crate::model::config::ModelConfig;
+use crate::model::fused_proj_op::{QkvLayout, group_product, qkv_attention, swiglu};
 use crate::model::lora_op::lora_delta;
 use crate::model::norm_op::rms_norm;
-use crate::model::op_common::env_switch;
+use crate::model::op_common::{env_switch, joined};
 use crate::model::quant::QuantWeight;
 
 /// Additive mask value: large enough that `exp` underflows to exactly 0, finite so that a
@@ -130,63 +131,142 @@ impl Linear {
         let dtype = x2.dtype();
         let w = self.weight.dense(dtype);
         let mut y = x2.clone().matmul(w.clone().transpose());
-        if let Some(lora) = &self.lora {
-            let mut xin = x2;
-            let mut dropped = false;
-            if let Some(seed) = dropout_seed
-                && lora.dropout > 0.0
-            {
-                // The backend's random generator is shared by the process: seeding and drawing
-                // must not interleave with another thread's (parallel runs, parallel tests).
-                let keep = {
-                    let _one_at_a_time = DROPOUT_RNG.lock().unwrap_or_else(|p| p.into_inner());
-                    xin.device().seed(seed);
-                    xin.random_like(Distribution::Bernoulli(1.0 - lora.dropout))
-                };
-                xin = xin * keep / (1.0 - lora.dropout);
-                dropped = true;
-            }
-            let (a, lb) = (lora.a.clone(), lora.b.clone());
-            let delta = match lora_branch_op() {
-                // The op reads f32 factors beside half-precision activations as they are.
-                true => lora_delta(xin.clone(), a, lb, lora.scale),
-                false => {
-                    // Factors stay f32 (optimizer state); meet half-precision activations in
-                    // their dtype.
-                    let (a, lb) = match a.dtype() == dtype {
-                        true => (a, lb),
-                        false => (a.cast(dtype), lb.cast(dtype)),
-                    };
-                    xin.clone()
-                        .matmul(a.transpose())
-                        .matmul(lb.transpose())
-                        .mul_scalar(lora.scale)
-                }
-            };
+        if let Some((lora, branch)) = self.lora.as_ref().zip(self.branch(x2, dropout_seed)) {
             y = match &lora.magnitude {
-                None => y + delta,
+                None => y + branch.delta,
                 // PEFT's DoRA: base(x) + (k - 1)·W·drop(x) + k·s·B·A·drop(x), k = m / ||W + sBA||.
                 // k and k - 1 in f32: in f16/bf16 a k within a few 1e-3 of 1 would round to 1.
                 Some(m) => {
                     let k = m.clone() / self.dora_norm(lora);
-                    let base_d = if dropped {
-                        xin.matmul(w.transpose())
+                    let base_d = if branch.dropped {
+                        branch.input.matmul(w.transpose())
                     } else {
                         y.clone()
                     };
-                    y + base_d * (k.clone() - 1.0).cast(dtype) + delta * k.cast(dtype)
+                    y + base_d * (k.clone() - 1.0).cast(dtype) + branch.delta * k.cast(dtype)
                 }
             };
         }
-        if let Some(bias) = &self.bias {
-            let bias = match bias.dtype() == dtype {
-                true => bias.clone(),
-                false => bias.clone().cast(dtype),
-            };
+        if let Some(bias) = self.bias_in(dtype) {
             y = y + bias.unsqueeze_dim::<2>(0);
         }
         y
     }
+
+    /// The bias in `dtype`, if there is one.
+    fn bias_in(&self, dtype: DType) -> Option<Tensor<1>> {
+        self.bias.as_ref().map(|bias| match bias.dtype() == dtype {
+            true => bias.clone(),
+            false => bias.clone().cast(dtype),
+        })
+    }
+
+    /// LoRA's branch `s·B·A·drop(x)` on the rows `x2`, in x2's dtype, `None` without an
+    /// adapter; dropout is drawn only in training (`dropout_seed` is `Some`).
+    fn branch(&self, x2: Tensor<2>, dropout_seed: Option<u64>) -> Option<Branch> {
+        let lora = self.lora.as_ref()?;
+        let dtype = x2.dtype();
+        let mut xin = x2;
+        let mut dropped = false;
+        if let Some(seed) = dropout_seed
+            && lora.dropout > 0.0
+        {
+            // The backend's random generator is shared by the process: seeding and drawing
+            // must not interleave with another thread's (parallel runs, parallel tests).
+            let keep = {
+                let _one_at_a_time = DROPOUT_RNG.lock().unwrap_or_else(|p| p.into_inner());
+                xin.device().seed(seed);
+                xin.random_like(Distribution::Bernoulli(1.0 - lora.dropout))
+            };
+            xin = xin * keep / (1.0 - lora.dropout);
+            dropped = true;
+        }
+        let (a, lb) = (lora.a.clone(), lora.b.clone());
+        let delta = match lora_branch_op() {
+            // The op reads f32 factors beside half-precision activations as they are.
+            true => lora_delta(xin.clone(), a, lb, lora.scale),
+            false => {
+                // Factors stay f32 (optimizer state); meet half-precision activations in
+                // their dtype.
+                let (a, lb) = match a.dtype() == dtype {
+                    true => (a, lb),
+                    false => (a.cast(dtype), lb.cast(dtype)),
+                };
+                xin.clone()
+                    .matmul(a.transpose())
+                    .matmul(lb.transpose())
+                    .mul_scalar(lora.scale)
+            }
+        };
+        Some(Branch {
+            delta,
+            input: xin,
+            dropped,
+        })
+    }
+
+    /// The projections `group` (q/k/v, or gate/up) of the same rows `x2` as one product
+    /// `[rows, Σ out]`, their outputs side by side in the group's order: the weights (and biases)
+    /// joined by rows ([`group_product`]), each adapter's branch added to its own columns
+    /// (`seeds`: each one's dropout seed). `None` where one of them is DoRA (its output needs
+    /// its base product on its own).
+    pub fn fused_rows(
+        group: &[&Linear],
+        x2: Tensor<2>,
+        seeds: &[Option<u64>],
+    ) -> Option<Tensor<2>> {
+        let dora = |l: &&Linear| l.lora.as_ref().is_some_and(|lo| lo.magnitude.is_some());
+        if group.iter().any(dora) {
+            return None;
+        }
+        let (dtype, rows, device) = (x2.dtype(), x2.dims()[0], x2.device());
+        let weights = group.iter().map(|l| l.weight.dense(dtype)).collect();
+        let mut y = group_product(x2.clone(), weights);
+        let branches: Vec<_> = group
+            .iter()
+            .zip(seeds)
+            .map(|(l, seed)| l.branch(x2.clone(), *seed))
+            .collect();
+        if branches.iter().any(Option::is_some) {
+            // Adapter-less members' zeros join the branches' graph, if they are in one.
+            let tracked = branches.iter().flatten().any(|b| b.delta.is_autodiff());
+            let parts = group
+                .iter()
+                .zip(branches)
+                .map(|(l, b)| match b {
+                    Some(b) => b.delta,
+                    None => joined(
+                        Tensor::zeros([rows, l.out_features()], (&device, dtype)),
+                        tracked,
+                    ),
+                })
+                .collect();
+            y = y + Tensor::cat(parts, 1);
+        }
+        if group.iter().any(|l| l.bias.is_some()) {
+            let biases: Vec<_> = group.iter().map(|l| l.bias_in(dtype)).collect();
+            let tracked = biases.iter().flatten().any(Tensor::is_autodiff);
+            let parts = group
+                .iter()
+                .zip(biases)
+                .map(|(l, b)| {
+                    b.unwrap_or_else(|| {
+                        joined(Tensor::zeros([l.out_features()], (&device, dtype)), tracked)
+                    })
+                })
+                .collect();
+            y = y + Tensor::cat(parts, 0).unsqueeze_dim::<2>(0);
+        }
+        Some(y)
+    }
+}
+
+/// LoRA's branch on some rows: its output, and its input after dropout (DoRA's base product
+/// reads it when dropout drew a mask).
+struct Branch {
+    delta: Tensor<2>,
+    input: Tensor<2>,
+    dropped: bool,
 }
 
 /// Serializes seeding and drawing LoRA dropout masks (see [`Linear::forward_rows`]).
@@ -205,6 +285,14 @@ fn norm_op() -> bool {
 fn lora_branch_op() -> bool {
     static OP: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *OP.get_or_init(|| env_switch("TUNA_LORA_BRANCH", "op", "plain", true))
+}
+
+/// Whether a layer's projections that read the same input run as one product per group (q/k/v,
+/// gate/up: [`Linear::fused_rows`], `TUNA_PROJECTIONS=fused`, opt-in until measured on a GPU)
+/// or one product each (the default), read once per process.
+fn fused_projections() -> bool {
+    static FUSED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *FUSED.get_or_init(|| env_switch("TUNA_PROJECTIONS", "fused", "separate", false))
 }
 
 /// RMSNorm computed in f32 whatever the model dtype, as transformers does.
@@ -279,9 +367,18 @@ impl Mlp {
     /// `x`: `[rows, hidden]`.
     pub fn forward(&self, x: Tensor<2>, pass: &Pass, layer: usize) -> Tensor<2> {
         let seed = |m| module_seed(pass, layer, m);
-        let gate = activation::silu(self.gate_proj.forward_rows(x.clone(), seed(4)));
-        let up = self.up_proj.forward_rows(x, seed(5));
-        self.down_proj.forward_rows(gate * up, seed(6))
+        let group = [&self.gate_proj, &self.up_proj];
+        let fused = fused_projections()
+            .then(|| Linear::fused_rows(&group, x.clone(), &[seed(4), seed(5)]))
+            .flatten();
+        let hidden = match fused {
+            Some(gate_up) => swiglu(gate_up),
+            None => {
+                let gate = activation::silu(self.gate_proj.forward_rows(x.clone(), seed(4)));
+                gate * self.up_proj.forward_rows(x, seed(5))
+            }
+        };
+        self.down_proj.forward_rows(hidden, seed(6))
     }
 }
 
@@ -358,7 +455,7 @@ pub struct Pass {
 /// products, but two ops and one backward op instead of slices, a negation and a concatenation
 /// (whose backward under autodiff is a zero tensor and a slice assignment per slice).
 /// `cos`, `sin±`: `[1, T, 1, 2, hd / 2]`.
-fn apply_rope(x: Tensor<4>, cos: &Tensor<5>, sin_signed: &Tensor<5>) -> Tensor<4> {
+pub(crate) fn apply_rope(x: Tensor<4>, cos: &Tensor<5>, sin_signed: &Tensor<5>) -> Tensor<4> {
     let [b, t, h, hd] = x.dims();
     let x = x.reshape([b, t, h, 2, hd / 2]);
     let swapped = x.clone().flip([3]);
@@ -548,6 +645,60 @@ impl Attention {
             t > 0 && rows % t == 0,
             "{rows} hidden rows do not split into rows of the pass's {t} positions"
         );
+        match self.fused_qkv(x.clone(), pass, layer) {
+            Some(qkv) => self.split_qkv(qkv, pass),
+            None => self.qkv_separate(x, pass, layer),
+        }
+    }
+
+    /// q, k and v of `x` `[B·T, hidden]` as one product `[B·T, (H + 2·KV)·hd]` (see
+    /// [`Linear::fused_rows`]), before RoPE; `None` unless `TUNA_PROJECTIONS=fused`.
+    pub fn fused_qkv(&self, x: Tensor<2>, pass: &Pass, layer: usize) -> Option<Tensor<2>> {
+        if !fused_projections() {
+            return None;
+        }
+        let seed = |m| module_seed(pass, layer, m);
+        let group = [&self.q_proj, &self.k_proj, &self.v_proj];
+        Linear::fused_rows(&group, x, &[seed(0), seed(1), seed(2)])
+    }
+
+    /// How [`Attention::fused_qkv`]'s columns split, for a pass of `seq` positions.
+    pub fn layout(&self, seq: usize) -> QkvLayout {
+        QkvLayout {
+            heads: self.num_heads,
+            kv_heads: self.num_kv_heads,
+            head_dim: self.head_dim,
+            seq,
+        }
+    }
+
+    /// The fused product's columns as queries `[B, H, T, hd]`, keys and values
+    /// `[B, KV, T, hd]`, RoPE applied (for the attention paths other than
+    /// [`fused_proj_op::qkv_attention`], which cuts them itself).
+    fn split_qkv(&self, qkv: Tensor<2>, pass: &Pass) -> (Tensor<4>, Tensor<4>, Tensor<4>) {
+        let (t, rows) = (pass.seq, qkv.dims()[0]);
+        let (b, h, kvh, hd) = (rows / t, self.num_heads, self.num_kv_heads, self.head_dim);
+        let heads = |from: usize, n: usize| {
+            qkv.clone()
+                .slice([0..rows, from * hd..(from + n) * hd])
+                .reshape([b, t, n, hd])
+        };
+        (
+            apply_rope(heads(0, h), &pass.cos, &pass.sin_signed).swap_dims(1, 2),
+            apply_rope(heads(h, kvh), &pass.cos, &pass.sin_signed).swap_dims(1, 2),
+            heads(h + kvh, kvh).swap_dims(1, 2),
+        )
+    }
+
+    /// [`Attention::qkv`] by one product each (a DoRA adapter among them, or
+    /// `TUNA_PROJECTIONS=separate`).
+    fn qkv_separate(
+        &self,
+        x: Tensor<2>,
+        pass: &Pass,
+        layer: usize,
+    ) -> (Tensor<4>, Tensor<4>, Tensor<4>) {
+        let (t, rows) = (pass.seq, x.dims()[0]);
         let b = rows / t;
         let (h, kvh, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let seed = |m| module_seed(pass, layer, m);
@@ -585,18 +736,23 @@ impl DecoderLayer {
     }
 
     /// Everything after the attention core: `x + o_proj(a)`, then the MLP half with its
-    /// residual. `x`: `[B·T, hidden]`; `a`: `[B, T, H * hd]`.
-    pub fn attn_out(&self, x: Tensor<2>, a: Tensor<3>, pass: &Pass, layer: usize) -> Tensor<2> {
-        let [b, t, ahd] = a.dims();
+    /// residual. `x`: `[B·T, hidden]`; `a`: `[B·T, H * hd]`.
+    pub fn attn_out(&self, x: Tensor<2>, a: Tensor<2>, pass: &Pass, layer: usize) -> Tensor<2> {
         let h = x + self
             .self_attn
             .o_proj
-            .forward_rows(a.reshape([b * t, ahd]), module_seed(pass, layer, 3));
+            .forward_rows(a, module_seed(pass, layer, 3));
         h.clone()
             + self
                 .mlp
                 .forward(self.post_attention_layernorm.forward(h), pass, layer)
     }
+}
+
+/// The attention core's output `[B, T, H·hd]` as the layers' rows `[B·T, H·hd]`.
+fn rows(a: Tensor<3>) -> Tensor<2> {
+    let [b, t, ahd] = a.dims();
+    a.reshape([b * t, ahd])
 }
 
 /// Device tensors that depend only on positions, made once per model and reused by every
@@ -764,12 +920,8 @@ impl Llama {
     /// tensors).
     pub fn attend(&self, q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, pass: &Pass) -> Tensor<3> {
         let mask = &pass.mask;
-        let forced = pass.attention.or_else(AttentionPath::forced);
         let tracked = q.is_tracked() || k.is_tracked() || v.is_tracked();
-        let path = forced.unwrap_or(match tracked {
-            true => AttentionPath::Recompute,
-            false => AttentionPath::Fused,
-        });
+        let path = self.path(tracked, pass);
         // burn's fused and composed paths take causal attention without a mask tensor; the
         // others take this model's cached causal mask, and every path an additive one.
         match mask {
@@ -784,6 +936,16 @@ impl Llama {
         }
     }
 
+    /// The attention path of a pass (see [`Llama::attend`]): the forced one, else recompute
+    /// where a gradient flows through (`tracked`) and burn's fused forward where none does.
+    fn path(&self, tracked: bool, pass: &Pass) -> AttentionPath {
+        let forced = pass.attention.or_else(AttentionPath::forced);
+        forced.unwrap_or(match tracked {
+            true => AttentionPath::Recompute,
+            false => AttentionPath::Fused,
+        })
+    }
+
     /// The embeddings of `ids` `[B, T]` as rows `[B·T, hidden]`, the layers' layout.
     pub fn embed_rows(&self, ids: Tensor<2, Int>) -> Tensor<2> {
         let [b, t] = ids.dims();
@@ -792,9 +954,31 @@ impl Llama {
 
     /// `layer` (this model's layer `i`, or a copy of it with trainable adapters) on `x`
     /// `[B·T, hidden]` (see [`Pass::seq`]).
+    ///
+    /// Where attention takes the recompute path (training), q, k and v come from one product
+    /// and go to [`fused_proj_op::qkv_attention`] as it is, which cuts and ropes them itself.
     pub fn layer(&self, layer: &DecoderLayer, i: usize, x: Tensor<2>, pass: &Pass) -> Tensor<2> {
-        let (q, k, v) = layer.attn_in(x.clone(), pass, i);
-        let a = self.attend(q, k, v, pass);
+        let attn = &layer.self_attn;
+        let xn = layer.input_layernorm.forward(x.clone());
+        let a = match attn.fused_qkv(xn.clone(), pass, i) {
+            Some(qkv) if self.path(qkv.is_tracked(), pass) == AttentionPath::Recompute => {
+                let (t, s) = (pass.seq, pass.seq);
+                let mask = match &pass.mask {
+                    Mask::Causal => self.causal_mask(t, s),
+                    Mask::Additive(m) => m.clone(),
+                };
+                let (cos, sin) = (pass.cos.clone(), pass.sin_signed.clone());
+                qkv_attention(qkv, cos, sin, mask, attn.layout(pass.seq))
+            }
+            Some(qkv) => {
+                let (q, k, v) = attn.split_qkv(qkv, pass);
+                rows(self.attend(q, k, v, pass))
+            }
+            None => {
+                let (q, k, v) = attn.qkv_separate(xn, pass, i);
+                rows(self.attend(q, k, v, pass))
+            }
+        };
         layer.attn_out(x, a, pass, i)
     }
 
@@ -816,7 +1000,7 @@ impl Llama {
             v = Tensor::cat(vec![pv, v], 2);
         }
         *slot = Some((k.clone(), v.clone()));
-        let a = self.attend(q, k, v, pass);
+        let a = rows(self.attend(q, k, v, pass));
         layer.attn_out(x, a, pass, i)
     }
 
@@ -920,5 +1104,107 @@ impl Llama {
         let t = ids.len() / batch.max(1);
         let data: Vec<i64> = ids.iter().map(|&x| x as i64).collect();
         Tensor::<2, Int>::from_data(TensorData::new(data, [batch, t]), &self.device)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::lora_op::tests::rel;
+
+    fn normal(shape: [usize; 2], device: &Device) -> Tensor<2> {
+        Tensor::<1>::random(
+            [shape[0] * shape[1]],
+            Distribution::Normal(0.0, 1.0),
+            (device, DType::F32),
+        )
+        .reshape(shape)
+    }
+
+    /// One product for a group equals each projection's own, side by side, and gives the
+    /// adapters the same gradients: a group of three (q/k/v's shape: the middle one without an
+    /// adapter, biases on two of them, LoRA dropout on), in f32 and f16 with f32 factors.
+    #[test]
+    fn a_fused_group_equals_its_projections_side_by_side() {
+        let device = Device::flex();
+        let (rows, d_in, r) = (6, 10, 3);
+        let outs = [8, 4, 4];
+        let x0 = normal([rows, d_in], &device);
+        let g0 = normal([rows, outs.iter().sum()], &device);
+        let ws: Vec<_> = outs.iter().map(|&o| normal([o, d_in], &device)).collect();
+        let factors: Vec<_> = outs
+            .iter()
+            .map(|&o| (normal([r, d_in], &device), normal([o, r], &device)))
+            .collect();
+        let biases: Vec<_> = outs
+            .iter()
+            .map(|&o| normal([1, o], &device).reshape([o]))
+            .collect();
+        let seeds = [Some(11), Some(12), Some(13)];
+        for (dtype, tol) in [(DType::F32, 1e-5), (DType::F16, 3e-3)] {
+            let group = || -> Vec<Linear> {
+                (0..3)
+                    .map(|i| Linear {
+                        weight: BaseWeight::Dense(ws[i].clone().cast(dtype)),
+                        bias: (i != 1).then(|| biases[i].clone().cast(dtype)),
+                        lora: (i != 1).then(|| LoraBranch {
+                            a: factors[i].0.clone().autodiff().require_grad(),
+                            b: factors[i].1.clone().autodiff().require_grad(),
+                            scale: 2.0,
+                            dropout: 0.25,
+                            magnitude: None,
+                        }),
+                    })
+                    .collect()
+            };
+            let x = x0.clone().cast(dtype).autodiff();
+            let g = g0.clone().cast(dtype).autodiff();
+            let fused = group();
+            let refs: Vec<&Linear> = fused.iter().collect();
+            let y = Linear::fused_rows(&refs, x.clone(), &seeds).expect("no DoRA: fused");
+            let grads = (y.clone() * g.clone()).sum().backward();
+            let apart = group();
+            let parts = apart
+                .iter()
+                .zip(seeds)
+                .map(|(l, s)| l.forward_rows(x.clone(), s))
+                .collect();
+            let yp = Tensor::cat(parts, 1);
+            let pgrads = (yp.clone() * g).sum().backward();
+            let dy = rel(&y.inner(), &yp.inner());
+            assert!(dy < tol, "{dtype:?}: y {dy}");
+            for i in [0, 2] {
+                let (f, p) = (
+                    fused[i].lora.as_ref().unwrap(),
+                    apart[i].lora.as_ref().unwrap(),
+                );
+                let da = rel(&f.a.grad(&grads).unwrap(), &p.a.grad(&pgrads).unwrap());
+                let db = rel(&f.b.grad(&grads).unwrap(), &p.b.grad(&pgrads).unwrap());
+                assert!(
+                    da < tol && db < tol,
+                    "{dtype:?} projection {i}: dA {da}, dB {db}"
+                );
+            }
+        }
+    }
+
+    /// A DoRA adapter in the group keeps it apart: its output needs its own base product.
+    #[test]
+    fn a_group_with_dora_is_not_fused() {
+        let device = Device::flex();
+        let dora = Linear {
+            weight: BaseWeight::Dense(normal([4, 5], &device)),
+            bias: None,
+            lora: Some(LoraBranch {
+                a: normal([2, 5], &device),
+                b: normal([4, 2], &device),
+                scale: 1.0,
+                dropout: 0.0,
+                magnitude: Some(normal([1, 4], &device)),
+            }),
+        };
+        let plain = Linear::new(normal([4, 5], &device), None);
+        let x = normal([3, 5], &device);
+        assert!(Linear::fused_rows(&[&plain, &dora], x, &[None, None]).is_none());
     }
 }

@@ -5,6 +5,7 @@ pub mod attention_op;
 pub mod config;
 pub mod device;
 pub mod full;
+pub mod fused_proj_op;
 pub mod llama;
 pub mod load;
 pub mod lora;
