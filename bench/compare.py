@@ -80,7 +80,7 @@ for _name in ("smollm2-f16", "tinyllama-f16", "tinyllama-f16-gc", "seed004"):
     # RMSNorm as one autodiff node (TUNA_NORM=op, opt-in: neutral on an H200), tuna only.
     CASES[f"{_name}-norm-op"] = (CASES[_name][0], None, {"TUNA_NORM": "op"})
     # One product per group of projections that read the same input (TUNA_PROJECTIONS=fused:
-    # q/k/v and gate/up, model::fused_proj_op; opt-in, not yet run on a GPU), tuna only: what the
+    # q/k/v and gate/up, model::fused_proj_op; opt-in: no faster on an H100), tuna only: what the
     # fused groups give, measured on their own.
     CASES[f"{_name}-fused"] = (CASES[_name][0], None, {"TUNA_PROJECTIONS": "fused"})
 
