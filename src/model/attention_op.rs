@@ -20,7 +20,7 @@ use burn::backend::{Autodiff, Backend, Dispatch, backend_extension};
 use burn::backend::{TensorMetadata, tensor::FloatTensor};
 use burn::tensor::{Shape, Tensor};
 
-use crate::model::op_common::{cast, f32_of};
+use crate::model::op_common::{beside, cast, f32_of};
 
 /// The attention core as a backend operation: the default body (no autodiff) is the forward
 /// alone; the autodiff backend records it as one node with the backward above.
@@ -83,11 +83,7 @@ impl<B: Backend + AttentionCoreOps, C: CheckpointStrategy> AttentionCoreOps for 
 /// Causal attention's core through [`AttentionCoreOps`] (see the module docs), on whatever
 /// backend the tensors live on; `mask` must live on q's device (autodiff or not alike).
 pub fn attend_recomputing(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, mask: Tensor<4>) -> Tensor<3> {
-    let mask = match (q.is_autodiff(), mask.is_autodiff()) {
-        (true, false) => mask.autodiff(),
-        (false, true) => mask.inner(),
-        _ => mask,
-    };
+    let mask = beside(mask, q.is_autodiff());
     Tensor::from_dispatch(<Dispatch as AttentionCoreOps>::attention_core(
         q.into_dispatch(),
         k.into_dispatch(),

@@ -31,7 +31,7 @@ use burn::backend::{TensorMetadata, tensor::FloatTensor};
 use burn::tensor::{Shape, Slice, Tensor};
 
 use crate::model::attention_op::{self, Kept};
-use crate::model::op_common::{cast, f32_of, joined};
+use crate::model::op_common::{beside, cast, f32_of, joined};
 
 /// How the q/k/v product's columns split: `heads` query heads, then `kv_heads` key heads and as
 /// many value heads, `head_dim` wide each; its rows are `seq` positions of each batch row.
@@ -44,6 +44,15 @@ pub struct QkvLayout {
 }
 
 impl QkvLayout {
+    fn new(heads: usize, kv_heads: usize, head_dim: usize, seq: usize) -> Self {
+        Self {
+            heads,
+            kv_heads,
+            head_dim,
+            seq,
+        }
+    }
+
     fn width(&self) -> usize {
         (self.heads + 2 * self.kv_heads) * self.head_dim
     }
@@ -94,12 +103,7 @@ pub trait QkvAttentionOps: Backend {
         head_dim: usize,
         seq: usize,
     ) -> FloatTensor<Self> {
-        let layout = QkvLayout {
-            heads,
-            kv_heads,
-            head_dim,
-            seq,
-        };
+        let layout = QkvLayout::new(heads, kv_heads, head_dim, seq);
         attention_forward::<Self>(qkv, cos, sin, mask, layout).0
     }
 }
@@ -181,12 +185,7 @@ impl<B: Backend + QkvAttentionOps, C: CheckpointStrategy> QkvAttentionOps for Au
         head_dim: usize,
         seq: usize,
     ) -> FloatTensor<Self> {
-        let layout = QkvLayout {
-            heads,
-            kv_heads,
-            head_dim,
-            seq,
-        };
+        let layout = QkvLayout::new(heads, kv_heads, head_dim, seq);
         let (cos, sin, mask) = (
             cos.into_primitive(),
             sin.into_primitive(),
@@ -266,17 +265,8 @@ pub fn qkv_attention(
     mask: Tensor<4>,
     layout: QkvLayout,
 ) -> Tensor<2> {
-    let side = |t: Tensor<5>| match (qkv.is_autodiff(), t.is_autodiff()) {
-        (true, false) => t.autodiff(),
-        (false, true) => t.inner(),
-        _ => t,
-    };
-    let (cos, sin) = (side(cos), side(sin));
-    let mask = match (qkv.is_autodiff(), mask.is_autodiff()) {
-        (true, false) => mask.autodiff(),
-        (false, true) => mask.inner(),
-        _ => mask,
-    };
+    let side = qkv.is_autodiff();
+    let (cos, sin, mask) = (beside(cos, side), beside(sin, side), beside(mask, side));
     Tensor::from_dispatch(<Dispatch as QkvAttentionOps>::qkv_attention(
         qkv.into_dispatch(),
         cos.into_dispatch(),

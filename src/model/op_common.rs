@@ -27,6 +27,17 @@ pub(crate) fn joined<const D: usize>(t: Tensor<D>, tracked: bool) -> Tensor<D> {
     }
 }
 
+/// `t` on the same side as a tensor that `autodiff` says is (or is not) in the autodiff graph:
+/// an input that carries no gradient (a mask, RoPE's tables) beside an op's tracked or untracked
+/// inputs.
+pub(crate) fn beside<const D: usize>(t: Tensor<D>, autodiff: bool) -> Tensor<D> {
+    match (autodiff, t.is_autodiff()) {
+        (true, false) => t.autodiff(),
+        (false, true) => t.inner(),
+        _ => t,
+    }
+}
+
 /// A two-way switch from the environment: `on` is true, `off` false, unset `default`; any other
 /// value is said on stderr, naming both, and taken as unset.
 pub(crate) fn env_switch(var: &str, on: &str, off: &str, default: bool) -> bool {
