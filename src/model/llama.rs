@@ -223,43 +223,49 @@ impl Linear {
         let (dtype, rows, device) = (x2.dtype(), x2.dims()[0], x2.device());
         let weights = group.iter().map(|l| l.weight.dense(dtype)).collect();
         let mut y = group_product(x2.clone(), weights);
-        let branches: Vec<_> = group
+        let deltas = group
             .iter()
             .zip(seeds)
-            .map(|(l, seed)| l.branch(x2.clone(), *seed))
+            .map(|(l, seed)| l.branch(x2.clone(), *seed).map(|b| b.delta))
             .collect();
-        if branches.iter().any(Option::is_some) {
-            // Adapter-less members' zeros join the branches' graph, if they are in one.
-            let tracked = branches.iter().flatten().any(|b| b.delta.is_autodiff());
-            let parts = group
-                .iter()
-                .zip(branches)
-                .map(|(l, b)| match b {
-                    Some(b) => b.delta,
-                    None => joined(
-                        Tensor::zeros([rows, l.out_features()], (&device, dtype)),
-                        tracked,
-                    ),
-                })
-                .collect();
-            y = y + Tensor::cat(parts, 1);
+        if let Some(d) = side_by_side(group, deltas, |o| [rows, o], &device, dtype) {
+            y = y + d;
         }
-        if group.iter().any(|l| l.bias.is_some()) {
-            let biases: Vec<_> = group.iter().map(|l| l.bias_in(dtype)).collect();
-            let tracked = biases.iter().flatten().any(Tensor::is_autodiff);
-            let parts = group
-                .iter()
-                .zip(biases)
-                .map(|(l, b)| {
-                    b.unwrap_or_else(|| {
-                        joined(Tensor::zeros([l.out_features()], (&device, dtype)), tracked)
-                    })
-                })
-                .collect();
-            y = y + Tensor::cat(parts, 0).unsqueeze_dim::<2>(0);
+        let biases = group.iter().map(|l| l.bias_in(dtype)).collect();
+        if let Some(b) = side_by_side(group, biases, |o| [o], &device, dtype) {
+            y = y + b.unsqueeze_dim::<2>(0);
         }
         Some(y)
     }
+}
+
+/// The group's `parts` (one per projection, `None` where it has none) side by side along the
+/// last axis, zeros of `shape(out_features)` standing in for the missing ones (joining the
+/// others' autodiff graph, if they are in one); `None` where no projection has a part.
+fn side_by_side<const D: usize>(
+    group: &[&Linear],
+    parts: Vec<Option<Tensor<D>>>,
+    shape: impl Fn(usize) -> [usize; D],
+    device: &Device,
+    dtype: DType,
+) -> Option<Tensor<D>> {
+    if parts.iter().all(Option::is_none) {
+        return None;
+    }
+    let tracked = parts.iter().flatten().any(Tensor::is_autodiff);
+    let parts = group
+        .iter()
+        .zip(parts)
+        .map(|(l, p)| {
+            p.unwrap_or_else(|| {
+                joined(
+                    Tensor::zeros(shape(l.out_features()), (device, dtype)),
+                    tracked,
+                )
+            })
+        })
+        .collect();
+    Some(Tensor::cat(parts, D - 1))
 }
 
 /// LoRA's branch on some rows: its output, and its input after dropout (DoRA's base product
@@ -956,11 +962,19 @@ impl Llama {
             Mask::Causal if matches!(path, AttentionPath::Fused | AttentionPath::Composed) => {
                 path.causal(q, k, v)
             }
-            Mask::Causal => {
-                let (t, s) = (q.dims()[2], k.dims()[2]);
-                path.with_mask(q, k, v, self.causal_mask(t, s))
+            _ => {
+                let mask = self.mask_tensor(pass, q.dims()[2], k.dims()[2]);
+                path.with_mask(q, k, v, mask)
             }
-            Mask::Additive(m) => path.with_mask(q, k, v, m.clone()),
+        }
+    }
+
+    /// The pass's mask as an additive tensor for `t` queries over `s` keys: the cached causal
+    /// one, or the pass's own.
+    fn mask_tensor(&self, pass: &Pass, t: usize, s: usize) -> Tensor<4> {
+        match &pass.mask {
+            Mask::Causal => self.causal_mask(t, s),
+            Mask::Additive(m) => m.clone(),
         }
     }
 
@@ -991,11 +1005,7 @@ impl Llama {
         let xn = layer.input_layernorm.forward(x.clone());
         let a = match attn.fused_qkv(xn.clone(), pass, i) {
             Some(qkv) if self.path(qkv.is_tracked(), pass) == AttentionPath::Recompute => {
-                let (t, s) = (pass.seq, pass.seq);
-                let mask = match &pass.mask {
-                    Mask::Causal => self.causal_mask(t, s),
-                    Mask::Additive(m) => m.clone(),
-                };
+                let mask = self.mask_tensor(pass, pass.seq, pass.seq);
                 let (cos, sin) = (pass.cos.clone(), pass.sin_signed.clone());
                 qkv_attention(qkv, cos, sin, mask, attn.layout(pass.seq))
             }
